@@ -1,0 +1,47 @@
+# ER-PRM reproducibility kit. `make help` lists the targets.
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= 2.13.0
+PROFILE     ?= tiny
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.erprm-installed
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: help setup test smoke reproduce figures bench lint lab clean
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup: $(STAMP)  ## create .venv (if missing) and install torch==$(TORCH_SPEC) + this package with dev extras
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check "torch==$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	@touch $(STAMP)
+
+test: setup  ## run the whole test suite (unit, property, smoke pipeline, nbval)
+	$(PY) -m pytest
+
+smoke: setup  ## run the smoke profile end to end (about 2 minutes)
+	$(VENV)/bin/erprm reproduce --profile smoke
+
+reproduce: setup  ## run the whole study on the tiny profile (CPU, no downloads)
+	$(VENV)/bin/erprm reproduce --profile $(PROFILE)
+
+figures: setup  ## redraw figures and the summary table from results/$(PROFILE)/tables
+	$(VENV)/bin/erprm figures --profile $(PROFILE)
+
+bench: setup  ## speed benchmarks (ratios against naive baselines)
+	$(VENV)/bin/erprm bench
+
+lint: setup  ## ruff check
+	$(VENV)/bin/ruff check .
+
+lab: setup  ## open JupyterLab on notebooks/
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean:  ## delete runs/ and caches (never results/)
+	rm -rf runs .pytest_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

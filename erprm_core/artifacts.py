@@ -1,0 +1,331 @@
+"""Where every artifact lives, how it is written, and how stages check and resume.
+
+Paths are resolved from the repository root (the folder holding pyproject.toml), never from the current
+directory, because papermill runs kernels in the caller's folder and nbval in the notebook's. Two
+environment variables redirect the roots (tests use them to run the pipeline in a temporary folder):
+``ERPRM_RUNS_ROOT`` (heavy artifacts, default ``<repo>/runs``) and ``ERPRM_RESULTS_ROOT`` (committed
+tables/figures/notebooks/manifest, default ``<repo>/results``).
+
+Files are written atomically (temp file + rename). JSONL readers name the file and line of any bad record.
+Used by every stage and by the pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+STAGES = ["00_policy", "01_rollouts", "02_labels", "03_train_prm", "04_best_of_n", "05_rlhf_raft", "06_figures"]
+
+
+class ArtifactError(RuntimeError):
+    """A stage's input is missing or malformed; the message names the file (and line) and the fix."""
+
+
+def repo_root(start: Path | None = None) -> Path:
+    """Walk up from ``start`` (default: this file) to the folder holding pyproject.toml."""
+    here = (start or Path(__file__)).resolve()
+    for folder in [here, *here.parents]:
+        if (folder / "pyproject.toml").is_file() and (folder / "erprm_core").is_dir():
+            return folder
+    raise ArtifactError(f"cannot find the repository root (pyproject.toml) above {here}")
+
+
+def runs_root() -> Path:
+    """Root of heavy, git-ignored artifacts (``$ERPRM_RUNS_ROOT`` or ``<repo>/runs``)."""
+    return Path(os.environ.get("ERPRM_RUNS_ROOT") or repo_root() / "runs")
+
+
+def results_root() -> Path:
+    """Root of committed results (``$ERPRM_RESULTS_ROOT`` or ``<repo>/results``)."""
+    return Path(os.environ.get("ERPRM_RESULTS_ROOT") or repo_root() / "results")
+
+
+def configs_root() -> Path:
+    """``<repo>/configs``: one folder of papermill parameter files per profile."""
+    return repo_root() / "configs"
+
+
+def notebooks_root() -> Path:
+    """``<repo>/notebooks``: the ordered stage notebooks."""
+    return repo_root() / "notebooks"
+
+
+@dataclass(frozen=True)
+class ProfilePaths:
+    """Every path a stage reads or writes for one profile; the only place paths are built."""
+
+    profile: str
+
+    @property
+    def run(self) -> Path:
+        """``runs/<profile>``: heavy artifacts."""
+        return runs_root() / self.profile
+
+    @property
+    def results(self) -> Path:
+        """``results/<profile>``: tables, figures, executed notebooks, manifest."""
+        return results_root() / self.profile
+
+    @property
+    def tables(self) -> Path:
+        """``results/<profile>/tables``: tidy CSV tables."""
+        return self.results / "tables"
+
+    @property
+    def figures(self) -> Path:
+        """``results/<profile>/figures``: PNG + PDF figures."""
+        return self.results / "figures"
+
+    @property
+    def executed_notebooks(self) -> Path:
+        """``results/<profile>/notebooks``: papermill's executed copies."""
+        return self.results / "notebooks"
+
+    @property
+    def manifest(self) -> Path:
+        """``results/<profile>/manifest.json``."""
+        return self.results / "manifest.json"
+
+    # --- stage artifacts (runs/<profile>/...) ---
+    @property
+    def problems(self) -> Path:
+        """Folder of problem sets: ``<split>.jsonl`` (00_policy writes them)."""
+        return self.run / "problems"
+
+    def problem_file(self, split: str) -> Path:
+        """Problems of one split (``train_sft``, ``train_prm``, ``test``, ``raft``)."""
+        return self.problems / f"{split}.jsonl"
+
+    @property
+    def policy(self) -> Path:
+        """The policy checkpoint (save_pretrained folder) written by 00_policy."""
+        return self.run / "policy"
+
+    @property
+    def rollouts(self) -> Path:
+        """Folder of rollout shards written by 01_rollouts."""
+        return self.run / "rollouts"
+
+    @property
+    def rollouts_file(self) -> Path:
+        """All rollouts merged (01_rollouts)."""
+        return self.run / "rollouts.jsonl"
+
+    @property
+    def labels_file(self) -> Path:
+        """Stepwise labels for every rule (02_labels)."""
+        return self.run / "labels.jsonl"
+
+    def prm(self, rule: str) -> Path:
+        """Checkpoint folder of the PRM trained on label rule ``rule`` (03_train_prm)."""
+        return self.run / "prms" / rule
+
+    @property
+    def pool(self) -> Path:
+        """Folder of the best-of-N candidate pool and its scores (04_best_of_n)."""
+        return self.run / "pool"
+
+    @property
+    def raft(self) -> Path:
+        """Folder of RAFT iterations (05_rlhf_raft)."""
+        return self.run / "raft"
+
+    def table(self, name: str) -> Path:
+        """``results/<profile>/tables/<name>.csv``."""
+        return self.tables / f"{name}.csv"
+
+
+def paths(profile: str) -> ProfilePaths:
+    """The :class:`ProfilePaths` of a profile."""
+    return ProfilePaths(profile)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Atomic writes and checked reads
+# ----------------------------------------------------------------------------------------------------
+
+
+def atomic_write_text(path: Path | str, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temp file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_jsonl(path: Path | str, records: Iterable[dict[str, Any]]) -> Path:
+    """Write one JSON object per line, atomically."""
+    lines = [json.dumps(rec, ensure_ascii=False, sort_keys=True) for rec in records]
+    return atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def atomic_write_json(path: Path | str, obj: Any) -> Path:
+    """Write pretty, key-sorted JSON atomically (stable diffs)."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def iter_jsonl(path: Path | str, required: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
+    """Yield records of a JSONL file; a bad line raises :class:`ArtifactError` naming file and line.
+
+    ``required`` lists keys every record must have (a "wrong columns" check).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: file not found")
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ArtifactError(f"{path}:{lineno}: not valid JSON ({exc.msg}); the file is corrupt") from exc
+            if not isinstance(rec, dict):
+                raise ArtifactError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            missing = [k for k in required if k not in rec]
+            if missing:
+                raise ArtifactError(f"{path}:{lineno}: missing column(s) {missing}; has {sorted(rec)}")
+            yield rec
+
+
+def read_jsonl(path: Path | str, required: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """All records of a JSONL file (see :func:`iter_jsonl`)."""
+    return list(iter_jsonl(path, required))
+
+
+def require(path: Path | str, stage: str, profile: str, what: str = "") -> Path:
+    """Return ``path`` if it exists, else raise an error naming the stage (and command) that makes it."""
+    path = Path(path)
+    if not path.exists():
+        desc = f" ({what})" if what else ""
+        raise ArtifactError(
+            f"missing {path}{desc}. It is produced by stage {stage}: run "
+            f"`erprm reproduce --profile {profile} --from {stage[:2]} --to {stage[:2]}`"
+        )
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sharded, resumable work
+# ----------------------------------------------------------------------------------------------------
+
+
+def run_sharded(
+    items: Sequence[Any],
+    shard_size: int,
+    folder: Path | str,
+    compute: Callable[[Sequence[Any], int], list[dict[str, Any]]],
+    required: Sequence[str] = (),
+    desc: str = "shards",
+) -> list[dict[str, Any]]:
+    """Process ``items`` in shards of ``shard_size``, each written atomically to ``folder/shard-NNNNN.jsonl``.
+
+    A shard file that already exists and reads cleanly is reused (resume); one that is corrupt is reported
+    (file and line, as a warning) and recomputed. ``compute(chunk, shard_index)`` must be deterministic
+    given its arguments (seed per item, not per process). Returns all records in shard order.
+    """
+    from tqdm.auto import tqdm
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    n_shards = (len(items) + shard_size - 1) // shard_size
+    out: list[dict[str, Any]] = []
+    reused = 0
+    for index in tqdm(range(n_shards), desc=desc, unit="shard"):
+        shard_path = folder / f"shard-{index:05d}.jsonl"
+        if shard_path.exists():
+            try:
+                out.extend(read_jsonl(shard_path, required))
+                reused += 1
+                continue
+            except ArtifactError as exc:
+                log.warning("recomputing corrupt shard: %s", exc)
+        records = compute(items[index * shard_size : (index + 1) * shard_size], index)
+        atomic_write_jsonl(shard_path, records)
+        out.extend(records)
+    if reused:
+        log.info("reused %d of %d finished shards in %s", reused, n_shards, folder)
+    return out
+
+
+def shard_status(folder: Path | str) -> list[str]:
+    """Names of the shard files present in ``folder`` (sorted); used by tests and progress reports."""
+    folder = Path(folder)
+    return sorted(p.name for p in folder.glob("shard-*.jsonl")) if folder.is_dir() else []
+
+
+# ----------------------------------------------------------------------------------------------------
+# Audit (nothing dropped silently), tables, manifest
+# ----------------------------------------------------------------------------------------------------
+
+
+class Audit:
+    """Counts of kept and skipped samples by reason, for a stage's audit table."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, str] = {}
+
+    def count(self, reason: str, n: int = 1, example: str | None = None) -> None:
+        """Add ``n`` samples under ``reason`` (e.g. "kept", "no_answer", "truncated")."""
+        self.counts[reason] += n
+        if example is not None and reason not in self.examples:
+            self.examples[reason] = example[:200]
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per reason: stage, reason, count, an example."""
+        rows = [
+            {"stage": self.stage, "reason": r, "count": c, "example": self.examples.get(r, "")}
+            for r, c in sorted(self.counts.items())
+        ]
+        return pd.DataFrame(rows, columns=["stage", "reason", "count", "example"])
+
+
+def write_table(df: pd.DataFrame, profile: str, name: str) -> Path:
+    """Write a tidy table to ``results/<profile>/tables/<name>.csv`` atomically (stable float format)."""
+    path = paths(profile).table(name)
+    return atomic_write_text(path, df.to_csv(index=False, float_format="%.6g", lineterminator="\n"))
+
+
+def read_table(profile: str, name: str, stage: str | None = None) -> pd.DataFrame:
+    """Read ``results/<profile>/tables/<name>.csv``; a missing table names the stage that writes it."""
+    path = paths(profile).table(name)
+    if stage is not None:
+        require(path, stage, profile, f"table {name}")
+    return pd.read_csv(path)
+
+
+def load_manifest(profile: str) -> dict[str, Any]:
+    """The profile's manifest.json as a dict ({} when absent)."""
+    path = paths(profile).manifest
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def update_manifest(profile: str, stage: str, **info: Any) -> dict[str, Any]:
+    """Merge ``info`` into ``manifest["stages"][stage]`` (seeds, token counts, checksums, ...)."""
+    manifest = load_manifest(profile)
+    manifest.setdefault("stages", {}).setdefault(stage, {}).update(info)
+    atomic_write_json(paths(profile).manifest, manifest)
+    return manifest

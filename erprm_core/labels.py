@@ -1,0 +1,153 @@
+"""Step-label math of ER-PRM and its baselines (pure numpy).
+
+The entropy-regularised process reward of a prefix, estimated from k sampled completions with rewards
+``y_1..y_k``, is the log-mean-exp
+
+    er_label(y, eta) = (1/eta) * ln( (1/k) * sum_j exp(eta * y_j) )
+
+which tends to the mean (Math-Shepherd "soft" label) as eta -> 0, to the max ("hard" label) as
+eta -> +inf and to the min as eta -> -inf. Used by the 02_labels stage and by the tests.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "er_label",
+    "soft_label",
+    "hard_label",
+    "outcome_label",
+    "er_label_from_fraction",
+    "rule_name",
+    "rule_eta",
+    "stepwise_labels",
+]
+
+
+def _as_rewards(rewards: Any, axis: int) -> tuple[np.ndarray, bool]:
+    arr = np.asarray(rewards, dtype=np.float64)
+    scalar_out = arr.ndim <= 1
+    if arr.ndim == 0:
+        raise ValueError("rewards must have a completion axis; got a scalar")
+    if arr.shape[axis] == 0:
+        raise ValueError("rewards has no completions (the completion axis is empty)")
+    return arr, scalar_out
+
+
+def _out(x: np.ndarray, scalar_out: bool) -> float | np.ndarray:
+    return float(x) if scalar_out else x
+
+
+def er_label(rewards: Any, eta: float, axis: int = -1) -> float | np.ndarray:
+    """Entropy-regularised label: ``(1/eta) * ln mean_j exp(eta * r_j)`` along ``axis``.
+
+    ``eta = 0`` gives the mean, ``+inf`` the max and ``-inf`` the min (exact limits). Any real ``eta`` is
+    allowed and the computation is a shifted log-sum-exp, so it does not overflow for large ``|eta|``.
+    A 1-d input gives a float; a higher-dimensional one gives an array with ``axis`` reduced.
+
+    Raises:
+        ValueError: if ``eta`` is NaN or the completion axis is empty.
+    """
+    eta = float(eta)
+    if math.isnan(eta):
+        raise ValueError("eta is NaN; use a real number, 0 (soft label) or +-inf (hard label / min)")
+    arr, scalar_out = _as_rewards(rewards, axis)
+    if eta == 0.0:
+        return _out(arr.mean(axis=axis), scalar_out)
+    if eta == math.inf:
+        return _out(arr.max(axis=axis), scalar_out)
+    if eta == -math.inf:
+        return _out(arr.min(axis=axis), scalar_out)
+    z = eta * arr
+    # Shift by the largest exponent so exp() never overflows; the shift is added back exactly.
+    shift = z.max(axis=axis, keepdims=True)
+    mean_exp = np.exp(z - shift).mean(axis=axis, keepdims=True)
+    value = (np.log(mean_exp) + shift) / eta
+    return _out(np.squeeze(value, axis=axis), scalar_out)
+
+
+def soft_label(rewards: Any, axis: int = -1) -> float | np.ndarray:
+    """Soft label (Math-Shepherd soft estimation): the mean reward of the completions."""
+    return er_label(rewards, 0.0, axis=axis)
+
+
+def hard_label(rewards: Any, axis: int = -1) -> float | np.ndarray:
+    """Hard label (Math-Shepherd hard estimation): 1 if any completion reaches the answer, i.e. the max."""
+    return er_label(rewards, math.inf, axis=axis)
+
+
+def outcome_label(is_correct: bool | float) -> float:
+    """ORM label of a whole solution: its outcome reward (1.0 if the final answer is right, else 0.0)."""
+    return float(is_correct)
+
+
+def er_label_from_fraction(p: Any, eta: float) -> float | np.ndarray:
+    """Closed form for binary rewards: ``(1/eta) * ln(1 - p + p * e^eta)``, p = fraction correct.
+
+    Used for the label(p, eta) curves; agrees with :func:`er_label` on 0/1 rewards. Stable for any eta.
+    """
+    eta = float(eta)
+    if math.isnan(eta):
+        raise ValueError("eta is NaN")
+    p_arr = np.asarray(p, dtype=np.float64)
+    if np.any((p_arr < 0) | (p_arr > 1)):
+        raise ValueError("p must lie in [0, 1]")
+    if eta == 0.0:
+        out = p_arr
+    elif eta == math.inf:
+        out = (p_arr > 0).astype(np.float64)
+    elif eta == -math.inf:
+        out = (p_arr >= 1).astype(np.float64)
+    else:
+        # log((1-p) e^0 + p e^eta) as a two-term log-sum-exp with weights; log(0) terms are -inf.
+        with np.errstate(divide="ignore"):
+            terms = np.stack([np.log1p(-p_arr), np.log(p_arr) + eta])
+        out = np.logaddexp.reduce(terms, axis=0) / eta
+    return float(out) if out.ndim == 0 else out
+
+
+def rule_name(eta: float) -> str:
+    """Canonical name of a label rule: ``soft`` (eta = 0), ``hard`` (+inf), ``min`` (-inf), else ``er_<eta>``."""
+    eta = float(eta)
+    if eta == 0.0:
+        return "soft"
+    if eta == math.inf:
+        return "hard"
+    if eta == -math.inf:
+        return "min"
+    return f"er_{eta:g}"
+
+
+def rule_eta(rule: str) -> float:
+    """Inverse of :func:`rule_name` (``orm`` has no eta and raises ValueError)."""
+    if rule == "soft":
+        return 0.0
+    if rule == "hard":
+        return math.inf
+    if rule == "min":
+        return -math.inf
+    if rule.startswith("er_"):
+        return float(rule[3:])
+    raise ValueError(f"label rule {rule!r} has no eta (known: soft, hard, min, er_<eta>)")
+
+
+def stepwise_labels(
+    completion_rewards: list[list[float]], outcome: float, etas: list[float]
+) -> dict[str, list[float | None]]:
+    """Labels of every step of one solution, for each eta in ``etas`` plus the ORM rule.
+
+    ``completion_rewards[i]`` holds the k graded completions of the prefix ending at step i, for every step
+    but the last; the last step gets the solution's true ``outcome`` under every rule. The ORM rule labels
+    only the last step (earlier entries are None, i.e. no training target).
+    """
+    n_steps = len(completion_rewards) + 1
+    out: dict[str, list[float | None]] = {}
+    for eta in etas:
+        vals: list[float | None] = [er_label(r, eta) for r in completion_rewards]
+        out[rule_name(eta)] = [*vals, float(outcome)]
+    out["orm"] = [None] * (n_steps - 1) + [float(outcome)]
+    return out

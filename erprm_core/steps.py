@@ -1,0 +1,29 @@
+"""Step splitting and the Math-Shepherd / ER-PRM text format.
+
+A solution is a list of steps, one per non-empty line. A PRM reads
+``question + " " + "".join(step + " ки" for step in steps)``: the step tag "ки" closes every step and the
+model's next-token logits for " +" / " -" at each tag give the step score. Used by sampling, prm, training.
+"""
+
+from __future__ import annotations
+
+STEP_TAG = "ки"
+GOOD_TOKEN = "+"
+BAD_TOKEN = "-"
+
+__all__ = ["STEP_TAG", "GOOD_TOKEN", "BAD_TOKEN", "split_steps", "join_steps", "format_prm_input"]
+
+
+def split_steps(solution: str) -> list[str]:
+    """Split a solution into steps: one per line, surrounding whitespace stripped, empty lines ignored."""
+    return [line.strip() for line in solution.splitlines() if line.strip()]
+
+
+def join_steps(steps: list[str]) -> str:
+    """Inverse of :func:`split_steps` for clean steps: one step per line."""
+    return "\n".join(steps)
+
+
+def format_prm_input(question: str, steps: list[str], step_tag: str = STEP_TAG) -> str:
+    """Return ``question + " " + "".join(step + " " + step_tag for step in steps)`` (Math-Shepherd format)."""
+    return question + " " + "".join(f"{step} {step_tag}" for step in steps)
