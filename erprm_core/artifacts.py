@@ -26,7 +26,15 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-STAGES = ["00_policy", "01_rollouts", "02_labels", "03_train_prm", "04_best_of_n", "05_rlhf_raft", "06_figures"]
+STAGES = [
+    "00_policy",
+    "01_rollouts",
+    "02_labels",
+    "03_train_prm",
+    "04_best_of_n",
+    "05_rlhf_raft",
+    "06_figures",
+]
 
 
 class ArtifactError(RuntimeError):
@@ -200,7 +208,9 @@ def iter_jsonl(path: Path | str, required: Sequence[str] = ()) -> Iterator[dict[
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ArtifactError(f"{path}:{lineno}: not valid JSON ({exc.msg}); the file is corrupt") from exc
+                raise ArtifactError(
+                    f"{path}:{lineno}: not valid JSON ({exc.msg}); the file is corrupt"
+                ) from exc
             if not isinstance(rec, dict):
                 raise ArtifactError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
             missing = [k for k in required if k not in rec]

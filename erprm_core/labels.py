@@ -62,11 +62,21 @@ def er_label(rewards: Any, eta: float, axis: int = -1) -> float | np.ndarray:
         return _out(arr.max(axis=axis), scalar_out)
     if eta == -math.inf:
         return _out(arr.min(axis=axis), scalar_out)
-    z = eta * arr
+    # Centre on the mean so the correction term is O(eta * variance) (no cancellation for small eta).
+    mean = arr.mean(axis=axis, keepdims=True)
+    spread = float(np.max(arr.max(axis=axis) - arr.min(axis=axis)))
+    if abs(eta) * spread < 1e-5:
+        # exp() would round to 1 and lose the correction: use the expansion mean + eta * var / 2
+        # (the next term is O(eta^2 * spread^3), below 1e-10 here).
+        value = mean + eta * arr.var(axis=axis, keepdims=True) / 2
+        return _out(np.squeeze(value, axis=axis), scalar_out)
+    z = eta * (arr - mean)
     # Shift by the largest exponent so exp() never overflows; the shift is added back exactly.
     shift = z.max(axis=axis, keepdims=True)
     mean_exp = np.exp(z - shift).mean(axis=axis, keepdims=True)
-    value = (np.log(mean_exp) + shift) / eta
+    value = mean + (np.log(mean_exp) + shift) / eta
+    # Guard the bounds against rounding: the label always lies between the min and the max.
+    value = np.clip(value, arr.min(axis=axis, keepdims=True), arr.max(axis=axis, keepdims=True))
     return _out(np.squeeze(value, axis=axis), scalar_out)
 
 

@@ -11,7 +11,26 @@ STEP_TAG = "ки"
 GOOD_TOKEN = "+"
 BAD_TOKEN = "-"
 
-__all__ = ["STEP_TAG", "GOOD_TOKEN", "BAD_TOKEN", "split_steps", "join_steps", "format_prm_input"]
+# How a policy is prompted. "plain" is the tiny model's format (question, newline, then one step per line,
+# the last "The answer is: N"); "metamath" is the Alpaca template Mistral-MetaMath-7b was trained with.
+PROMPT_TEMPLATES = {
+    "plain": "{question}\n",
+    "metamath": (
+        "Below is an instruction that describes a task. Write a response that appropriately completes "
+        "the request.\n\n### Instruction:\n{question}\n\n### Response: Let's think step by step.\n"
+    ),
+}
+
+__all__ = [
+    "STEP_TAG",
+    "GOOD_TOKEN",
+    "BAD_TOKEN",
+    "PROMPT_TEMPLATES",
+    "split_steps",
+    "join_steps",
+    "format_prm_input",
+    "policy_prompt",
+]
 
 
 def split_steps(solution: str) -> list[str]:
@@ -27,3 +46,10 @@ def join_steps(steps: list[str]) -> str:
 def format_prm_input(question: str, steps: list[str], step_tag: str = STEP_TAG) -> str:
     """Return ``question + " " + "".join(step + " " + step_tag for step in steps)`` (Math-Shepherd format)."""
     return question + " " + "".join(f"{step} {step_tag}" for step in steps)
+
+
+def policy_prompt(question: str, template: str = "plain") -> str:
+    """The text a policy continues with its solution; ``template`` names an entry of PROMPT_TEMPLATES."""
+    if template not in PROMPT_TEMPLATES:
+        raise ValueError(f"prompt template {template!r} unknown; choose one of {sorted(PROMPT_TEMPLATES)}")
+    return PROMPT_TEMPLATES[template].format(question=question)
