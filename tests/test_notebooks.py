@@ -1,0 +1,86 @@
+"""Notebook hygiene and config checks: jupytext twins in sync, no outputs, config keys match parameters."""
+
+import json
+import shutil
+from pathlib import Path
+
+import jupytext
+import pytest
+
+from erprm_core import artifacts, pipeline
+
+NOTEBOOKS = sorted(artifacts.notebooks_root().glob("[0-9][0-9]_*.ipynb"))
+
+
+def _code_and_markdown(nb) -> list[tuple[str, str, list[str]]]:
+    return [(c.cell_type, c.source.strip(), sorted(c.metadata.get("tags", []))) for c in nb.cells]
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, "no stage notebooks found"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_twin_in_sync_and_no_outputs(path: Path):
+    twin = path.with_suffix(".py")
+    assert twin.is_file(), f"{path.name} has no jupytext py:percent twin {twin.name}"
+    ipynb = jupytext.read(path)
+    py = jupytext.read(twin)
+    assert _code_and_markdown(ipynb) == _code_and_markdown(py), (
+        f"{path.name} and {twin.name} differ: run `jupytext --sync {twin}`"
+    )
+    raw = json.loads(path.read_text())
+    for cell in raw["cells"]:
+        if cell["cell_type"] == "code":
+            assert not cell.get("outputs"), f"{path.name} has outputs: strip them"
+            assert cell.get("execution_count") is None, f"{path.name} has execution counts"
+            assert "injected-parameters" not in cell.get("metadata", {}).get("tags", []), (
+                f"{path.name} is an output notebook (it has an injected-parameters cell)"
+            )
+    assert raw["metadata"]["kernelspec"]["name"] == "python3"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_one_parameters_cell_with_typed_literals(path: Path):
+    nb = jupytext.read(path)
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{path.name}: expected exactly one cell tagged 'parameters'"
+    params = pipeline.notebook_parameters(path)
+    assert "profile" in params
+    for name, info in params.items():
+        assert info["inferred_type_name"] != "None", f"{path.name}: parameter {name} has no type annotation"
+        assert info["help"], f"{path.name}: parameter {name} has no trailing comment"
+
+
+@pytest.mark.parametrize("profile", pipeline.profiles())
+def test_every_config_key_is_a_notebook_parameter(profile):
+    stages = pipeline.plan(profile)  # raises ConfigError on any unknown key or wrong type
+    assert all(s.parameters["profile"] == profile for s in stages)
+
+
+def test_misspelt_parameter_fails_naming_key_and_file(tmp_path, monkeypatch):
+    configs = tmp_path / "configs"
+    shutil.copytree(artifacts.configs_root(), configs)
+    target = sorted((configs / "smoke").glob("*.yaml"))[0]
+    target.write_text(target.read_text() + "sede: 3\n")
+    monkeypatch.setattr(artifacts, "configs_root", lambda: configs)
+    with pytest.raises(pipeline.ConfigError, match=rf"{target.name}.*unknown parameter 'sede'"):
+        pipeline.plan("smoke")
+
+
+def test_override_checks():
+    with pytest.raises(pipeline.ConfigError, match="match no parameter"):
+        pipeline.plan("smoke", overrides=["no_such_knob=1"])
+    with pytest.raises(pipeline.ConfigError, match="key=value"):
+        pipeline.plan("smoke", overrides=["seed"])
+    with pytest.raises(pipeline.ConfigError, match="unknown profile"):
+        pipeline.plan("no-such-profile")
+    stages = pipeline.plan("smoke", "00", "00", overrides=["seed=7"])
+    assert [s.name for s in stages] == ["00_policy"] and stages[0].parameters["seed"] == 7
+
+
+def test_parse_override_types():
+    assert pipeline.parse_override("a=3") == ("a", 3)
+    assert pipeline.parse_override("a=0.5") == ("a", 0.5)
+    assert pipeline.parse_override("a=true") == ("a", True)
+    assert pipeline.parse_override("a=0,1,inf") == ("a", "0,1,inf")
