@@ -25,6 +25,7 @@ __all__ = [
     "rule_name",
     "rule_eta",
     "stepwise_labels",
+    "parse_eta_grid",
 ]
 
 
@@ -161,3 +162,27 @@ def stepwise_labels(
         out[rule_name(eta)] = [*vals, float(outcome)]
     out["orm"] = [None] * (n_steps - 1) + [float(outcome)]
     return out
+
+
+def parse_eta_grid(text: str) -> list[float]:
+    """Parse a notebook parameter such as ``"0,0.1,1,inf"`` into floats (``inf``/``-inf`` allowed).
+
+    Raises ValueError naming the bad entry; NaN and duplicates are rejected.
+    """
+    etas: list[float] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            eta = float(part)
+        except ValueError:
+            raise ValueError(f"eta grid {text!r}: {part!r} is not a number (use e.g. 0,0.1,1,inf)") from None
+        if math.isnan(eta):
+            raise ValueError(f"eta grid {text!r}: NaN is not a valid eta")
+        if eta in etas:
+            raise ValueError(f"eta grid {text!r}: {part!r} appears twice")
+        etas.append(eta)
+    if not etas:
+        raise ValueError(f"eta grid {text!r} is empty")
+    return etas

@@ -314,6 +314,11 @@ def run(
         artifacts.atomic_write_json(_state_path(profile), state)
         log.info("[%d/%d] %s: done in %.0f s", i, len(stages), stage.name, wall)
         summary.append({"stage": stage.name, "status": "ran", "wall_s": wall})
+    if profile == "tiny" and any(s["stage"] == "06_figures" and s["status"] == "ran" for s in summary):
+        from erprm_core import report
+
+        if report.sync_readme(profile):
+            log.info("README.md summary table updated from %s", p.results / "summary.md")
     log.info(
         "profile %s: %d stage(s) in %.0f s; results in %s",
         profile,

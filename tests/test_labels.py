@@ -148,3 +148,12 @@ def test_stepwise_labels_last_step_is_outcome():
     assert out["er_1"][0] == pytest.approx(0.6201, abs=1e-4) and out["er_1"][2] == 0.0
     assert out["orm"] == [None, None, 0.0]
     assert outcome_label(True) == 1.0
+
+
+def test_parse_eta_grid():
+    from erprm_core.labels import parse_eta_grid
+
+    assert parse_eta_grid("0, 0.1,1,inf") == [0.0, 0.1, 1.0, math.inf]
+    for bad in ["0,x", "nan", "", "1,1"]:
+        with pytest.raises(ValueError):
+            parse_eta_grid(bad)

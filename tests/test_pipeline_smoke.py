@@ -1,0 +1,97 @@
+"""The smoke chain end to end through papermill (as `make smoke` runs it), then nbval on the executed copies.
+
+Runs every stage notebook of the `smoke` profile into a temporary runs/results root, asserts on the tables
+and the manifest, checks that a second invocation skips up-to-date stages, and re-executes the executed
+notebooks under nbval in lax mode (cells tagged nbval-check-output must reproduce their outputs).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from erprm_core import pipeline
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smoke")
+    old = {k: os.environ.get(k) for k in ("ERPRM_RUNS_ROOT", "ERPRM_RESULTS_ROOT")}
+    os.environ["ERPRM_RUNS_ROOT"] = str(root / "runs")
+    os.environ["ERPRM_RESULTS_ROOT"] = str(root / "results")
+    try:
+        summary = pipeline.run("smoke", force=True, cell_timeout=600)
+        again = pipeline.run("smoke", cell_timeout=600)
+        yield root, summary, again
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_every_stage_ran_then_was_up_to_date(smoke_run):
+    _, summary, again = smoke_run
+    stages = list(pipeline.stage_notebooks())
+    assert [s["stage"] for s in summary] == stages
+    assert all(s["status"] == "ran" for s in summary)
+    assert all(s["status"] == "skipped" for s in again)
+
+
+def test_tables_are_tidy_and_finite(smoke_run):
+    root, _, _ = smoke_run
+    tables = root / "results" / "smoke" / "tables"
+    bon = pd.read_csv(tables / "bon.csv")
+    assert {"method", "n", "metric", "value", "ci_low", "ci_high"} <= set(bon.columns)
+    acc = bon[bon["metric"] == "accuracy"]
+    assert acc["value"].between(0, 1).all()
+    assert (acc["ci_low"] <= acc["value"] + 1e-9).all() and (acc["value"] <= acc["ci_high"] + 1e-9).all()
+    oracle = acc[acc["method"] == "oracle"].sort_values("n")["value"].tolist()
+    assert oracle == sorted(oracle), "oracle pass@N must not decrease with N"
+    raft = pd.read_csv(tables / "raft.csv")
+    assert raft["value"].map(math.isfinite).all()
+    assert (root / "results" / "smoke" / "summary.md").read_text().count("|") > 10
+    for fig in ["fig1_label_curves", "fig2_best_of_n", "fig3_eta_sweep", "fig4_raft"]:
+        assert (root / "results" / "smoke" / "figures" / f"{fig}.png").is_file()
+        assert (root / "results" / "smoke" / "figures" / f"{fig}.pdf").is_file()
+
+
+def test_manifest_records_every_stage(smoke_run):
+    root, _, _ = smoke_run
+    manifest = json.loads((root / "results" / "smoke" / "manifest.json").read_text())
+    assert manifest["profile"] == "smoke"
+    assert manifest["environment"]["packages"]["torch"]
+    for stage in pipeline.stage_notebooks():
+        entry = manifest["stages"][stage]
+        assert entry["wall_s"] >= 0 and entry["parameters"]["profile"] == "smoke"
+
+
+def test_nbval_on_executed_notebooks(smoke_run):
+    root, _, _ = smoke_run
+    executed = sorted((root / "results" / "smoke" / "notebooks").glob("*.ipynb"))
+    assert len(executed) == len(pipeline.stage_notebooks())
+    sanitize = Path(__file__).with_name("nbval_sanitize.cfg")
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "--nbval-lax",
+        "--sanitize-with",
+        str(sanitize),
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "addopts=",
+        "-q",
+        *map(str, executed),
+    ]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
