@@ -1,0 +1,90 @@
+"""GSM8K problems (Cobbe et al. 2021) from the hub (``openai/gsm8k``, config "main") or a local JSONL file.
+
+Raw records are ``{"question", "answer"}`` where ``answer`` is the worked solution with calculator annotations
+``<<48/2=24>>`` and a final line ``#### N``. They become problem records ``{"id", "question", "answer",
+"solution", "task": "gsm8k", "n_steps"}``: ``answer`` is the normalised number (``"1,450,000"`` ->
+``"1450000"``), ``solution`` the worked steps one per line without annotations, ending ``The answer is: N``.
+Used by the paper profiles (problem sets of 00_policy, evaluation of 04/05) and by the tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from erprm_core.artifacts import ArtifactError, Audit
+from erprm_core.grading import normalize_reference
+from erprm_core.steps import join_steps, split_steps
+from erprm_core.tasks._io import check_limit, file_sha256, iter_hub, iter_local, resolve_source
+
+log = logging.getLogger(__name__)
+
+TASK = "gsm8k"
+HUB_NAME = "openai/gsm8k"
+HUB_CONFIG = "main"
+SPLITS = ("train", "test")
+REQUIRED = ("question", "answer")
+_CALC = re.compile(r"<<[^<>]*>>")
+
+__all__ = ["HUB_NAME", "HUB_CONFIG", "load_problems", "to_problem", "solution_from_answer", "file_sha256"]
+
+
+def solution_from_answer(answer_field: str, answer: str) -> str:
+    """The text before ``####`` without ``<<...>>`` annotations, one step per line, + ``The answer is: N``."""
+    body = answer_field.rsplit("####", 1)[0]
+    steps = split_steps(_CALC.sub("", body))
+    return join_steps([*steps, f"The answer is: {answer}"])
+
+
+def to_problem(raw: dict[str, Any], problem_id: str) -> dict[str, Any]:
+    """Turn a raw GSM8K record into a problem record; ValueError when it has no ``#### N`` answer."""
+    field = str(raw["answer"])
+    if "####" not in field:
+        raise ValueError("the answer field has no '#### N' final line")
+    answer = normalize_reference(field, TASK)
+    solution = solution_from_answer(field, answer)
+    return {
+        "id": problem_id,
+        "question": str(raw["question"]).strip(),
+        "answer": answer,
+        "solution": solution,
+        "task": TASK,
+        "n_steps": len(split_steps(solution)),
+    }
+
+
+def load_problems(
+    split: str = "test",
+    source: Path | str | None = None,
+    limit: int | None = None,
+    audit: Audit | None = None,
+) -> list[dict[str, Any]]:
+    """GSM8K problem records of ``split`` ("train"/"test"), in dataset order, the first ``limit`` of them.
+
+    ``source``: None loads ``openai/gsm8k`` from the hub; otherwise a local JSONL file with the raw fields
+    (``question``, ``answer``), or a folder holding ``<split>.jsonl``. Ids are ``gsm8k-<split>-<index>``. A
+    malformed record raises ArtifactError naming its file and line (or hub index). ``audit`` (optional)
+    counts the records kept.
+    """
+    limit = check_limit(limit)
+    if source is None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS} for the hub dataset, got split={split!r}")
+        records = iter_hub(HUB_NAME, HUB_CONFIG, split, REQUIRED, f"../shared/data/gsm8k/{split}.jsonl")
+    else:
+        path = resolve_source(source, split)
+        log.info("loading GSM8K %s from %s (sha256 %s)", split, path, file_sha256(path)[:12])
+        records = iter_local(path, REQUIRED)
+    problems: list[dict[str, Any]] = []
+    for where, raw in records:
+        if limit is not None and len(problems) >= limit:
+            break
+        try:
+            problems.append(to_problem(raw, f"{TASK}-{split}-{len(problems):05d}"))
+        except ValueError as exc:
+            raise ArtifactError(f"{where}: bad GSM8K record: {exc}") from exc
+    if audit is not None:
+        audit.count("kept", len(problems))
+    return problems

@@ -1,0 +1,97 @@
+"""MATH500 problems (the 500-problem MATH test subset of Lightman et al.) from the hub or a local JSONL file.
+
+Hub: ``HuggingFaceH4/MATH-500`` (split "test"); local files have the same fields ``{"problem", "solution",
+"answer", "subject", "level", "unique_id"}``. Records become ``{"id" (the unique_id), "question", "answer"
+(normalised LaTeX), "solution", "task": "math", "subject", "level", "n_steps"}``. MATH solutions are
+paragraphs; :func:`format_math_solution` makes each paragraph one step (one line) and appends
+``The answer is: <answer>`` so that every task's reference solutions end the same way. Used by the
+paper-math profile (best-of-N evaluation) and by the tests; math_train reuses the formatting.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from erprm_core.artifacts import ArtifactError, Audit
+from erprm_core.grading import normalize_reference
+from erprm_core.steps import join_steps, split_steps
+from erprm_core.tasks._io import check_limit, file_sha256, iter_hub, iter_local, resolve_source
+
+log = logging.getLogger(__name__)
+
+TASK = "math"
+HUB_NAME = "HuggingFaceH4/MATH-500"
+SPLITS = ("test",)
+REQUIRED = ("problem", "solution", "answer")
+_PARAGRAPH = re.compile(r"\n\s*\n")
+# blocks kept whole (their blank lines do not start a new step): Asymptote code, \[...\], environments
+_BLOCK = re.compile(r"\[asy\].*?\[/asy\]|\\\[.*?\\\]|\\begin\{(\w+\*?)\}.*?\\end\{\1\}", re.DOTALL)
+
+__all__ = ["HUB_NAME", "load_problems", "to_problem", "format_math_solution", "file_sha256"]
+
+
+def format_math_solution(solution: str, answer: str) -> str:
+    """One step per line: each blank-line-separated paragraph joined into one line, + ``The answer is: X``.
+
+    Asymptote blocks, display math ``\\[...\\]`` and ``\\begin{env}...\\end{env}`` are never split (their
+    line breaks become spaces).
+    """
+    solution = _BLOCK.sub(lambda m: " ".join(m.group(0).split()), solution)
+    steps = [" ".join(split_steps(par)) for par in _PARAGRAPH.split(solution)]
+    return join_steps([s for s in steps if s] + [f"The answer is: {answer}"])
+
+
+def to_problem(raw: dict[str, Any], problem_id: str) -> dict[str, Any]:
+    """Turn a MATH500 record into a problem record; ValueError when the answer is empty."""
+    answer = normalize_reference(str(raw["answer"]), TASK)
+    solution = format_math_solution(str(raw["solution"]), answer)
+    rec: dict[str, Any] = {
+        "id": str(raw.get("unique_id") or problem_id),
+        "question": str(raw["problem"]).strip(),
+        "answer": answer,
+        "solution": solution,
+        "task": TASK,
+        "n_steps": len(split_steps(solution)),
+    }
+    for extra in ("subject", "level"):
+        if extra in raw:
+            rec[extra] = raw[extra]
+    return rec
+
+
+def load_problems(
+    split: str = "test",
+    source: Path | str | None = None,
+    limit: int | None = None,
+    audit: Audit | None = None,
+) -> list[dict[str, Any]]:
+    """MATH500 problem records in dataset order, the first ``limit`` of them.
+
+    ``source``: None loads ``HuggingFaceH4/MATH-500`` (split "test") from the hub; otherwise a local JSONL
+    file with the hub's fields, or a folder holding ``<split>.jsonl``. Ids are the dataset's ``unique_id``
+    (``math500-<split>-<index>`` when absent). A malformed record raises ArtifactError naming file and line.
+    ``audit`` (optional) counts the records kept.
+    """
+    limit = check_limit(limit)
+    if source is None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS} for {HUB_NAME}, got split={split!r}")
+        records = iter_hub(HUB_NAME, None, split, REQUIRED, "../shared/data/math500/test.jsonl")
+    else:
+        path = resolve_source(source, split)
+        log.info("loading MATH500 %s from %s (sha256 %s)", split, path, file_sha256(path)[:12])
+        records = iter_local(path, REQUIRED)
+    problems: list[dict[str, Any]] = []
+    for where, raw in records:
+        if limit is not None and len(problems) >= limit:
+            break
+        try:
+            problems.append(to_problem(raw, f"math500-{split}-{len(problems):05d}"))
+        except ValueError as exc:
+            raise ArtifactError(f"{where}: bad MATH500 record: {exc}") from exc
+    if audit is not None:
+        audit.count("kept", len(problems))
+    return problems
