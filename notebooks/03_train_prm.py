@@ -1,0 +1,149 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext,-jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 · Train the process reward models
+#
+# One PRM per label rule (ER for every $\eta$ of the grid, soft, hard, and the outcome reward model), all
+# from the same base model with the same recipe and seed: only the labels differ, so any difference
+# downstream is the label rule's. A PRM is a plain causal LM reading
+# `question + " " + step_1 + " ки" + step_2 + " ки" ...`; at each step tag $l$ it predicts
+#
+# $$s_l = \mathrm{softmax}\big(z_{+}, z_{-}\big)_0 , \qquad
+# \mathcal{L} = -\sum_{l\ \text{labelled}} \big[\, y_l \log s_l + (1 - y_l) \log (1 - s_l) \,\big]$$
+#
+# with $z_\pm$ the logits of the tokens " +" / " -" at the tag and $y_l \in [0, 1]$ the step's label
+# (soft targets stay float; the ORM labels only the last step). The same code decides the tag positions
+# for training and scoring, and every sample whose tags do not line up, or whose labels were cut by
+# `max_length`, is counted in the audit.
+#
+# Knobs: `rules` ("all" or a comma list), `base_model` ("" = the 00_policy checkpoint, or a hub name at
+# paper scale), the recipe (`epochs`, `lr`, `batch_size`, `max_length`, ...; the paper: 1 epoch, lr 5e-7,
+# batch 64, block 512), `heldout_fraction` (problems kept out of training for the checks below) and
+# `scoring` (two-token softmax, or the full-vocabulary softmax some published numbers use). For multi-GPU
+# training run `configs/accelerate/README.md`'s `accelerate launch` command first: this notebook then finds
+# the finished checkpoints, skips their training and evaluates them.
+
+# %%
+import torch
+
+from erprm_core import artifacts, plotting, prm, training
+
+# %% tags=["parameters"]
+profile: str = "smoke"  # results/<profile> and runs/<profile> folders to use
+seed: int = 0  # training seed, the same for every rule
+rules: str = "all"  # label rules to train: "all" (every rule in the labels file) or a comma list, e.g. "er_1,soft,hard,orm"
+base_model: str = ""  # base of every PRM: empty for the 00_policy checkpoint, else a hub name or local folder
+heldout_fraction: float = 0.2  # share of problems (by id hash) kept out of training for the held-out checks
+epochs: float = 2.0  # training epochs per PRM (the paper: 1)
+lr: float = 1e-3  # peak learning rate (the paper: 5e-7 for an 8B model)
+batch_size: int = 8  # sequences per device per optimizer step
+grad_accum: int = 1  # gradient accumulation steps (global batch: batch_size x grad_accum x devices)
+max_length: int = 256  # token limit of a formatted solution; tags beyond it lose their label (audited)
+lr_scheduler: str = "cosine"  # learning-rate schedule (transformers name)
+warmup_ratio: float = 0.0  # share of the steps used for linear warm-up
+weight_decay: float = 0.0  # AdamW weight decay
+retrain: bool = False  # retrain rules whose checkpoint is already complete
+scoring: str = "two_token"  # held-out step score: two_token (softmax over " +"/" -") or full_vocab
+score_batch_size: int = 32  # solutions per scoring forward pass
+device: str = "auto"  # device for held-out scoring: auto, cpu or cuda (training: the Trainer's choice)
+torch_threads: int = 0  # CPU threads for torch (0 keeps the torch default)
+
+# %%
+P = artifacts.paths(profile)
+if not base_model:
+    artifacts.require(P.policy, "00_policy", profile, "policy checkpoint (the base of every PRM)")
+artifacts.require(P.labels_file, "02_labels", profile, "step labels")
+torch.set_num_threads(torch_threads or torch.get_num_threads())
+recipe = dict(epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
+              seed=seed, lr_scheduler=lr_scheduler, warmup_ratio=warmup_ratio, weight_decay=weight_decay)  # fmt: skip
+recipe
+
+# %% [markdown]
+# ## Training, one PRM per rule
+# Rules whose checkpoint in `runs/<profile>/prms/<rule>` is complete are skipped (their stored curves are
+# reused) unless `retrain`. Held-out problems never reach training. The table also shows the token ids of
+# the step tag and of " +" / " -", each checked to be one token in context (else training stops with an
+# error naming the tokenizer and the token).
+
+# %%
+res = training.train_prm_stage(profile, rules=rules, base_model=base_model, heldout_fraction=heldout_fraction,
+                               retrain=retrain, **recipe)  # fmt: skip
+artifacts.write_table(res["log"], profile, "prm_training")
+res["runs"].drop(columns=["train_runtime_s", "tokens_per_s"])
+
+# %% [markdown]
+# ## Audit: every training sample by reason
+# `kept`; `truncated` (kept, some labels cut by `max_length`; `labels_lost` counts those labels);
+# `truncated_no_label_left`, `tag_count_mismatch` (step tags in the text are not one per step),
+# `label_count_mismatch`, `empty` are skipped. Counts per rule (the ORM has one label per solution).
+
+# %%
+artifacts.write_table(res["audit"], profile, "prm_audit")
+res["audit"].pivot_table(index="reason", columns="rule", values="count", fill_value=0)
+
+# %% [markdown]
+# ## Training curves
+
+# %%
+fig = prm.figure_training_curves(res["log"], smooth=5)
+plotting.save_figure(fig, P.figures, "prm_training_curves")
+
+# %% [markdown]
+# ## Held-out checks
+# On the held-out problems' rollouts: `brier` / `ece` of the step scores against the rule's own labels
+# (how well each PRM learned what it was taught), `auroc_last` / `auroc_min` (does the last / the minimum
+# step score separate correct from incorrect solutions), and `argmin_at_first_dead_step` (for incorrect
+# solutions: the lowest-scored step is the first one after which no completion reached the answer).
+
+# %%
+ev = prm.evaluate_prm_rules({r: P.prm(r) for r in res["rules"]}, res["heldout"], scoring=scoring,
+                            batch_size=score_batch_size, device=device)  # fmt: skip
+artifacts.write_table(ev["metrics"], profile, "prm_eval")
+artifacts.write_table(ev["calibration"], profile, "prm_calibration")
+artifacts.write_table(ev["min_position"], profile, "prm_min_position")
+metrics = ev["metrics"].pivot_table(index="rule", columns="metric", values="value")
+metrics.loc[plotting.method_order(metrics.index)]
+
+# %% [markdown]
+# ## Calibration
+# Mean step score against mean label per score bin (diagonal = calibrated against its own rule). ER labels
+# sit above the soft ones for $\eta > 0$, so a well-trained ER-PRM is calibrated to its tilted target, not to
+# the raw success rate.
+
+# %%
+fig = prm.figure_calibration(ev["calibration"])
+plotting.save_figure(fig, P.figures, "prm_calibration")
+
+# %% [markdown]
+# ## Where the minimum step score falls
+# With `min` aggregation the lowest step decides a solution's score. For incorrect solutions a useful PRM
+# puts it where the reasoning breaks; for correct ones it should not matter much.
+
+# %%
+fig = prm.figure_min_position(ev["min_position"])
+plotting.save_figure(fig, P.figures, "prm_min_position")
+
+# %% [markdown]
+# ## Record
+
+# %%
+artifacts.update_manifest(
+    profile, "03_train_prm", seed=seed, rules=res["rules"], base_model=res["base_model"], recipe=recipe,
+    heldout_fraction=heldout_fraction, n_train_records=len(res["train"]), n_heldout_records=len(res["heldout"]),
+    train_tokens=int(res["runs"]["train_tokens"].sum()), scoring=scoring,
+    scored_tokens=int(ev["scoring"]["tokens"].sum()), scoring_forward_passes=int(ev["scoring"]["forward_passes"].sum()),
+)["stages"]["03_train_prm"]  # fmt: skip
