@@ -1,0 +1,132 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext,-jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 01 · Rollouts
+#
+# Every step label of the study comes from Monte Carlo completions. The policy writes `n_solutions` solutions
+# per training problem (one step per line, last line "The answer is: N"); for every step prefix
+# $a^{[l]}$ except the last, the completer (by default the policy itself, $\pi_0$) writes `k` completions, each
+# graded against the reference answer: $y_j \in \{0, 1\}$. 02_labels turns them into labels, e.g. the ER label
+#
+# $$r(a^{[l]}, x) = \frac{1}{\eta} \ln \frac{1}{k} \sum_{j=1}^{k} e^{\eta\, y_j},$$
+#
+# so every label rule (soft, hard, ER for any $\eta$, ORM) is computed from the SAME rollouts stored here.
+#
+# This is the costliest stage. The sampler batches all prefixes of a shard together, runs each prefix once
+# and shares its KV cache among its `k` completions, and stops a completion at its answer line or EOS.
+# Problems are processed in resumable shards with seeds per problem/solution/step/completion, so an
+# interrupted run resumes to exactly the same file. Knobs: `n_solutions`, `k` (the paper: 16), `temperature`
+# and `top_p` (the paper: 1.0 / 1.0), `max_new_tokens`, `completer_name`, `backend` (`vllm` at paper scale).
+
+# %%
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+
+from erprm_core import artifacts, evaluation, plotting, sampling
+
+# %% tags=["parameters"]
+profile: str = "smoke"  # results/<profile> and runs/<profile> folders to use
+seed: int = 0  # base seed of this stage (per problem/solution/step/completion seeds derive from it)
+n_problems: int = 8  # training problems to roll out (first n of the train_prm split; 0 for all)
+n_solutions: int = 2  # solutions sampled per problem
+k: int = 4  # completions per step prefix (the paper: 16)
+temperature: float = 1.0  # sampling temperature of solutions and completions (the paper: 1.0)
+top_p: float = 1.0  # nucleus sampling (the paper: 1.0)
+max_new_tokens: int = 128  # token limit of a solution and of a completion (cut ones are audited)
+completer_name: str = ""  # completer model: empty for the policy itself (pi_0), else a hub name or folder
+prompt_template: str = "plain"  # policy prompt format: plain (tiny policy) or metamath
+backend: str = "hf"  # sampling backend: hf (transformers, CPU/GPU) or vllm (optional extra, GPU)
+batch_size: int = 64  # sequences decoded together
+shard_size: int = 8  # problems per resumable shard
+device: str = "auto"  # auto, cpu or cuda
+dtype: str = "auto"  # auto (bf16 on a capable GPU, else fp32), float32, bfloat16, float16
+torch_threads: int = 0  # CPU threads for torch (0 keeps the torch default)
+vllm_memory: float = 0.0  # vLLM gpu_memory_utilization per engine (0: 0.9, or 0.45 each with a completer)
+
+# %%
+P = artifacts.paths(profile)
+policy = evaluation.resolve_policy(profile)  # names 00_policy when the policy is missing
+problem_file = artifacts.require(P.problem_file("train_prm"), "00_policy", profile, "PRM training problems")
+torch.set_num_threads(torch_threads or torch.get_num_threads())
+problems = artifacts.read_jsonl(problem_file, ["id", "question", "answer", "task"])[: n_problems or None]
+memory = vllm_memory or (0.45 if completer_name else 0.0)
+policy_sampler = sampling.load_sampler(policy, backend, device, dtype, batch_size, memory)
+completer = (
+    sampling.load_sampler(completer_name, backend, device, dtype, batch_size, memory)
+    if completer_name
+    else None
+)
+pd.DataFrame({"problems": [len(problems)], "policy": [getattr(policy, "name", policy)],
+              "completer": [completer_name or "policy"], "backend": [backend]})  # fmt: skip
+
+# %% [markdown]
+# ## Solutions and completions
+# Shards already on disk (same parameters, problems and model) are reused; a corrupt one is named in a
+# warning and recomputed. The summary counts solutions, prefixes, completions and tokens.
+
+# %%
+res = sampling.run_rollouts(P, policy_sampler, None, problems, n_solutions=n_solutions, k=k, temperature=temperature,
+                            top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, shard_size=shard_size,
+                            batch_size=batch_size, prompt_template=prompt_template, backend=backend,
+                            completer=completer)  # fmt: skip
+summary = sampling.rollout_summary_table(res.stats)
+artifacts.write_table(summary, profile, "rollouts_summary")
+summary
+
+# %% [markdown]
+# ## Audit
+# Nothing is dropped: solutions without a parseable final answer (graded wrong), solutions and completions
+# cut at `max_new_tokens`, one-step solutions (no prefix to complete, only the outcome labels them) are
+# counted here.
+
+# %%
+audit = res.audit.to_frame()
+artifacts.write_table(audit, profile, "rollouts_audit")
+audit
+
+# %% [markdown]
+# ## A few solutions
+
+# %%
+pd.DataFrame(res.records[:4])[
+    ["problem_id", "sample_index", "steps", "pred", "outcome", "completion_rewards"]
+]
+
+# %% [markdown]
+# ## How often a prefix still reaches the answer
+# $p$ = fraction of a prefix's `k` completions that are correct, by step, for solutions that end right and
+# wrong. Prefixes of correct solutions should keep a high $p$; in wrong ones $p$ drops where the error enters.
+
+# %%
+prefixes = sampling.prefix_table(res.records)
+artifacts.write_table(prefixes, profile, "rollouts_prefixes")
+fig, ax = plt.subplots(figsize=(5, 3.5))
+prefixes.pivot_table(index="step", columns="outcome", values="p", aggfunc="mean").rename(
+    columns={0: "wrong solutions", 1: "correct solutions"}).plot(ax=ax, marker="o")  # fmt: skip
+ax.set(xlabel="step l (prefix = first l steps)", ylabel="mean p over prefixes", ylim=(-0.02, 1.02))
+plotting.save_figure(fig, P.figures, "rollouts_prefix_success")
+
+# %% [markdown]
+# ## Record
+
+# %%
+artifacts.update_manifest(
+    profile, "01_rollouts", seed=seed, n_problems=len(problems), n_solutions=n_solutions, k=k,
+    temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, completer=completer_name or "policy",
+    backend=backend, batch_size=batch_size, shard_size=shard_size, **res.stats,
+)["stages"]["01_rollouts"]  # fmt: skip
