@@ -358,6 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--force", action="store_true", help="rerun stages even if up to date")
     rep.add_argument("--cell-timeout", type=int, default=3600, help="seconds per notebook cell")
     rep.add_argument("--check", action="store_true", help="validate configs and overrides, run nothing")
+    rep.add_argument(  # dry run: erprm_core/dryrun.py
+        "--dry-run",
+        action="store_true",
+        help="offline wiring check of a paper profile: tiny random-weight models, a few problems, CPU, "
+        "outputs under runs/dry-run/<profile> (configs/<profile>/dry-run.yaml)",
+    )
     fig = sub.add_parser("figures", help="redraw figures and the summary table from the tables (stage 06)")
     fig.add_argument("--profile", default="tiny")
     bench = sub.add_parser("bench", help="run the speed benchmarks")
@@ -367,6 +373,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         if args.command == "reproduce":
+            if args.dry_run:  # --- dry run (erprm_core/dryrun.py) ---
+                from erprm_core import dryrun
+
+                if args.check:
+                    for stage in dryrun.plan(args.profile, args.start, args.stop, args.param):
+                        print(f"{stage.name}: {json.dumps(stage.parameters, sort_keys=True)}")
+                    return 0
+                dryrun.run(args.profile, args.start, args.stop, args.param, cell_timeout=args.cell_timeout)
+                return 0
             if args.check:
                 for stage in plan(args.profile, args.start, args.stop, args.param):
                     print(f"{stage.name}: {json.dumps(stage.parameters, sort_keys=True)}")
@@ -390,4 +405,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Import the installed module rather than running this copy as __main__, so that exception classes
+    # raised by other modules (which import erprm_core.pipeline) are the ones main() catches.
+    from erprm_core.pipeline import main as _main
+
+    sys.exit(_main())
