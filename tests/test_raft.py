@@ -1,0 +1,370 @@
+"""RAFT (erprm_core.raft): selection with ties, lr schedule, scoring statuses, resume, failures, the stage."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from erprm_core import artifacts, raft, sampling, training
+from erprm_core.tasks import arith
+
+SETTINGS = raft.RaftSettings(
+    m=2,
+    max_new_tokens=8,
+    lr=1e-3,
+    lr_decay=0.5,
+    epochs=1.0,
+    batch_size=16,
+    train_batch_size=4,
+    shard_size=2,
+    exclude_truncated=False,  # a random policy never finishes a solution
+    device="cpu",
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, above all on a machine shared with other jobs."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class StubReward:
+    """A deterministic scorer: step score = (characters mod 7) / 7; ``fail`` makes every call raise."""
+
+    name = "stub-length"
+
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+        self.calls = 0
+
+    def score_batch(self, questions, list_of_steps):
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("stub reward exploded")
+        return [[(len(s) % 7) / 7 for s in steps] for steps in list_of_steps]
+
+
+def _save_tiny(path, seed=0):
+    from erprm_core import models
+
+    tok = models.build_tokenizer()
+    model = models.build_tiny_model(
+        tok,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        seed=seed,
+    )
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tmp_path_factory):
+    return _save_tiny(tmp_path_factory.mktemp("policy") / "policy")
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return arith.generate_problems(3, seed=1, split="train"), arith.generate_problems(3, seed=1, split="test")
+
+
+def _run(root, policy, problems, reward=None, iterations=2):
+    prompts, test = problems
+    return raft.run_raft(
+        "er_1",
+        reward if reward is not None else StubReward(),
+        start_policy=policy,
+        prompts=prompts,
+        test_problems=test,
+        out_root=root,
+        iterations=iterations,
+        settings=SETTINGS,
+        progress=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_policy, problems):
+    root = tmp_path_factory.mktemp("raft_a")
+    return root, _run(root, tiny_policy, problems)
+
+
+# ----------------------------------------------------------------------------------------------------- pure
+
+
+def test_iteration_lr_decays_geometrically():
+    assert [raft.iteration_lr(1e-3, 0.5, i) for i in (1, 2, 3)] == pytest.approx([1e-3, 5e-4, 2.5e-4])
+    assert raft.iteration_lr(2e-5, 1.0, 3) == 2e-5
+    # the authors' RAFT/sft.py: lr * (T - i + 1) / T
+    assert [raft.iteration_lr(3e-7, 0.5, i, "linear", 3) for i in (1, 2, 3)] == pytest.approx(
+        [3e-7, 2e-7, 1e-7]
+    )
+    with pytest.raises(ValueError, match="total"):
+        raft.iteration_lr(1e-3, 0.5, 4, "linear", 3)
+    with pytest.raises(ValueError, match="unknown"):
+        raft.iteration_lr(1e-3, 0.5, 1, "cosine")
+    for bad in [(1e-3, 0.5, 0), (0.0, 0.5, 1), (1e-3, 0.0, 1), (1e-3, 1.5, 1)]:
+        with pytest.raises(ValueError):
+            raft.iteration_lr(*bad)
+
+
+def test_iteration_seed_depends_on_seed_and_iteration_only():
+    assert raft.iteration_seed(0, 1) == raft.iteration_seed(0, 1)
+    assert len({raft.iteration_seed(s, i) for s in (0, 1) for i in (1, 2, 3)}) == 6
+    assert 0 <= raft.iteration_seed(7, 3) < 2**31
+
+
+def _cands(pid, scores, outcomes=None):
+    outcomes = outcomes or [0] * len(scores)
+    return [
+        {"problem_id": pid, "sample_index": j, "score": s, "outcome": o}
+        for j, (s, o) in enumerate(zip(scores, outcomes, strict=True))
+    ]
+
+
+def test_checkpoint_id_follows_content_not_location(tmp_path, tiny_policy):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_policy, copy)
+    assert raft.checkpoint_id(copy) == raft.checkpoint_id(tiny_policy)
+    (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
+    assert raft.checkpoint_id(copy) != raft.checkpoint_id(tiny_policy)
+    with pytest.raises(FileNotFoundError):
+        raft.checkpoint_id(tmp_path / "missing")
+
+
+def test_select_best_picks_the_max_and_breaks_ties_by_seeded_rng():
+    cands = _cands("p1", [0.2, 0.9, 0.9, 0.5]) + _cands("p2", [None, None]) + _cands("p3", [0.1, 0.7, None])
+    audit = artifacts.Audit("t")
+    picked = raft.select_best(cands, seed=3, audit=audit)
+    assert [c["problem_id"] for c in picked] == [
+        "p1",
+        "p3",
+    ]  # p2 has no eligible candidate: counted, not picked
+    assert picked[0]["sample_index"] in (1, 2) and picked[0]["n_tied"] == 2
+    assert picked[1]["sample_index"] == 1 and picked[1]["n_tied"] == 1
+    assert audit.counts == {"prompt_selected": 2, "prompt_no_candidate": 1, "selected_by_tiebreak": 1}
+    # reproducible, independent of the other prompts, and both tied candidates get picked across seeds
+    assert raft.select_best(cands, seed=3) == picked
+    assert raft.select_best(_cands("p1", [0.2, 0.9, 0.9, 0.5]), seed=3)[0] == picked[0]
+    chosen = {raft.select_best(cands, seed=s)[0]["sample_index"] for s in range(40)}
+    assert chosen == {1, 2}
+
+
+def test_select_best_treats_nan_as_ineligible():
+    picked = raft.select_best(_cands("p", [math.nan, 0.3]), seed=0)
+    assert picked[0]["sample_index"] == 1
+    assert raft.select_best(_cands("p", [math.nan]), seed=0) == []
+
+
+def test_score_candidates_statuses_and_aggregation():
+    problems = {"p": {"question": "Q?"}}
+    samples = [
+        {"problem_id": "p", "sample_index": 0, "steps": ["a", "bb"], "truncated": False, "outcome": 1},
+        {"problem_id": "p", "sample_index": 1, "steps": [], "truncated": False, "outcome": 0},
+        {"problem_id": "p", "sample_index": 2, "steps": ["a"], "truncated": True, "outcome": 0},
+    ]
+
+    class Fixed:
+        def score_batch(self, questions, list_of_steps, batch_size=8):
+            return [[0.8, 0.3] for _ in list_of_steps]
+
+    st = raft.RaftSettings(exclude_truncated=True)
+    out = raft._score_candidates(Fixed(), "er_1", problems, samples, "min", st)
+    assert [o["status"] for o in out] == ["candidate_eligible", "candidate_empty", "candidate_truncated"]
+    assert out[0]["score"] == 0.3 and out[1]["score"] is None and out[2]["score"] is None
+    assert raft._score_candidates(Fixed(), "orm", problems, samples, "last", st)[0]["score"] == 0.3
+    # truncated allowed: one step but two scores -> a count mismatch, never silently aggregated
+    st2 = raft.RaftSettings(exclude_truncated=False)
+    out2 = raft._score_candidates(Fixed(), "er_1", problems, samples, "mean", st2)
+    assert out2[0]["score"] == pytest.approx(0.55)
+    assert out2[2]["status"] == "candidate_score_count_mismatch" and out2[2]["score"] is None
+
+    class AllNan:
+        def score_batch(self, questions, list_of_steps):
+            return [[math.nan] * len(s) for s in list_of_steps]
+
+    assert (
+        raft._score_candidates(AllNan(), "er_1", problems, samples, "min", st)[0]["status"]
+        == "candidate_unscored"
+    )
+    oracle = raft._score_candidates(None, "oracle", problems, samples, "min", st)
+    assert [o["score"] for o in oracle] == [1.0, None, None]
+    wrong = [{**samples[0], "outcome": 0}]
+    assert (
+        raft._score_candidates(None, "oracle", problems, wrong, "min", st)[0]["status"]
+        == "candidate_wrong_answer"
+    )
+    assert raft._score_candidates(None, "random", problems, wrong, "min", st)[0]["score"] == 0.0
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="aggregation"):
+        raft.RaftSettings(aggregation="max").check()
+    with pytest.raises(ValueError, match="m"):
+        raft.RaftSettings(m=0).check()
+
+
+# ----------------------------------------------------------------------------------------------------- loop
+
+
+@pytest.mark.slow
+def test_run_raft_records_and_checkpoints(finished_run):
+    root, records = finished_run
+    assert [r["iteration"] for r in records] == [1, 2]
+    assert [r["lr"] for r in records] == pytest.approx([1e-3, 5e-4])
+    for r in records:
+        it_dir = root / "er_1" / f"iter_{r['iteration']:02d}"
+        assert (it_dir / "policy" / "config.json").is_file()
+        assert json.loads((it_dir / "record.json").read_text()) == r
+        assert 0 <= r["greedy_accuracy"] <= 1 and r["ci_low"] <= r["greedy_accuracy"] <= r["ci_high"]
+        assert r["n_prompts"] == 3 and r["n_samples"] == 6 and r["n_test"] == 3
+        sel, sample, oracle = r["selected_outcome"][0], r["sample_outcome"][0], r["oracle_outcome"][0]
+        assert sel <= oracle and sample <= oracle
+        assert r["audit"]["prompt_selected"] + r["audit"].get("prompt_no_candidate", 0) == 3
+        assert r["train"]["n_examples"] == r["n_selected"]
+    assert records[0]["fingerprint"] != records[1]["fingerprint"]
+
+
+@pytest.mark.slow
+def test_resume_after_interruption_equals_uninterrupted_run(
+    tmp_path, tiny_policy, problems, finished_run, monkeypatch
+):
+    real_sft, real_sample = training.train_policy_sft, sampling.sample_solutions
+    calls = {"sft": 0, "sample_t1": 0}
+
+    def interrupted_sft(*args, **kwargs):
+        calls["sft"] += 1
+        if calls["sft"] == 2:
+            raise KeyboardInterrupt  # the user stops the run during iteration 2's fine-tuning
+        return real_sft(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_policy_sft", interrupted_sft)
+    with pytest.raises(KeyboardInterrupt):  # an interruption is not a failure: it is not wrapped
+        _run(tmp_path, tiny_policy, problems)
+    it1 = tmp_path / "er_1" / "iter_01" / "record.json"
+    assert it1.is_file() and not (tmp_path / "er_1" / "iter_02" / "record.json").exists()
+    assert not (tmp_path / "er_1" / "iter_02" / "policy").exists()  # no half-written checkpoint
+    stamp = it1.stat().st_mtime_ns
+
+    def counting_sft(*args, **kwargs):
+        calls["sft"] += 1
+        return real_sft(*args, **kwargs)
+
+    def counting_sample(*args, **kwargs):
+        if kwargs.get("temperature", 1.0) > 0:
+            calls["sample_t1"] += 1
+        return real_sample(*args, **kwargs)
+
+    calls.update(sft=0, sample_t1=0)
+    monkeypatch.setattr(training, "train_policy_sft", counting_sft)
+    monkeypatch.setattr(sampling, "sample_solutions", counting_sample)
+    records = _run(tmp_path, tiny_policy, problems)
+    assert calls == {"sft": 1, "sample_t1": 0}  # iteration 1 reused; iteration 2 reuses its sample shards
+    assert it1.stat().st_mtime_ns == stamp
+    _, expected = finished_run
+    assert records == expected
+
+
+@pytest.mark.slow
+def test_failing_iteration_names_reward_model_and_iteration(finished_run, tiny_policy, problems):
+    root, expected = finished_run
+    with pytest.raises(raft.RaftError, match=r"'er_1' failed at iteration 3 of 3.*stub reward exploded"):
+        _run(root, tiny_policy, problems, reward=StubReward(fail=True), iterations=3)
+    assert not (root / "er_1" / "iter_03" / "record.json").exists()
+    assert [
+        json.loads((root / "er_1" / f"iter_{i:02d}" / "record.json").read_text()) for i in (1, 2)
+    ] == expected
+
+
+# ----------------------------------------------------------------------------------------------------- stage
+
+
+def _write_profile(profile, tiny_policy, problems):
+    P = artifacts.paths(profile)
+    shutil.copytree(tiny_policy, P.policy)
+    prompts, test = problems
+    artifacts.atomic_write_jsonl(P.problem_file("raft"), prompts)
+    artifacts.atomic_write_jsonl(P.problem_file("test"), test)
+    return P
+
+
+def test_stage_names_the_missing_stage(tmp_roots, tiny_policy, problems):
+    with pytest.raises(artifacts.ArtifactError, match="00_policy"):
+        raft.run_raft_stage("t", reward_models="er_1")
+    _write_profile("t", tiny_policy, problems)
+    with pytest.raises(artifacts.ArtifactError, match="03_train_prm"):
+        raft.run_raft_stage("t", reward_models="er_1,hard")
+    with pytest.raises(ValueError, match="n_prompts"):
+        raft.run_raft_stage("t", reward_models="random", n_prompts=10)
+    with pytest.raises(TypeError, match="unknown RAFT setting"):
+        raft.run_raft_stage("t", reward_models="random", n_prompts=3, n_test=3, mm=3)
+
+
+@pytest.mark.slow
+def test_stage_table_audit_manifest_and_plot(tmp_roots, tiny_policy, problems):
+    P = _write_profile("t", tiny_policy, problems)
+    _save_tiny(P.prm("er_1"), seed=1)  # any causal LM with the tag tokens in its vocabulary scores as a PRM
+    kw = {k: v for k, v in SETTINGS.__dict__.items() if k != "device"}
+    table = raft.run_raft_stage(
+        "t", reward_models="er_1,random", iterations=1, n_prompts=3, n_test=3, progress=False, **kw
+    )
+    assert list(table.columns) == raft.TABLE_COLUMNS
+    assert set(table["reward_model"]) == {"baseline", "er_1", "random"}
+    assert len(table) == 1 + 2 * 5
+    gain = table.query("metric == 'greedy_gain'").set_index("reward_model")["value"]
+    acc = table.query("metric == 'greedy_accuracy'").set_index("reward_model")["value"]
+    assert gain["er_1"] == pytest.approx(acc["er_1"] - acc["baseline"])
+    paired = raft.raft_paired_table(raft.load_records("t", "er_1,random", 1))
+    assert list(paired.columns) == raft.PAIRED_COLUMNS
+    assert paired[["reward_model", "versus", "iteration"]].values.tolist() == [["er_1", "random", 1]]
+    row = paired.iloc[0]
+    random_acc = table.query("metric == 'greedy_accuracy' and reward_model == 'random'")["value"].iloc[0]
+    assert row["diff"] == pytest.approx(acc["er_1"] - random_acc) and 0 <= row["p_value"] <= 1
+    assert table[["value", "ci_low", "ci_high"]].notna().all().all()
+    assert (table["ci_low"] <= table["value"] + 1e-12).all() and (
+        table["value"] <= table["ci_high"] + 1e-12
+    ).all()
+    # iteration 1 of every reward model shares one candidate pool (same policy, same seed)
+    assert len(list((P.raft / "samples").iterdir())) == 1
+    info = raft.manifest_info("t", "er_1,random", 1)
+    rec = json.loads((P.raft / "er_1" / "iter_01" / "record.json").read_text())
+    base = json.loads((P.raft / "baseline" / "record.json").read_text())
+    random_rec = json.loads((P.raft / "random" / "iter_01" / "record.json").read_text())
+    assert info["sampled_tokens"] == rec["sample_tokens"] == random_rec["sample_tokens"]
+    assert (
+        info["generated_tokens"]
+        == rec["sample_tokens"] + base["eval_tokens"] + rec["eval_tokens"] + random_rec["eval_tokens"]
+    )
+    audit = raft.raft_audit("t", "er_1,random", 1)
+    assert set(audit["reward_model"]) == {"er_1", "random"} and (audit["count"] > 0).all()
+    # a rerun is all reused and gives the same table
+    again = raft.run_raft_stage(
+        "t", reward_models="er_1,random", iterations=1, n_prompts=3, n_test=3, progress=False, **kw
+    )
+    assert again.equals(table)
+    # a retrained PRM redoes its own run only
+    er_rec, rnd_rec = (
+        P.raft / "er_1" / "iter_01" / "record.json",
+        P.raft / "random" / "iter_01" / "record.json",
+    )
+    stamps = er_rec.stat().st_mtime_ns, rnd_rec.stat().st_mtime_ns
+    shutil.rmtree(P.prm("er_1"))
+    _save_tiny(P.prm("er_1"), seed=2)
+    raft.run_raft_stage(
+        "t", reward_models="er_1,random", iterations=1, n_prompts=3, n_test=3, progress=False, **kw
+    )
+    assert er_rec.stat().st_mtime_ns != stamps[0] and rnd_rec.stat().st_mtime_ns == stamps[1]
+    fig = raft.plot_raft(table)
+    assert len(fig.axes[0].lines) >= 1
+    assert np.isfinite(table["value"]).all()
