@@ -2,7 +2,9 @@
 
 Used by notebook 04_best_of_n (BoN curves and paired comparisons), 03_train_prm (calibration and AUROC of
 step scores against their labels), 05_rlhf_raft (greedy accuracy intervals) and 06_figures (tables only).
-Pure numpy/scipy/pandas.
+The statistics are pure numpy/scipy/pandas. The last section (candidate pools: :func:`build_candidate_pool`,
+:func:`score_pool` and the stage function :func:`run_best_of_n_stage` of 04_best_of_n) imports torch and
+the model modules lazily, inside its functions, so the statistics stay importable without torch.
 
 Data model. A pool holds P problems with M candidate solutions each, as (P, M) arrays:
 ``correct`` (0/1), ``answers`` (normalised answer strings or None, for voting) and, per method, ``scores``
@@ -408,7 +410,11 @@ def _vote_block(
     size = p * s * k
     votes = np.bincount(cell, weights=_gather(weights, subsets)[valid], minlength=size).reshape(p, s, k)
     count = np.bincount(cell, minlength=size).reshape(p, s, k)
-    n_right = np.bincount(cell, weights=_gather(correct, subsets)[valid], minlength=size).reshape(p, s, k)
+    n_right = (
+        np.bincount(cell, weights=_gather(correct, subsets)[valid], minlength=size)
+        .reshape(p, s, k)
+        .astype(float)
+    )
     present = count > 0
     votes = np.where(present, votes, -np.inf)
     best = votes.max(axis=2, keepdims=True)
@@ -896,3 +902,818 @@ def auroc(scores: Any, labels: Any) -> float:
         return float("nan")
     ranks = stats.rankdata(s)
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+# =============================================================================================================
+# Candidate pools for the 04_best_of_n stage: sample, grade, score with every PRM, tabulate.
+#
+# Everything below needs torch/transformers only inside its functions (imported lazily), so the statistics
+# above stay importable without them. Folder layout under ``out_dir`` (``artifacts.paths(profile).pool``):
+#
+#     candidates/params.json, candidates/shard-NNNNN.jsonl   sampled + graded candidates (resumable shards)
+#     candidates.jsonl                                       all candidates, merged
+#     scores/<rule>/params.json, scores/<rule>/shard-*.jsonl step scores of each distinct solution, per rule
+#     pool.csv                                               the tidy pool (correct, answer, score columns)
+# =============================================================================================================
+
+POOL_STAGE = "04_best_of_n"
+CANDIDATE_COLUMNS = (
+    "problem_id",
+    "candidate_index",
+    "question",
+    "task",
+    "steps",
+    "pred",
+    "answer",
+    "correct",
+    "truncated",
+    "n_tokens",
+)
+SCORE_AGGREGATIONS = ("min", "prod", "last", "mean")
+UNSCORABLE_SCORE = 0.0  # solution score of a candidate with no scorable step (no steps, or every tag lost)
+
+
+def score_column(rule: str, aggregation: str) -> str:
+    """Name of a solution-score column: ``"<rule>:<aggregation>"`` (e.g. ``"er_1:min"``, ``"orm:last"``)."""
+    return f"{rule}:{aggregation}"
+
+
+def bon_sizes(n_max: int) -> list[int]:
+    """N = 1, 2, 4, ... up to ``n_max`` (``n_max`` itself appended when it is not a power of two)."""
+    if isinstance(n_max, bool) or int(n_max) != n_max or n_max < 1:
+        raise ValueError(f"n_max must be a positive integer, got {n_max!r}")
+    out = [2**i for i in range(int(math.log2(n_max)) + 1)]
+    return out if out[-1] == n_max else [*out, int(n_max)]
+
+
+def rule_sort_key(rule: str) -> tuple[int, float, str]:
+    """Order of label rules in tables: soft, ER by increasing eta, hard, then ORM and anything else."""
+    from erprm_core import labels
+
+    try:
+        return (0, labels.rule_eta(rule), rule)
+    except ValueError:
+        return (1 if rule == "orm" else 2, 0.0, rule)
+
+
+def vote_answer(pred: str | None, correct: bool, reference: str, task: str) -> str | None:
+    """The answer a candidate votes for: one string per equivalence class, consistent with grading.
+
+    A correct candidate votes for the problem's normalised reference (so every answer that grading accepts,
+    e.g. ``"1,000"``, ``"1000.0"`` or ``\\frac{1}{2}`` vs ``0.5`` in MATH, lands in one class); a wrong one
+    votes for its extracted answer, which :func:`erprm_core.grading.extract_answer` already canonicalises for
+    numbers (``"$1,000."`` -> ``"1000"``); MATH expressions also lose their whitespace. None stays None.
+    """
+    import re
+
+    from erprm_core import grading
+
+    if pred is None:
+        return None
+    if correct:
+        try:
+            return grading.normalize_reference(reference, task)
+        except ValueError:
+            return str(reference)
+    return re.sub(r"\s+", "", pred) if task == "math" else pred
+
+
+def _file_fingerprint(folder: Any) -> str:
+    """Digest of a checkpoint folder: names, sizes and contents of its files (size + mtime above 64 MiB)."""
+    import hashlib
+    from pathlib import Path
+
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        st = path.stat()
+        h.update(f"{path.relative_to(folder)}|{st.st_size}|".encode())
+        if st.st_size <= 64 << 20:
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+        else:
+            h.update(str(st.st_mtime_ns).encode())
+    return h.hexdigest()[:16]
+
+
+def model_source_fingerprint(source: Any) -> str:
+    """A short digest naming a model: a local folder's files, a hub name, or an in-memory model's weights."""
+    from pathlib import Path
+
+    if isinstance(source, str | Path):
+        path = Path(source).expanduser()
+        return _file_fingerprint(path) if path.is_dir() else f"hub:{source}"
+    from erprm_core import sampling
+
+    model = source[0] if isinstance(source, tuple) else getattr(source, "model", source)
+    return sampling.model_fingerprint(model)
+
+
+def _prepare_folder(folder: Any, fingerprint: dict[str, Any]) -> None:
+    """Keep a folder's finished shards only if ``params.json`` matches ``fingerprint``; else start afresh."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from erprm_core import artifacts
+
+    folder = Path(folder)
+    meta = folder / "params.json"
+    if folder.is_dir():
+        try:
+            old = json.loads(meta.read_text()) if meta.is_file() else None
+        except json.JSONDecodeError:
+            old = None
+        if old == fingerprint:
+            return
+        stale = artifacts.shard_status(folder)
+        if stale:
+            log.warning(
+                "%s was made with other parameters/inputs: discarding %d shard(s)", folder, len(stale)
+            )
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    artifacts.atomic_write_json(meta, fingerprint)
+
+
+def _digest(obj: Any) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+@dataclass
+class CandidatePool:
+    """What :func:`build_candidate_pool` returns: candidate records, their audit and compute accounting."""
+
+    records: list[dict[str, Any]]
+    audit: Any  # artifacts.Audit
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _load_policy(policy: Any, device: str, dtype: str) -> tuple[Any, Any]:
+    if isinstance(policy, tuple):
+        return policy
+    from erprm_core import models
+
+    return models.load_causal_lm(policy, device=device, dtype=dtype)
+
+
+def pool_audit(records: Sequence[Mapping[str, Any]], audit: Any = None) -> Any:
+    """Count pool candidates by what is notable about them (all are kept; see :func:`build_candidate_pool`).
+
+    Reasons: ``candidates``, ``correct``, ``no_answer`` (no parseable final answer: graded wrong, no vote),
+    ``truncated`` (cut at the token limit: graded wrong, no vote), ``truncated_with_answer`` (of those, how
+    many had a parseable answer that was discarded), ``empty_solution`` (no step), ``one_step``,
+    ``duplicate_text`` (same steps as an earlier candidate of the problem; scored once).
+    """
+    from erprm_core import artifacts
+
+    audit = audit if audit is not None else artifacts.Audit(POOL_STAGE)
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    for rec in records:
+        where = f"{rec['problem_id']}#{rec['candidate_index']}"
+        audit.count("candidates")
+        if rec["correct"]:
+            audit.count("correct")
+        if rec.get("pred") is None:
+            audit.count("no_answer", example=f"{where}: {' | '.join(rec['steps'])[-150:]}")
+        if rec.get("truncated"):
+            audit.count("truncated", example=where)
+            if rec.get("pred") is not None:
+                audit.count("truncated_with_answer", example=f"{where}: pred {rec['pred']!r}")
+        if not rec["steps"]:
+            audit.count("empty_solution", example=where)
+        elif len(rec["steps"]) == 1:
+            audit.count("one_step", example=f"{where}: {rec['steps'][0][:150]}")
+        key = (str(rec["problem_id"]), tuple(rec["steps"]))
+        if key in seen:
+            audit.count("duplicate_text", example=where)
+        seen.add(key)
+    return audit
+
+
+def build_candidate_pool(
+    policy: Any,
+    problems: Sequence[Mapping[str, Any]],
+    n_max: int,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 128,
+    seed: int = 0,
+    batch_size: int = 64,
+    shard_size: int = 16,
+    out_dir: Any,
+    prompt_template: str = "plain",
+    backend: str = "hf",
+    device: str = "auto",
+    dtype: str = "auto",
+) -> CandidatePool:
+    """Sample ``n_max`` solutions per problem from the policy, grade them, write resumable shards.
+
+    ``policy`` is a local checkpoint folder or hub name (loaded with
+    :func:`erprm_core.models.load_causal_lm` only if a shard is left to compute), or a ready
+    ``(model, tokenizer)`` pair. Problems are processed in shards of ``shard_size`` under
+    ``out_dir/candidates`` (atomic files; a rerun reuses finished shards; a change of any parameter, of the
+    problems or of the policy discards them). Sample ``j`` of problem ``p`` is seeded by
+    ``row_seed(seed, "solution", p["id"], j)`` (:func:`erprm_core.sampling.sample_solutions`), so a resumed
+    run equals an uninterrupted one. All candidates are merged into ``out_dir/candidates.jsonl``.
+
+    Every candidate is kept. ``correct`` is the grade (:func:`erprm_core.grading.is_correct`), except that a
+    truncated candidate (cut at ``max_new_tokens``) counts as wrong and casts no vote; ``answer`` is the
+    vote key (:func:`vote_answer`); ``pred``/``outcome`` keep the raw extraction and grade.
+    """
+    from pathlib import Path
+
+    from erprm_core import artifacts, sampling
+
+    if not problems:
+        raise ValueError("build_candidate_pool: no problems")
+    ids = [str(p["id"]) for p in problems]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise ValueError(f"problem ids must be unique (seeds are per id); duplicated: {dup}")
+    if n_max < 1 or shard_size < 1:
+        raise ValueError(f"n_max and shard_size must be >= 1, got {n_max}, {shard_size}")
+    out_dir = Path(out_dir)
+    folder = out_dir / "candidates"
+    fingerprint = {
+        "n_max": int(n_max),
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        "batch_size": batch_size,
+        "shard_size": shard_size,
+        "prompt_template": prompt_template,
+        "backend": backend,
+        "problems": _digest([dict(p) for p in problems]),
+        "policy": model_source_fingerprint(policy),
+    }
+    _prepare_folder(folder, fingerprint)
+    state: dict[str, Any] = {}
+
+    def compute(chunk: Sequence[Mapping[str, Any]], index: int) -> list[dict[str, Any]]:
+        if "sampler" not in state:
+            model, tokenizer = _load_policy(policy, device, dtype)
+            state["sampler"] = sampling.make_sampler(model, tokenizer, backend, batch_size)
+        sols = sampling.sample_solutions(
+            state["sampler"], None, list(chunk), n_max, temperature, top_p, max_new_tokens, seed,
+            batch_size, prompt_template, backend,
+        )  # fmt: skip
+        by_id = {str(p["id"]): p for p in chunk}
+        out = []
+        for sol in sols:
+            prob = by_id[str(sol["problem_id"])]
+            correct = bool(sol["outcome"]) and not sol["truncated"]
+            voted = (
+                None if sol["truncated"] else vote_answer(sol["pred"], correct, prob["answer"], prob["task"])
+            )
+            out.append(
+                {
+                    "problem_id": prob["id"],
+                    "candidate_index": sol["sample_index"],
+                    "question": prob["question"],
+                    "reference": prob["answer"],
+                    "task": prob["task"],
+                    "text": sol["text"],
+                    "steps": sol["steps"],
+                    "pred": sol["pred"],
+                    "outcome": sol["outcome"],
+                    "answer": voted,
+                    "correct": int(correct),
+                    "truncated": bool(sol["truncated"]),
+                    "n_tokens": sol["n_tokens"],
+                    "finish": sol.get("finish"),
+                }
+            )
+        return out
+
+    records = artifacts.run_sharded(
+        list(problems), shard_size, folder, compute, CANDIDATE_COLUMNS, "pool shards"
+    )
+    artifacts.atomic_write_jsonl(out_dir / "candidates.jsonl", records)
+    computed = state["sampler"].stats if "sampler" in state else {}
+    stats = {
+        "problems": len(problems),
+        "candidates": len(records),
+        "generated_tokens": int(sum(r["n_tokens"] for r in records)),
+        "computed_generated_tokens": int(computed.get("generated_tokens", 0)),
+        "computed_prompt_tokens": int(computed.get("prompt_tokens", 0)),
+        "candidate_accuracy": float(np.mean([r["correct"] for r in records])),
+    }
+    return CandidatePool(records, pool_audit(records), stats)
+
+
+@dataclass
+class ScoredPool:
+    """What :func:`score_pool` returns: the tidy pool table, per-rule step scores and accounting."""
+
+    table: pd.DataFrame
+    step_scores: dict[str, list[list[float]]]
+    audit: Any  # artifacts.Audit
+    stats: dict[str, Any] = field(default_factory=dict)
+    prm_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _aggregate_all(step_scores: Sequence[float | None], aggregations: Sequence[str]) -> list[float] | None:
+    """All aggregations of one solution's step scores (NaN/None ignored); None when nothing is scorable."""
+    from erprm_core import prm
+
+    vals = [float("nan") if s is None else float(s) for s in step_scores]
+    if not vals or all(math.isnan(v) for v in vals):
+        return None
+    return [prm.aggregate(vals, how) for how in aggregations]
+
+
+def score_pool(
+    pool_records: Sequence[Mapping[str, Any]],
+    prm_paths: Mapping[str, Any],
+    aggregations: Sequence[str] = SCORE_AGGREGATIONS,
+    batch_size: int = 32,
+    out_dir: Any = None,
+    *,
+    scoring: str = "two_token",
+    shard_size: int = 2048,
+    max_length: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> ScoredPool:
+    """Score every candidate with every reward model once, and aggregate into solution-score columns.
+
+    ``prm_paths`` maps a rule name (``er_1``, ``hard``, ``soft``, ``orm``, ...) to a PRM checkpoint folder /
+    hub name (loaded with :meth:`erprm_core.prm.ProcessRewardModel.from_pretrained` with ``scoring``), or
+    to a ready :class:`~erprm_core.prm.ProcessRewardModel`. Each DISTINCT solution of a problem (same
+    steps) is scored once, in one forward pass; its step scores are cached in shards under
+    ``out_dir/scores/<rule>`` (a rerun skips finished shards and, when a rule is complete, never loads its
+    model; a change of the pool, the checkpoint or the scoring mode discards the cache).
+
+    The table has ``problem_id, candidate_index, correct, answer`` and one column
+    ``score_column(rule, agg)`` per rule and aggregation (:func:`erprm_core.prm.aggregate`; steps whose
+    tag was lost are ignored). A candidate with no scorable step (empty solution, or every tag lost) gets
+    ``UNSCORABLE_SCORE`` = 0.0, the lowest probability, for every aggregation; counted in the audit as
+    ``unscorable[<rule>]``, and lost steps as ``steps_unscored[<rule>]``.
+    """
+    import json
+    from pathlib import Path
+
+    from erprm_core import artifacts
+    from erprm_core import prm as prm_mod
+
+    if out_dir is None:
+        raise ValueError("score_pool: out_dir is required (the step-score cache lives there)")
+    bad = [a for a in aggregations if a not in prm_mod.AGGREGATIONS]
+    if bad:
+        raise ValueError(f"unknown aggregation(s) {bad}; choose from {prm_mod.AGGREGATIONS}")
+    if not pool_records:
+        raise ValueError("score_pool: the pool is empty")
+    out_dir = Path(out_dir)
+    # Distinct solutions (question, steps) in pool order: each is scored once per rule.
+    keys: list[str] = []
+    items: list[dict[str, Any]] = []
+    index: dict[tuple[str, str, tuple[str, ...]], str] = {}
+    for rec in pool_records:
+        k = (str(rec["problem_id"]), rec["question"], tuple(rec["steps"]))
+        if k not in index:
+            index[k] = f"{len(items):07d}"
+            items.append({"key": index[k], "question": rec["question"], "steps": list(rec["steps"])})
+        keys.append(index[k])
+    pool_digest = _digest([[it["question"], it["steps"]] for it in items])
+
+    audit = artifacts.Audit(POOL_STAGE)
+    table = pd.DataFrame(
+        {
+            "problem_id": [r["problem_id"] for r in pool_records],
+            "candidate_index": [int(r["candidate_index"]) for r in pool_records],
+            "correct": [int(r["correct"]) for r in pool_records],
+            "answer": [r.get("answer") for r in pool_records],
+        }
+    )
+    step_scores: dict[str, list[list[float]]] = {}
+    infos: dict[str, dict[str, Any]] = {}
+    totals = {"prm_forward_passes": 0, "prm_tokens_scored": 0, "rules_computed": 0}
+    for rule in sorted(prm_paths, key=rule_sort_key):
+        source = prm_paths[rule]
+        is_model = isinstance(source, prm_mod.ProcessRewardModel)
+        fingerprint = {
+            "pool": pool_digest,
+            "prm": model_source_fingerprint(source.model if is_model else source),
+            "scoring": source.scoring if is_model else scoring,
+            "max_length": source.max_length if is_model else max_length,
+            "shard_size": shard_size,
+        }
+        folder = out_dir / "scores" / rule
+        _prepare_folder(folder, fingerprint)
+        state: dict[str, Any] = {}
+
+        def compute(chunk, shard_index, source=source, is_model=is_model, state=state):
+            if "prm" not in state:
+                if is_model:
+                    state["prm"] = source
+                else:
+                    extra = {} if max_length is None else {"max_length": max_length}
+                    state["prm"] = prm_mod.ProcessRewardModel.from_pretrained(
+                        source, scoring=scoring, device=device, dtype=dtype, **extra
+                    )
+                state["start"] = (state["prm"].forward_passes, state["prm"].tokens_scored)
+            scores = state["prm"].score_batch(
+                [it["question"] for it in chunk], [it["steps"] for it in chunk], batch_size=batch_size
+            )
+            return [
+                {"key": it["key"], "step_scores": [None if math.isnan(v) else v for v in s]}
+                for it, s in zip(chunk, scores, strict=True)
+            ]
+
+        shards = artifacts.run_sharded(
+            items, shard_size, folder, compute, ("key", "step_scores"), f"scoring {rule}"
+        )
+        by_key = {r["key"]: r["step_scores"] for r in shards}
+        missing = [it["key"] for it in items if it["key"] not in by_key]
+        if missing:
+            raise artifacts.ArtifactError(f"{folder}: step scores missing for {len(missing)} solution(s)")
+        if "prm" in state:
+            p = state["prm"]
+            totals["prm_forward_passes"] += p.forward_passes - state["start"][0]
+            totals["prm_tokens_scored"] += p.tokens_scored - state["start"][1]
+            totals["rules_computed"] += 1
+            infos[rule] = {**p.info(), "prm": str(source) if not is_model else p.name}
+            artifacts.atomic_write_json(folder / "info.json", infos[rule])
+            if not is_model:
+                del state["prm"]
+        elif (folder / "info.json").is_file():
+            infos[rule] = json.loads((folder / "info.json").read_text())
+        else:
+            infos[rule] = {"prm": str(source), "scoring": fingerprint["scoring"]}
+        per_cand = [[float("nan") if v is None else float(v) for v in by_key[k]] for k in keys]
+        step_scores[rule] = per_cand
+        cols = np.empty((len(keys), len(aggregations)))
+        for i, (rec, s) in enumerate(zip(pool_records, per_cand, strict=True)):
+            n_lost = sum(math.isnan(v) for v in s)
+            where = f"{rec['problem_id']}#{rec['candidate_index']}"
+            if n_lost:
+                audit.count(f"steps_unscored[{rule}]", n_lost, example=where)
+            agg = _aggregate_all(s, aggregations)
+            if agg is None:
+                audit.count(f"unscorable[{rule}]", example=f"{where}: {len(s)} step(s), none scored")
+                agg = [UNSCORABLE_SCORE] * len(aggregations)
+            cols[i] = agg
+        for j, how in enumerate(aggregations):
+            table[score_column(rule, how)] = cols[:, j]
+    stats = {"distinct_solutions": len(items), "scoring": scoring, **totals}
+    return ScoredPool(table, step_scores, audit, stats, infos)
+
+
+# --------------------------------------------------------------------------------------------- the stage
+def resolve_policy(profile: str) -> Any:
+    """The policy of a profile: the 00_policy checkpoint folder, else the manifest's ``policy_name``.
+
+    Paper profiles may load a hub policy without saving a copy; 00_policy then records its name in the
+    manifest entry ``stages["00_policy"]["policy_name"]``. Raises an ArtifactError naming 00_policy when
+    neither exists.
+    """
+    from erprm_core import artifacts
+
+    p = artifacts.paths(profile)
+    if (p.policy / "config.json").is_file():
+        return p.policy
+    name = artifacts.load_manifest(profile).get("stages", {}).get("00_policy", {}).get("policy_name")
+    if name:
+        return str(name)
+    return artifacts.require(p.policy / "config.json", "00_policy", profile, "policy checkpoint")
+
+
+def trained_rules(profile: str) -> dict[str, Any]:
+    """Rule name -> checkpoint folder of every PRM that 03_train_prm saved (``runs/<profile>/prms/<rule>``)."""
+    from erprm_core import artifacts
+
+    p = artifacts.paths(profile)
+    root = p.run / "prms"
+    found = {}
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.is_dir() and (p.prm(d.name) / "config.json").is_file():
+                found[d.name] = p.prm(d.name)
+    return {rule: found[rule] for rule in sorted(found, key=rule_sort_key)}
+
+
+def _rule_rows(bon: pd.DataFrame, n: int, aggregation: str | None = None) -> pd.DataFrame:
+    """Rows of ``bon`` at ``n`` whose method is a ``<rule>:<agg>`` score column, with ``rule``/``aggregation``."""
+    at_n = bon[(bon["n"] == n) & bon["method"].astype(str).str.contains(":", regex=False)].copy()
+    parts = at_n["method"].astype(str).str.partition(":")
+    at_n["rule"], at_n["aggregation"] = parts[0], parts[2]
+    at_n = at_n[~at_n["rule"].str.startswith(WEIGHTED_PREFIX)]
+    if aggregation is not None:
+        at_n = at_n[at_n["aggregation"] == aggregation]
+    return at_n
+
+
+def aggregation_table(bon: pd.DataFrame, n: int) -> pd.DataFrame:
+    """Best-of-``n`` accuracy of every rule at every aggregation: rule, aggregation, value, ci_low, ci_high.
+
+    Rules in :func:`rule_sort_key` order, aggregations in ``SCORE_AGGREGATIONS`` order (for the per-
+    aggregation comparison of 04_best_of_n).
+    """
+    rows = _rule_rows(bon, n)
+    order = {a: i for i, a in enumerate(SCORE_AGGREGATIONS)}
+    rows = rows.assign(
+        _r=rows["rule"].map(rule_sort_key), _a=rows["aggregation"].map(lambda a: order.get(a, len(order)))
+    )
+    cols = ["rule", "aggregation", "n", "value", "ci_low", "ci_high"]
+    return rows.sort_values(["_r", "_a"], kind="stable")[cols].reset_index(drop=True)
+
+
+def best_er_rule(bon: pd.DataFrame, n: int, aggregation: str = "min") -> dict[str, Any]:
+    """The ER rule (finite eta > 0) with the highest best-of-``n`` accuracy at ``aggregation``.
+
+    CHOSEN POST HOC on the evaluation pool itself: report it as exploratory, never as the headline (the
+    headline ER rule is fixed in advance by the ``er_rule`` parameter). Ties go to the smaller eta.
+    """
+    from erprm_core import labels
+
+    rows = _rule_rows(bon, n, aggregation)
+    etas = []
+    for rule in rows["rule"]:
+        try:
+            etas.append(labels.rule_eta(rule))
+        except ValueError:
+            etas.append(float("nan"))
+    rows = rows.assign(eta=etas)
+    er = rows[np.isfinite(rows["eta"]) & (rows["eta"] > 0)]
+    if er.empty:
+        raise ValueError(f"no ER rule at aggregation {aggregation!r} and n={n} in the table")
+    best = er.sort_values(["value", "eta"], ascending=[False, True], kind="stable").iloc[0]
+    return {
+        "rule": best["rule"],
+        "eta": float(best["eta"]),
+        "method": best["method"],
+        "n": int(n),
+        "value": float(best["value"]),
+        "ci_low": float(best["ci_low"]),
+        "ci_high": float(best["ci_high"]),
+        "selection": "post hoc (best ER eta on this pool at N_max)",
+    }
+
+
+def paired_table(
+    pool: PoolLike,
+    er_method: str,
+    against: Sequence[str],
+    ns: Sequence[int],
+    n_subsets: int = 200,
+    seed: int = 0,
+    n_boot: int = 2000,
+    selection: str = "prespecified",
+) -> pd.DataFrame:
+    """:func:`paired_comparisons` of ``er_method`` against each of ``against`` at every n in ``ns``.
+
+    Adds a ``selection`` column saying how ``er_method`` was chosen ("prespecified" or "post hoc ...").
+    """
+    frames = [
+        paired_comparisons(pool, [(er_method, b) for b in against], n, n_subsets, seed, n_boot) for n in ns
+    ]
+    out = pd.concat(frames, ignore_index=True)
+    out["selection"] = selection
+    return out
+
+
+def rank_unanswered_last(pool_table: pd.DataFrame, methods: Sequence[str]) -> pd.DataFrame:
+    """A copy of the pool in which every candidate without a vote (``answer`` null: no final answer, or
+    truncated) scores 2 below its raw score in every column of ``methods``.
+
+    Scores are probabilities in [0, 1], so every answered candidate then outranks every unanswered one,
+    and the order within each group is unchanged. Why: a PRM scores prefixes, so a solution that stopped
+    early (no answer) keeps the optimistic value of its prefix; nobody would submit it. Votes are not
+    affected (unanswered candidates never vote).
+    """
+    out = pool_table.copy()
+    unanswered = out["answer"].isna().to_numpy()
+    for m in methods:
+        out[m] = out[m].to_numpy(dtype=float) - 2.0 * unanswered
+    return out
+
+
+def pick_audit(
+    pool_table: pd.DataFrame, records: Sequence[Mapping[str, Any]], methods: Sequence[str]
+) -> pd.DataFrame:
+    """What each reward model picks from the FULL pool (N = N_max): shares of its picks that are correct,
+    have no final answer, or were truncated, and their mean number of steps (ties split evenly).
+
+    ``records`` are the candidate records in the row order of ``pool_table`` (as :func:`score_pool` makes
+    it). The first row, ``pool``, gives the same shares over all candidates (a uniform pick). A reward
+    model that favours unfinished or one-step solutions shows up here before it shows up in the accuracy.
+    """
+    if len(records) != len(pool_table):
+        raise ValueError(f"{len(records)} records for a pool of {len(pool_table)} rows")
+    pid = pool_table["problem_id"].astype(str).to_numpy()
+    feats = pd.DataFrame(
+        {
+            "correct": pool_table["correct"].to_numpy(dtype=float),
+            "no_answer": [float(r.get("pred") is None or bool(r.get("truncated"))) for r in records],
+            "truncated": [float(bool(r.get("truncated"))) for r in records],
+            "steps": [float(len(r["steps"])) for r in records],
+        }
+    )
+    names = {"correct": "picked_correct", "no_answer": "picked_no_vote", "truncated": "picked_truncated",
+             "steps": "picked_steps"}  # fmt: skip
+    rows = [{"method": "pool", **{names[c]: float(feats[c].mean()) for c in feats}}]
+    for method in methods:
+        score = pool_table[method].to_numpy(dtype=float)
+        best = pd.Series(score).groupby(pid).transform("max").to_numpy()
+        tied = (score == best).astype(float)
+        weight = tied / pd.Series(tied).groupby(pid).transform("sum").to_numpy()
+        per_problem = feats.mul(weight, axis=0).groupby(pid).sum()
+        rows.append({"method": method, **{names[c]: float(per_problem[c].mean()) for c in feats}})
+    out = pd.DataFrame(rows)
+    out.insert(1, "n_problems", int(pd.Series(pid).nunique()))
+    return out
+
+
+@dataclass
+class BestOfNResult:
+    """Everything 04_best_of_n shows and writes (see :func:`run_best_of_n_stage`)."""
+
+    pool: pd.DataFrame
+    bon: pd.DataFrame
+    paired: pd.DataFrame
+    audit: pd.DataFrame
+    picks: pd.DataFrame
+    best_eta: dict[str, Any]
+    headline: dict[str, str]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _relative_to(path: str, root: Any) -> str:
+    """``path`` relative to ``root`` when it lies inside it (manifests hold no machine-specific paths)."""
+    from pathlib import Path
+
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except (ValueError, OSError):
+        return str(path)
+
+
+def _split_list(value: str | Sequence[str] | None) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v) for v in value]
+
+
+def run_best_of_n_stage(
+    profile: str,
+    *,
+    seed: int = 0,
+    n_max: int = 64,
+    n_test: int = 0,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 128,
+    batch_size: int = 64,
+    shard_size: int = 16,
+    score_batch_size: int = 32,
+    aggregation: str = "min",
+    er_rule: str = "er_1",
+    orm_aggregation: str = "last",
+    rules: str | Sequence[str] | None = None,
+    weighted_rules: str | Sequence[str] | None = None,
+    n_subsets: int = 200,
+    n_boot: int = 2000,
+    scoring: str = "two_token",
+    unanswered_last: bool = True,
+    prompt_template: str = "plain",
+    backend: str = "hf",
+    device: str = "auto",
+    dtype: str = "auto",
+) -> BestOfNResult:
+    """The 04_best_of_n stage: candidate pool, scores from every reward model, BoN table, paired tests.
+
+    1. Pool: ``n_max`` candidates for each of the first ``n_test`` test problems (0 = all) from the profile's
+       policy (:func:`resolve_policy`), by :func:`build_candidate_pool` under ``paths(profile).pool``.
+    2. Scores: every PRM of :func:`trained_rules` (or the comma-separated subset ``rules``; the ``orm`` folder
+       is the ORM) scores every distinct candidate once (:func:`score_pool`), all four aggregations.
+    3. Table (:func:`best_of_n_table`) at N = :func:`bon_sizes` (n_max): every ``<rule>:<agg>`` column, the
+       baselines random / majority / oracle, and PRM-weighted votes for ``weighted_rules`` (default: the
+       ER rule, hard and soft) at the headline ``aggregation``.
+    4. Paired comparisons at every N (:func:`paired_table`) of the headline ER method
+       ``<er_rule>:<aggregation>`` against hard and soft at ``aggregation`` and the ORM at
+       ``orm_aggregation``; plus, at N_max only, the same for the best ER eta CHOSEN POST HOC
+       (:func:`best_er_rule`), labelled as such in the ``selection`` column.
+
+    With ``unanswered_last`` (default), candidates without a final answer (or truncated) rank below every
+    answered candidate for every reward model (:func:`rank_unanswered_last`); they stay in the pool for
+    the random and oracle baselines. ``picks`` (:func:`pick_audit`) shows what each model picks at N_max
+    with the raw and with the evaluated ranking.
+
+    Same seed and inputs -> identical tables. Returns a :class:`BestOfNResult` (tables are not written
+    here: the notebook writes them with artifacts.write_table).
+    """
+    import time
+
+    from erprm_core import artifacts
+
+    p = artifacts.paths(profile)
+    if aggregation not in SCORE_AGGREGATIONS or orm_aggregation not in SCORE_AGGREGATIONS:
+        raise ValueError(f"aggregation/orm_aggregation must be in {SCORE_AGGREGATIONS}")
+    policy = resolve_policy(profile)
+    artifacts.require(p.problem_file("test"), "00_policy", profile, "test problems")
+    problems = artifacts.read_jsonl(p.problem_file("test"), ("id", "question", "answer", "task"))
+    if n_test < 0:
+        raise ValueError(f"n_test must be >= 0 (0 = all), got {n_test}")
+    if n_test:
+        if n_test > len(problems):
+            log.warning(
+                "n_test=%d but %s holds %d problems: using all", n_test, p.problem_file("test"), len(problems)
+            )
+        problems = problems[:n_test]
+    available = trained_rules(profile)
+    if not available:
+        artifacts.require(p.run / "prms" / er_rule, "03_train_prm", profile, "trained PRMs")
+    wanted = _split_list(rules) or list(available)
+    missing = [r for r in wanted if r not in available]
+    if missing:
+        raise artifacts.ArtifactError(
+            f"no trained PRM for rule(s) {missing} under {p.run / 'prms'} (found {list(available)}); "
+            f"run `erprm reproduce --profile {profile} --from 03 --to 03`"
+        )
+    for needed in (er_rule, "hard", "soft"):
+        if needed not in wanted:
+            raise ValueError(f"rule {needed!r} is needed for the headline comparison; rules are {wanted}")
+
+    t0 = time.perf_counter()
+    cands = build_candidate_pool(
+        policy, problems, n_max, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+        seed=seed, batch_size=batch_size, shard_size=shard_size, out_dir=p.pool,
+        prompt_template=prompt_template, backend=backend, device=device, dtype=dtype,
+    )  # fmt: skip
+    t_pool = time.perf_counter() - t0
+    scored = score_pool(
+        cands.records, {r: available[r] for r in wanted}, SCORE_AGGREGATIONS, score_batch_size, p.pool,
+        scoring=scoring, device=device, dtype=dtype,
+    )  # fmt: skip
+    t_score = time.perf_counter() - t0 - t_pool
+    artifacts.atomic_write_text(p.pool / "pool.csv", scored.table.to_csv(index=False, lineterminator="\n"))
+    for reason, count in scored.audit.counts.items():
+        cands.audit.count(reason, count, scored.audit.examples.get(reason))
+
+    methods = [score_column(r, a) for r in sorted(wanted, key=rule_sort_key) for a in SCORE_AGGREGATIONS]
+    weighted = [
+        score_column(r, aggregation) for r in (_split_list(weighted_rules) or [er_rule, "hard", "soft"])
+    ]
+    bad = [w for w in weighted if w not in methods]
+    if bad:
+        raise ValueError(f"weighted_rules: no scores for {bad}; rules are {wanted}")
+    ns = bon_sizes(n_max)
+    ranked = rank_unanswered_last(scored.table, methods) if unanswered_last else scored.table
+    arrays = pool_arrays(ranked, methods)
+    bon = best_of_n_table(arrays, methods, ns, n_subsets, seed, n_boot, weighted=weighted)
+
+    er_method = score_column(er_rule, aggregation)
+    against = [score_column("hard", aggregation), score_column("soft", aggregation)]
+    if "orm" in wanted:
+        against.append(score_column("orm", orm_aggregation))
+    paired = paired_table(arrays, er_method, against, ns, n_subsets, seed, n_boot)
+    best = best_er_rule(bon, n_max, aggregation)
+    post_hoc = paired_table(
+        arrays, best["method"], against, [n_max], n_subsets, seed, n_boot, selection=best["selection"]
+    )
+    paired = pd.concat([paired, post_hoc], ignore_index=True)
+    paired.insert(3, "aggregation", aggregation)
+    picks = [pick_audit(scored.table, cands.records, methods).assign(ranking="raw scores")]
+    if unanswered_last:
+        picks.append(pick_audit(ranked, cands.records, methods).assign(ranking="answered first"))
+    t_eval = time.perf_counter() - t0 - t_pool - t_score
+    headline = {
+        "er": er_method,
+        "hard": against[0],
+        "soft": against[1],
+        "orm": score_column("orm", orm_aggregation) if "orm" in wanted else "",
+    }
+    stats = {
+        **cands.stats,
+        **scored.stats,
+        "rules": wanted,
+        "aggregation": aggregation,
+        "orm_aggregation": orm_aggregation,
+        "er_rule": er_rule,
+        "unanswered_last": unanswered_last,
+        "best_er_rule_post_hoc": best["rule"],
+        "prms": {
+            rule: {**info, "prm": _relative_to(info.get("prm", ""), p.run)}
+            for rule, info in scored.prm_info.items()
+        },
+        "wall_s_pool": round(t_pool, 2),
+        "wall_s_scoring": round(t_score, 2),
+        "wall_s_tables": round(t_eval, 2),
+    }
+    return BestOfNResult(
+        pool=scored.table,
+        bon=bon,
+        paired=paired,
+        audit=cands.audit.to_frame(),
+        picks=pd.concat(picks, ignore_index=True),
+        best_eta=best,
+        headline=headline,
+        stats=stats,
+    )

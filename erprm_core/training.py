@@ -157,7 +157,8 @@ def train_policy_sft(
     to ``output_dir`` at the end (``save_pretrained``).
 
     Returns one row per logged step (``step``, ``epoch``, ``loss``, ``learning_rate``, ``grad_norm``);
-    ``df.attrs`` holds ``train_tokens`` (tokens seen, padding excluded, x epochs), ``n_examples``,
+    ``df.attrs`` holds ``train_tokens`` (tokens seen, padding excluded, x epochs), ``max_example_tokens``
+    (longest prompt + solution + EOS), ``n_examples``,
     ``n_truncated``, ``train_runtime_s`` and ``global_steps``.
     """
     from transformers import Trainer, TrainingArguments
@@ -237,6 +238,7 @@ def train_policy_sft(
     df = pd.DataFrame(rows, columns=["step", "epoch", "loss", "learning_rate", "grad_norm"])
     epochs_done = out.metrics.get("epoch", epochs) or 0.0
     df.attrs.update(
+        max_example_tokens=max(len(d["input_ids"]) for d in data),
         train_tokens=int(round(n_tokens * epochs_done)),
         n_examples=len(data),
         n_truncated=int(n_truncated),
@@ -820,6 +822,7 @@ def prepare_policy(
         "train_tokens": train_log.attrs["train_tokens"],
         "train_steps": train_log.attrs["global_steps"],
         "train_truncated": train_log.attrs["n_truncated"],
+        "max_example_tokens": train_log.attrs["max_example_tokens"],
         "train_wall_s": round(wall, 1),
         "final_loss": float(train_log["loss"].iloc[-1]) if len(train_log) else None,
     }

@@ -1,0 +1,188 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext,-jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 · Best-of-N
+#
+# Does a better step label make a better picker? The policy writes $N_{max}$ candidate solutions for each
+# test problem; every reward model scores every candidate ONCE; best-of-N then picks, among $N$ candidates,
+# the one with the highest solution score
+#
+# $$\hat y = \arg\max_{j \le N} R(x, y_j), \qquad R(x, y) = \min_l \mathrm{PRM}(x, y^{[l]}) \quad
+# (\text{the paper's aggregation; also prod, last, mean}),$$
+#
+# and scores 1 if $\hat y$ is correct. Accuracy at $N$ is the EXACT expectation over all $\binom{N_{max}}{N}$
+# subsets of the pool (ties split evenly), so no candidate is privileged; votes are averaged over random
+# subsets. All reward models see the identical pool, so their differences are paired: we bootstrap 95%
+# intervals over problems and test ER-PRM against the hard- and soft-label PRMs problem by problem.
+# Baselines: random pick, majority vote, PRM-weighted vote, oracle pass@N.
+#
+# Knobs: `n_max`, `n_test` (pool size), `temperature`/`top_p` (candidate diversity), `aggregation` (the
+# headline), `er_rule` (the ER-PRM compared in the headline, fixed in advance), `unanswered_last` (rank
+# solutions without a final answer last), `n_subsets`, `n_boot`.
+
+# %%
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+
+from erprm_core import artifacts, evaluation, plotting, report
+
+# %% tags=["parameters"]
+profile: str = "smoke"  # results/<profile> and runs/<profile> folders to use
+seed: int = 0  # base seed: candidate sampling, vote subsets and bootstrap
+n_max: int = 8  # candidates per test problem (the paper: 64)
+n_test: int = 16  # test problems in the pool (first n of the test split; 0 for all)
+temperature: float = 1.0  # sampling temperature of the candidates (the paper: 1.0)
+top_p: float = 1.0  # nucleus sampling of the candidates
+max_new_tokens: int = 128  # token limit of a candidate (truncated candidates are kept, graded wrong)
+batch_size: int = 64  # sequences per sampling batch
+shard_size: int = 16  # test problems per resumable pool shard
+score_batch_size: int = 16  # solutions per PRM forward batch
+aggregation: str = "min"  # headline step-score aggregation: min (the paper), prod, last, mean
+er_rule: str = "er_1"  # the ER-PRM of the headline comparison (fixed before looking at results)
+orm_aggregation: str = "last"  # aggregation of the ORM (it is trained on the last step only)
+rules: str = ""  # comma-separated PRM rules to evaluate (empty: every PRM that 03 trained)
+weighted_rules: str = ""  # comma-separated rules for PRM-weighted votes (empty: er_rule, hard, soft)
+n_subsets: int = 200  # random subsets per problem and N for the votes
+n_boot: int = 2000  # bootstrap resamples for the 95% intervals
+scoring: str = "two_token"  # step score: two_token (softmax over +/-) or full_vocab
+unanswered_last: bool = True  # rank candidates without a final answer (or truncated) below answered ones
+prompt_template: str = "plain"  # policy prompt format: plain (tiny policy) or metamath
+backend: str = "hf"  # sampling backend: hf or vllm
+device: str = "auto"  # auto, cpu or cuda
+torch_threads: int = 0  # CPU threads for torch (0 keeps the torch default)
+
+# %%
+P = artifacts.paths(profile)
+policy = evaluation.resolve_policy(profile)  # names 00_policy when the policy is missing
+artifacts.require(P.problem_file("test"), "00_policy", profile, "test problems")
+prms = evaluation.trained_rules(profile)
+artifacts.require(P.prm(er_rule), "03_train_prm", profile, f"PRM of rule {er_rule}")
+torch.set_num_threads(torch_threads or torch.get_num_threads())
+pd.DataFrame({"rule": list(prms), "checkpoint": [p.name for p in prms.values()]})
+
+# %% [markdown]
+# ## The pool and its scores
+# Candidates are sampled in resumable shards (seeded per problem and candidate, so a resumed run equals an
+# uninterrupted one), graded, then scored by every PRM: one forward pass per distinct solution, step
+# scores cached per rule under `runs/<profile>/pool`. Candidates without a final answer or cut at the
+# token limit stay in the pool (graded wrong, no vote) and are counted in the audit below.
+
+# %%
+res = evaluation.run_best_of_n_stage(
+    profile, seed=seed, n_max=n_max, n_test=n_test, temperature=temperature, top_p=top_p,
+    max_new_tokens=max_new_tokens, batch_size=batch_size, shard_size=shard_size,
+    score_batch_size=score_batch_size, aggregation=aggregation, er_rule=er_rule,
+    orm_aggregation=orm_aggregation, rules=rules, weighted_rules=weighted_rules, n_subsets=n_subsets,
+    n_boot=n_boot, scoring=scoring, unanswered_last=unanswered_last, prompt_template=prompt_template,
+    backend=backend, device=device,
+)  # fmt: skip
+pd.Series({k: v for k, v in res.stats.items() if k != "prms"}, name="value").to_frame()
+
+# %%
+artifacts.write_table(res.audit, profile, "pool_audit")
+res.audit
+
+# %% [markdown]
+# ## Best-of-N accuracy
+# One row per method and N in `bon.csv` (methods `<rule>:<aggregation>`, `weighted_<rule>:<agg>`, and the
+# baselines). Below: the headline aggregation, accuracy in %.
+
+# %%
+artifacts.write_table(res.bon, profile, "bon")
+headline = [m for m in res.headline.values() if m] + ["majority", "random", "oracle"]
+shown = res.bon[res.bon["method"].isin(headline + [f"weighted_{m}" for m in headline])]
+table = shown.pivot(index="method", columns="n", values="value") * 100
+table.loc[plotting.method_order(shown["method"])].round(1)
+
+# %% [markdown]
+# The curves, with 95% bootstrap bands over problems (ER-PRM at the pre-set `er_rule`, hard, soft, ORM,
+# and the baselines).
+
+# %%
+pct = res.bon.assign(**{c: res.bon[c] * 100 for c in ("value", "ci_low", "ci_high")})
+fig = plotting.plot_curves_with_bands(pct, "n", headline)
+fig.axes[0].set(xlabel="N (candidates per problem)", ylabel="accuracy (%)", title=f"Best-of-N ({profile})")
+plotting.save_figure(fig, P.figures, "bon_curves")
+
+# %% [markdown]
+# ## Paired comparisons on the identical pool
+# `diff` = accuracy(ER) - accuracy(other) in points of fraction, with its 95% bootstrap interval over
+# problems and a two-sided sign-flip permutation p-value; `n_a_better` / `n_b_better` count problems where
+# one method beats the other. Rows labelled `post hoc` use the ER eta that did best on this very pool: they
+# are exploratory, not a test.
+
+# %%
+artifacts.write_table(res.paired, profile, "bon_paired")
+cols = ["method_a", "method_b", "n", "acc_a", "acc_b", "diff", "ci_low", "ci_high", "p_value", "n_a_better",
+        "n_b_better", "selection"]  # fmt: skip
+res.paired[cols].round(4)
+
+# %% [markdown]
+# ## What each reward model picks from the full pool
+# Shares of the picks at $N = N_{max}$ (ties split) that are correct, cast no vote (no final answer, or
+# truncated), were truncated, and their mean number of steps; the `pool` row is a uniform pick. A PRM
+# scores PREFIXES: a solution that stopped early keeps the optimistic value of its last prefix, so with
+# raw scores a PRM may prefer unfinished solutions. With `unanswered_last` (the default) the evaluation
+# ranks them below every answered candidate ("answered first" rows); they stay in the pool for the
+# random and oracle baselines.
+
+# %%
+artifacts.write_table(res.picks, profile, "bon_picks")
+res.picks[res.picks["method"].isin(["pool", *headline])].set_index(["ranking", "method"]).round(3)
+
+# %% [markdown]
+# ## The eta sweep at $N_{max}$
+# Every PRM comes from the same rollouts; only the label rule changes. Soft ($\eta = 0$) and hard
+# ($\eta = \infty$) are the two ends; the horizontal lines are majority vote and the oracle.
+
+# %%
+sweep = report.eta_sweep_table(res.bon, n_max, aggregation)
+base = res.bon[(res.bon["n"] == n_max) & res.bon["method"].isin(["majority", "oracle", "random"])]
+fig = report.figure_eta_sweep(sweep, base)
+fig.axes[0].set_title(f"η sweep at N={n_max} ({aggregation}), 95% intervals")
+plotting.save_figure(fig, P.figures, "bon_eta_sweep")
+pd.Series(res.best_eta, name="best ER eta (chosen post hoc)").to_frame()
+
+# %% [markdown]
+# ## Aggregations at $N_{max}$
+# The same step scores aggregated four ways: min (the paper's), product, last step, mean.
+
+# %%
+agg = evaluation.aggregation_table(res.bon, n_max)
+fig, ax = plt.subplots(figsize=(7, 3.6))
+for k, how in enumerate(evaluation.SCORE_AGGREGATIONS):
+    r = agg[agg["aggregation"] == how]
+    ax.errorbar(np.arange(len(r)) + 0.15 * k - 0.225, r["value"] * 100, fmt="o", capsize=2, label=how,
+                yerr=[(r["value"] - r["ci_low"]) * 100, (r["ci_high"] - r["value"]) * 100])  # fmt: skip
+ax.set_xticks(np.arange(len(r)), [plotting.method_label(x) for x in r["rule"]], rotation=25, ha="right")
+ax.set(ylabel=f"best-of-{n_max} accuracy (%)", title="Aggregation of step scores (95% intervals)")
+ax.legend(fontsize=8, title="aggregation")
+plotting.save_figure(fig, P.figures, "bon_aggregations")
+
+# %% [markdown]
+# ## Record
+# Seed, candidates, generated tokens and the scoring mode go to the manifest.
+
+# %%
+keys = ["problems", "candidates", "generated_tokens", "distinct_solutions", "prm_forward_passes",
+        "prm_tokens_scored", "rules", "unanswered_last", "best_er_rule_post_hoc", "prms"]  # fmt: skip
+artifacts.update_manifest(profile, "04_best_of_n", seed=seed, n_max=n_max, scoring=scoring,
+                          aggregation=aggregation, er_rule=er_rule, orm_aggregation=orm_aggregation,
+                          **{k: res.stats[k] for k in keys})  # fmt: skip
+res.stats["candidates"]
