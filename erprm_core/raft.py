@@ -1011,8 +1011,10 @@ def run_raft_stage(
     at the end (a :class:`RaftError` naming each reward model and iteration) after all finished work is
     saved. Table columns: see :func:`raft_table`.
     """
+    from erprm_core.evaluation import resolve_policy
+
     P = artifacts.paths(profile)
-    artifacts.require(P.policy, "00_policy", profile, "policy checkpoint")
+    start_policy = resolve_policy(profile)  # the 00 checkpoint, or the hub policy 00 recorded
     rewards = reward_paths(profile, reward_models)
     prompts = _take(P.problem_file("raft"), n_prompts, "RAFT prompts (n_prompts)", profile, "00_policy")
     test = _take(P.problem_file("test"), n_test, "test problems (n_test)", profile, "00_policy")
@@ -1023,7 +1025,7 @@ def run_raft_stage(
         )
     st = RaftSettings(**settings)
     st.check()
-    base = baseline_record(P.policy, test, st, P.raft / BASELINE)
+    base = baseline_record(start_policy, test, st, P.raft / BASELINE)
     records: list[dict[str, Any]] = []
     failures: list[str] = []
     for name, path in rewards.items():
@@ -1031,7 +1033,7 @@ def run_raft_stage(
             records += run_raft(
                 name,
                 path,
-                start_policy=P.policy,
+                start_policy=start_policy,
                 prompts=prompts,
                 test_problems=test,
                 out_root=P.raft,

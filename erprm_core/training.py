@@ -65,13 +65,18 @@ def tokenize_sft_example(
     ``labels`` and ``truncated`` (True when ``max_length`` cut the sequence).
     """
     text = prompt + solution
-    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
     special = set(tokenizer.all_special_ids)
-    labels = [
-        tid if (end > len(prompt) and tid not in special) else -100
-        for tid, (_, end) in zip(ids, enc["offset_mapping"], strict=True)
-    ]
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        labels = [
+            tid if (end > len(prompt) and tid not in special) else -100
+            for tid, (_, end) in zip(ids, enc["offset_mapping"], strict=True)
+        ]
+    else:  # no offsets: the prompt's own tokens are taken as the prefix (true for common tokenizers)
+        n_prompt = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+        labels = [-100] * min(n_prompt, len(ids)) + ids[n_prompt:]
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token before training")
     ids.append(tokenizer.eos_token_id)
@@ -771,7 +776,7 @@ def prepare_policy(
             "n_parameters": models.count_parameters(model),
         }
         return PolicyResult(
-            model, tokenizer, policy_name, False, pd.DataFrame(columns=["step", "loss"]), info
+            model, tokenizer, policy_name, False, pd.DataFrame(columns=["step", "epoch", "loss", "learning_rate"]), info
         )
 
     if not train_problems:

@@ -37,7 +37,7 @@
 # %%
 import torch
 
-from erprm_core import artifacts, plotting, raft
+from erprm_core import artifacts, evaluation, plotting, raft
 
 # %% tags=["parameters"]
 profile: str = "smoke"  # results/<profile> and runs/<profile> folders to use
@@ -65,7 +65,7 @@ torch_threads: int = 0  # CPU threads for torch (0 keeps the torch default)
 
 # %%
 P = artifacts.paths(profile)
-artifacts.require(P.policy, "00_policy", profile, "policy checkpoint")
+policy = evaluation.resolve_policy(profile)  # the 00_policy checkpoint, or the hub policy it recorded
 artifacts.require(P.problem_file("raft"), "00_policy", profile, "RAFT prompts")
 rewards = raft.reward_paths(profile, reward_models)  # names 03_train_prm when a PRM checkpoint is missing
 torch.set_num_threads(torch_threads or torch.get_num_threads())

@@ -44,7 +44,7 @@ def test_words_and_numbers_are_single_tokens(tok):
     sizes = [
         len(enc(tok, policy_prompt(p["question"]) + p["solution"])) for p in arith.generate_problems(50, 1)
     ]
-    assert max(sizes) < 200
+    assert max(sizes) < 300  # whole problems of 2-6 steps fit max_position_embeddings=384
 
 
 def test_step_tag_and_labels_single_tokens_in_context(tok, problems):

@@ -33,6 +33,13 @@ def test_prompt_tokens_masked(tok, problems):
     assert cut["truncated"] and len(cut["input_ids"]) == 10
 
 
+def test_masking_without_offsets_matches(tok, problems, monkeypatch):
+    p = problems[1]
+    fast = training.tokenize_sft_example(tok, policy_prompt(p["question"]), p["solution"])
+    monkeypatch.setattr(type(tok), "is_fast", property(lambda self: False))
+    assert training.tokenize_sft_example(tok, policy_prompt(p["question"]), p["solution"]) == fast
+
+
 def test_collator_right_pads(tok, problems):
     batch = [
         training.tokenize_sft_example(tok, policy_prompt(p["question"]), p["solution"]) for p in problems[:3]
