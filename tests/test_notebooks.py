@@ -84,3 +84,16 @@ def test_parse_override_types():
     assert pipeline.parse_override("a=0.5") == ("a", 0.5)
     assert pipeline.parse_override("a=true") == ("a", True)
     assert pipeline.parse_override("a=0,1,inf") == ("a", "0,1,inf")
+
+
+def test_readme_summary_matches_committed_results():
+    from erprm_core import report
+
+    readme = (artifacts.repo_root() / "README.md").read_text()
+    summary = artifacts.repo_root() / "results" / "tiny" / "summary.md"
+    if not summary.is_file():
+        pytest.skip("results/tiny has not been produced yet")
+    block = readme.split(report.README_START, 1)[1].split(report.README_END, 1)[0]
+    assert block.strip() == summary.read_text().strip(), "README summary differs from results/tiny/summary.md"
+    assert "results/tiny/figures/fig2_best_of_n.png" in readme
+    assert (artifacts.repo_root() / "results" / "tiny" / "figures" / "fig2_best_of_n.png").is_file()
