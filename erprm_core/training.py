@@ -776,7 +776,12 @@ def prepare_policy(
             "n_parameters": models.count_parameters(model),
         }
         return PolicyResult(
-            model, tokenizer, policy_name, False, pd.DataFrame(columns=["step", "epoch", "loss", "learning_rate"]), info
+            model,
+            tokenizer,
+            policy_name,
+            False,
+            pd.DataFrame(columns=["step", "epoch", "loss", "learning_rate"]),
+            info,
         )
 
     if not train_problems:
