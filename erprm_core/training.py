@@ -121,6 +121,42 @@ class _ListDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
+def _common_training_kwargs(
+    epochs,
+    max_steps,
+    batch_size,
+    grad_accum,
+    lr,
+    lr_scheduler,
+    warmup_ratio,
+    weight_decay,
+    max_grad_norm,
+    logging_steps,
+    seed,
+    bf16,
+) -> dict[str, Any]:
+    """TrainingArguments shared by policy SFT and PRM training: one recipe, no eval, one save at the end."""
+    return dict(
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        learning_rate=lr,
+        lr_scheduler_type=lr_scheduler,
+        warmup_steps=warmup_ratio,  # a float < 1 is a ratio of the total steps in transformers 5
+        weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm,
+        logging_strategy="steps",
+        logging_steps=logging_steps,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        bf16=bool(bf16),
+    )
+
+
 def _model_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
@@ -183,23 +219,20 @@ def train_policy_sft(
 
     args = TrainingArguments(
         output_dir=str(output_dir),
-        num_train_epochs=epochs,
-        max_steps=max_steps,
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=grad_accum,
-        learning_rate=lr,
-        lr_scheduler_type=lr_scheduler,
-        warmup_steps=warmup_ratio,  # a float < 1 is a ratio of the total steps in transformers 5
-        weight_decay=weight_decay,
-        max_grad_norm=max_grad_norm,
-        logging_strategy="steps",
-        logging_steps=logging_steps,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        seed=seed,
-        data_seed=seed,
-        bf16=bool(bf16),
+        **_common_training_kwargs(
+            epochs,
+            max_steps,
+            batch_size,
+            grad_accum,
+            lr,
+            lr_scheduler,
+            warmup_ratio,
+            weight_decay,
+            max_grad_norm,
+            logging_steps,
+            seed,
+            bf16,
+        ),
         activation_checkpointing=gradient_checkpointing,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -477,23 +510,20 @@ def train_prm(
     work_dir = output_dir.with_name(output_dir.name + ".partial")  # renamed to output_dir once complete
     args = TrainingArguments(
         output_dir=str(work_dir),
-        num_train_epochs=epochs,
-        max_steps=max_steps,
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=grad_accum,
-        learning_rate=lr,
-        lr_scheduler_type=lr_scheduler,
-        warmup_steps=warmup_ratio,  # a float < 1 is a ratio of the total steps in transformers 5
-        weight_decay=weight_decay,
-        max_grad_norm=max_grad_norm,
-        logging_strategy="steps",
-        logging_steps=logging_steps,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        seed=seed,
-        data_seed=seed,
-        bf16=bool(bf16),
+        **_common_training_kwargs(
+            epochs,
+            max_steps,
+            batch_size,
+            grad_accum,
+            lr,
+            lr_scheduler,
+            warmup_ratio,
+            weight_decay,
+            max_grad_norm,
+            logging_steps,
+            seed,
+            bf16,
+        ),
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
