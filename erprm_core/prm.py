@@ -359,23 +359,41 @@ def tag_logits(
     attention_mask: torch.Tensor,
     positions: torch.Tensor,
     use_logits_to_keep: bool | None = None,
+    past_key_values: Any = None,
 ) -> torch.Tensor:
     """Full-vocabulary logits at ``positions`` (B, K) -> (B, K, V), from one forward pass.
 
     When the model supports ``logits_to_keep`` the LM head is applied only at the union of the positions
-    (saves memory and time for large vocabularies); the logits are the same as from a full forward.
+    (saves memory and time for large vocabularies); the logits are the same as from a full forward. With
+    ``past_key_values`` (a cache of the first tokens) ``input_ids`` and ``positions`` count from the end of
+    the cache, and ``attention_mask`` covers cache + ``input_ids``.
     """
     if use_logits_to_keep is None:
         use_logits_to_keep = _accepts_logits_to_keep(model)
+    kwargs = {}
+    if past_key_values is not None:
+        kwargs = {_cache_keyword(model): past_key_values, "use_cache": True}
     if use_logits_to_keep and positions.numel() > 0:
         keep = torch.unique(positions.reshape(-1))  # sorted
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, **kwargs
+        ).logits
         index = torch.searchsorted(keep, positions)
     else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
         index = positions
     b, k = index.shape
     return logits.gather(1, index.unsqueeze(-1).expand(b, k, logits.shape[-1]))
+
+
+def _cache_keyword(model: Any) -> str:
+    """The forward argument that takes a KV cache: ``cache`` (transformers >= 5.x) or ``past_key_values``."""
+    while hasattr(model, "module"):
+        model = model.module
+    try:
+        return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        return "past_key_values"
 
 
 def pair_logits(logits: torch.Tensor, good_id: int, bad_id: int) -> torch.Tensor:
@@ -405,6 +423,9 @@ class ProcessRewardModel:
     ``scoring`` is "two_token" (softmax over the good/bad logits, default) or "full_vocab". Steps whose tag
     is lost (beyond ``max_length``, or not a single tag token) get NaN, counted in ``self.audit``.
     ``info()`` returns what to record with any result (model, scoring mode, tokens and ids).
+    ``share_prefix`` ("auto", True, False): solutions of the same question in one batch run the shared
+    leading tokens (the question) once and reuse their KV cache; "auto" enables it for Hugging Face models
+    with a standard dynamic cache. The scores equal the unshared ones up to float rounding.
     """
 
     def __init__(
@@ -417,6 +438,7 @@ class ProcessRewardModel:
         scoring: str = "two_token",
         max_length: int | None = None,
         name: str | None = None,
+        share_prefix: bool | str = "auto",
     ):
         if scoring not in SCORING_MODES:
             raise ValueError(f"scoring={scoring!r} unknown; choose one of {SCORING_MODES}")
@@ -434,6 +456,9 @@ class ProcessRewardModel:
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         self.pad_id = int(pad)
         self._use_keep = _accepts_logits_to_keep(model)
+        if share_prefix == "auto":
+            share_prefix = _supports_prefix_cache(model)
+        self.share_prefix = bool(share_prefix)
 
     @classmethod
     def from_pretrained(
@@ -447,6 +472,7 @@ class ProcessRewardModel:
         device: str | torch.device = "auto",
         dtype: str | torch.dtype = "auto",
         max_length: int | None = None,
+        share_prefix: bool | str = "auto",
         **model_kwargs: Any,
     ) -> ProcessRewardModel:
         """Load a PRM from a hub name or a save_pretrained folder (any causal LM whose vocabulary has the tag
@@ -462,7 +488,17 @@ class ProcessRewardModel:
 
             tokenizer = AutoTokenizer.from_pretrained(str(path_or_name))
             model = AutoModelForCausalLM.from_pretrained(str(path_or_name), **model_kwargs).eval()
-        return cls(model, tokenizer, step_tag, good_token, bad_token, scoring, max_length, str(path_or_name))
+        return cls(
+            model,
+            tokenizer,
+            step_tag,
+            good_token,
+            bad_token,
+            scoring,
+            max_length,
+            str(path_or_name),
+            share_prefix,
+        )
 
     # --- text ---
     def format(self, question: str, steps: Sequence[str]) -> str:
@@ -509,41 +545,104 @@ class ProcessRewardModel:
                 self.audit.count("steps_unscored", sum(p is None for p in enc.positions))
         if bad:
             log.warning("PRM scoring: %s (steps without a located tag score NaN)", bad)
-        order = sorted(range(len(encodings)), key=lambda i: -len(encodings[i].input_ids))
         out: list[list[float]] = [[] for _ in encodings]
         device = _model_device(self.model)
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        batches = _scoring_batches(questions, encodings, batch_size, self.share_prefix)
         if progress:
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, desc="PRM scoring", unit="batch")
         for batch in batches:
             encs = [encodings[i] for i in batch]
-            scores = self._score_encodings(encs, device)
+            shared = shared_prefix_length(encs) if self.share_prefix else 0
+            scores = self._score_encodings(encs, device, shared)
             for i, s in zip(batch, scores, strict=True):
                 out[i] = s
         return out
 
-    def _score_encodings(self, encs: list[PRMEncoding], device: torch.device) -> list[list[float]]:
-        width = max(len(e.input_ids) for e in encs)
+    def _score_encodings(
+        self, encs: list[PRMEncoding], device: torch.device, shared: int = 0
+    ) -> list[list[float]]:
+        """One forward pass; with ``shared`` > 0 the first ``shared`` tokens (equal in every row) run once."""
+        width = max(len(e.input_ids) for e in encs) - shared
         k = max(1, max(len(e.positions) for e in encs))
         input_ids = torch.full((len(encs), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(encs), width), dtype=torch.long)
+        attention = torch.zeros((len(encs), shared + width), dtype=torch.long)
         positions = torch.zeros((len(encs), k), dtype=torch.long)
         for r, e in enumerate(encs):
-            input_ids[r, : len(e.input_ids)] = torch.tensor(e.input_ids)
+            input_ids[r, : len(e.input_ids) - shared] = torch.tensor(e.input_ids[shared:])
             attention[r, : len(e.input_ids)] = 1
-            positions[r, : len(e.positions)] = torch.tensor([p if p is not None else 0 for p in e.positions])
+            positions[r, : len(e.positions)] = torch.tensor(
+                [p - shared if p is not None else 0 for p in e.positions]
+            )
+        cache = None
+        if shared:
+            prefix = torch.tensor([encs[0].input_ids[:shared]], device=device)
+            out = self.model(input_ids=prefix, use_cache=True)
+            cache = out.cache if hasattr(out, "cache") else out.past_key_values  # named "cache" since 5.x
+            cache.batch_repeat_interleave(len(encs))
         logits = tag_logits(
-            self.model, input_ids.to(device), attention.to(device), positions.to(device), self._use_keep
-        )
+            self.model, input_ids.to(device), attention.to(device), positions.to(device), self._use_keep,
+            past_key_values=cache,
+        )  # fmt: skip
         probs = step_probabilities(logits, self.ids.good_id, self.ids.bad_id, self.scoring).cpu().numpy()
         self.forward_passes += 1
-        self.tokens_scored += int(attention.sum())
+        self.tokens_scored += int(attention.sum()) - shared * (len(encs) - 1)
         return [
             [float(probs[r, j]) if p is not None else float("nan") for j, p in enumerate(e.positions)]
             for r, e in enumerate(encs)
         ]
+
+
+def shared_prefix_length(encs: Sequence[PRMEncoding]) -> int:
+    """How many leading tokens every encoding shares and no row needs logits for (0 for a single row).
+
+    The common prefix stops before the first located tag of any row and leaves each row at least one
+    token of its own, so every score is read from the per-row part of the forward pass.
+    """
+    if len(encs) < 2:
+        return 0
+    first = encs[0].input_ids
+    limit = min(len(e.input_ids) for e in encs) - 1
+    for e in encs:
+        located = [p for p in e.positions if p is not None]
+        if located:
+            limit = min(limit, min(located))
+    n = 0
+    while n < limit and all(e.input_ids[n] == first[n] for e in encs):
+        n += 1
+    return n
+
+
+def _scoring_batches(
+    questions: Sequence[str], encodings: Sequence[PRMEncoding], batch_size: int, by_question: bool
+) -> list[list[int]]:
+    """Index batches, longest first (little padding); with ``by_question`` a batch holds one question only,
+    so that its rows share the question's tokens."""
+    longest_first = sorted(range(len(encodings)), key=lambda i: -len(encodings[i].input_ids))
+    if not by_question:
+        return [longest_first[i : i + batch_size] for i in range(0, len(longest_first), batch_size)]
+    groups: dict[str, list[int]] = {}
+    for i in longest_first:
+        groups.setdefault(questions[i], []).append(i)
+    batches = [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+    return sorted(batches, key=lambda b: -len(encodings[b[0]].input_ids))
+
+
+def _supports_prefix_cache(model: Any) -> bool:
+    """A Hugging Face causal LM whose default cache is the plain dynamic one (full attention everywhere)."""
+    try:
+        from transformers import DynamicCache, PreTrainedModel
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # pragma: no cover
+        return False
+    if not isinstance(model, PreTrainedModel) or getattr(model.config, "sliding_window", None):
+        return False
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except Exception:  # noqa: BLE001 - an architecture the cache does not know: no sharing
+        return False
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
 def _model_device(model: Any) -> torch.device:

@@ -36,9 +36,8 @@
 # %%
 import matplotlib.pyplot as plt
 import pandas as pd
-import torch
 
-from erprm_core import artifacts, plotting, tasks, training
+from erprm_core import artifacts, models, plotting, tasks, training
 
 # %% tags=["parameters"]
 profile: str = "smoke"  # results/<profile> and runs/<profile> folders to use
@@ -74,11 +73,11 @@ backend: str = "hf"  # sampling backend: hf (CPU/GPU) or vllm (optional extra, G
 prompt_template: str = "plain"  # policy prompt format: plain (tiny policy) or metamath
 device: str = "auto"  # auto, cpu or cuda
 dtype: str = "auto"  # auto (bf16 on a GPU that has it, else float32), float32, bfloat16
-torch_threads: int = 0  # CPU threads for torch (0 keeps the torch default)
+torch_threads: int = 0  # CPU threads for torch (0: auto, the cores idle at the start)
 
 # %%
 P = artifacts.paths(profile)  # the first stage: nothing upstream to check
-torch.set_num_threads(torch_threads or torch.get_num_threads())
+torch_threads = models.set_cpu_threads(torch_threads)
 sizes = {"train_sft": n_train_sft, "train_prm": n_train_prm, "raft": n_raft, "test": n_test}
 if policy_name:
     sizes.pop("train_sft")  # a hub policy is not fine-tuned here
@@ -161,6 +160,6 @@ with pd.option_context("display.max_colwidth", 300):
     display(training.sample_examples(problems["test"], evaluation.samples, n_problems=3, per_problem=2))  # noqa: F821
 
 # %%
-manifest = artifacts.update_manifest(profile, "00_policy", seed=seed, task=task, split_sizes=sizes,
+manifest = artifacts.update_manifest(profile, "00_policy", seed=seed, task=task, split_sizes=sizes, torch_threads=torch_threads,
                                      split_checksums=dict(zip(split_summary["split"], split_summary["sha1"], strict=True)),
                                      eval_generated_tokens=evaluation.generated_tokens, **result.info)  # fmt: skip

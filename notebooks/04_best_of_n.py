@@ -38,9 +38,8 @@
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import torch
 
-from erprm_core import artifacts, evaluation, plotting, report
+from erprm_core import artifacts, evaluation, models, plotting, report
 
 # %% tags=["parameters"]
 profile: str = "smoke"  # results/<profile> and runs/<profile> folders to use
@@ -65,7 +64,7 @@ unanswered_last: bool = True  # rank candidates without a final answer (or trunc
 prompt_template: str = "plain"  # policy prompt format: plain (tiny policy) or metamath
 backend: str = "hf"  # sampling backend: hf or vllm
 device: str = "auto"  # auto, cpu or cuda
-torch_threads: int = 0  # CPU threads for torch (0 keeps the torch default)
+torch_threads: int = 0  # CPU threads for torch (0: auto, the cores idle at the start)
 
 # %%
 P = artifacts.paths(profile)
@@ -73,7 +72,7 @@ policy = evaluation.resolve_policy(profile)  # names 00_policy when the policy i
 artifacts.require(P.problem_file("test"), "00_policy", profile, "test problems")
 prms = evaluation.trained_rules(profile)
 artifacts.require(P.prm(er_rule), "03_train_prm", profile, f"PRM of rule {er_rule}")
-torch.set_num_threads(torch_threads or torch.get_num_threads())
+torch_threads = models.set_cpu_threads(torch_threads)
 pd.DataFrame({"rule": list(prms), "checkpoint": [p.name for p in prms.values()]})
 
 # %% [markdown]
@@ -182,7 +181,7 @@ plotting.save_figure(fig, P.figures, "bon_aggregations")
 # %%
 keys = ["problems", "candidates", "generated_tokens", "distinct_solutions", "prm_forward_passes",
         "prm_tokens_scored", "rules", "unanswered_last", "best_er_rule_post_hoc", "prms"]  # fmt: skip
-artifacts.update_manifest(profile, "04_best_of_n", seed=seed, n_max=n_max, scoring=scoring,
+artifacts.update_manifest(profile, "04_best_of_n", seed=seed, n_max=n_max, scoring=scoring, torch_threads=torch_threads,
                           aggregation=aggregation, er_rule=er_rule, orm_aggregation=orm_aggregation,
                           **{k: res.stats[k] for k in keys})  # fmt: skip
 res.stats["candidates"]

@@ -137,6 +137,7 @@ def test_score_batch_matches_single_and_keeps_order(prm_folder):
     steps = [s for _, s in SOLUTIONS] * 2
     singles = [model.score(q, s) for q, s in zip(questions, steps, strict=True)]
     model.forward_passes = 0
+    model.share_prefix = False
     batched = model.score_batch(questions, steps, batch_size=3)
     assert model.forward_passes == 3
     for a, b in zip(singles, batched, strict=True):
@@ -144,6 +145,32 @@ def test_score_batch_matches_single_and_keeps_order(prm_folder):
     assert model.score_batch([], []) == []
     with pytest.raises(ValueError):
         model.score_batch(questions, steps[:-1])
+
+
+def test_shared_prefix_scoring_equals_full_forward(prm_folder):
+    """Solutions of one question reuse the question's KV cache: same scores, fewer tokens computed."""
+    model = prm.ProcessRewardModel.from_pretrained(prm_folder, device="cpu", dtype="float32")
+    assert model.share_prefix  # a Llama with the plain dynamic cache
+    q = SOLUTIONS[0][0]
+    steps = [s for _, s in SOLUTIONS] + [["3 + 2 = 5", "The answer is : 5"], ["Tom buys 2 more ."]]
+    questions = [q] * len(steps) + [SOLUTIONS[1][0]]
+    steps = steps + [SOLUTIONS[1][1]]
+    model.share_prefix = False
+    full = model.score_batch(questions, steps, batch_size=4)
+    full_tokens = model.tokens_scored
+    model.share_prefix = True
+    model.tokens_scored = model.forward_passes = 0
+    shared = model.score_batch(questions, steps, batch_size=4)
+    assert model.forward_passes == 3  # 6 solutions of q in batches of 4 and 2, then the other question
+    assert model.tokens_scored < full_tokens
+    for a, b in zip(full, shared, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    # the common prefix stops before the first tag and leaves every row a token of its own
+    encs = [model.encode(q, s) for s in (["3 + 2 = 5"], ["3 + 2 = 5", "The answer is : 5"])]
+    n = prm.shared_prefix_length(encs)
+    assert n <= encs[0].positions[0] and n < len(encs[0].input_ids)
+    assert encs[0].input_ids[:n] == encs[1].input_ids[:n]
+    assert prm.shared_prefix_length(encs[:1]) == 0
 
 
 def test_good_bad_order_is_pinned(prm_folder):
