@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -260,6 +261,64 @@ def summary_table(
             }
         )
     return pd.DataFrame(rows)
+
+
+def _metric(table: pd.DataFrame | None, metric: str, **where: Any) -> pd.Series | None:
+    if table is None or table.empty or "metric" not in table:
+        return None
+    sel = table[table["metric"] == metric]
+    for col, value in where.items():
+        sel = sel[sel[col] == value]
+    return None if sel.empty else sel.iloc[0]
+
+
+def summary_facts(
+    policy_eval: pd.DataFrame | None,
+    accuracy_by_steps: pd.DataFrame | None,
+    rollouts: pd.DataFrame | None,
+    sweep: pd.DataFrame | None,
+    n_problems_pool: int | None = None,
+    aggregation: str | None = None,
+) -> str:
+    """The setting behind the summary table, as Markdown bullets, from the stage tables only: the policy's
+    greedy accuracy and pass@k, the rollouts the PRMs learned from, and the eta sweep at N_max. Facts whose
+    table is missing are left out."""
+    lines = []
+    greedy = _metric(policy_eval, "greedy_accuracy")
+    if greedy is not None:
+        held_out = ""
+        if accuracy_by_steps is not None and "n_problems" in accuracy_by_steps:
+            held_out = f" on {int(accuracy_by_steps['n_problems'].sum())} held-out problems"
+        text = f"- Policy: greedy accuracy {_fmt_ci(greedy['value'], greedy['ci_low'], greedy['ci_high'])} %{held_out}"
+        passes = policy_eval[policy_eval["metric"] == "pass_at_k"]
+        if not passes.empty:
+            top = passes.sort_values("k").iloc[-1]
+            text += f"; pass@{int(top['k'])} at temperature 1.0 = {top['value'] * 100:.1f}%"
+        lines.append(text + " (`policy_eval.csv`).")
+    if rollouts is not None and not rollouts.empty:
+        r = dict(zip(rollouts["metric"], rollouts["value"], strict=True))
+        if {"problems", "solutions", "prefixes", "completions"} <= set(r):
+            k = r["completions"] / r["prefixes"] if r["prefixes"] else float("nan")
+            lines.append(
+                f"- PRM training data: {int(r['solutions'])} sampled solutions of {int(r['problems'])} problems "
+                f"({r.get('solution_accuracy', float('nan')) * 100:.1f}% correct), {k:g} completions per step "
+                "prefix; every PRM learns from these same rollouts (`rollouts_summary.csv`)."
+            )
+    if sweep is not None and not sweep.empty:
+        n = int(sweep["n"].max())
+        pool = f" on {n_problems_pool} problems" if n_problems_pool else ""
+        short = {"soft": "soft", "hard": "hard"}
+        parts = [
+            f"{short.get(str(row['rule']), 'η=' + str(row['rule']).removeprefix('er_'))} {row['value'] * 100:.1f}"
+            for _, row in sweep.iterrows()
+        ]
+        how = f", {aggregation} aggregation" if aggregation else ""
+        lines.append(
+            f"- Best-of-{n} accuracy % along the eta sweep{pool}{how}: "
+            + ", ".join(parts)
+            + " (`eta_sweep.csv`)."
+        )
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def to_markdown(df: pd.DataFrame) -> str:

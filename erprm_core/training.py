@@ -157,6 +157,23 @@ def _common_training_kwargs(
     )
 
 
+LOSS_LOG_COLUMNS = ["step", "epoch", "loss", "learning_rate", "grad_norm"]
+
+
+def _train_and_log(trainer: Any, model: Any) -> tuple[Any, float, pd.DataFrame]:
+    """Run ``trainer.train()`` (KV cache off meanwhile); return its output, the wall time and the loss log
+    (one row per logged step, ``LOSS_LOG_COLUMNS``). The model is left in eval mode."""
+    was_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
+    start = time.perf_counter()
+    out = trainer.train()
+    runtime = time.perf_counter() - start
+    model.config.use_cache = was_cache
+    model.eval()
+    rows = [{c: h.get(c) for c in LOSS_LOG_COLUMNS} for h in trainer.state.log_history if "loss" in h]
+    return out, runtime, pd.DataFrame(rows, columns=LOSS_LOG_COLUMNS)
+
+
 def _model_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
@@ -251,29 +268,10 @@ def train_policy_sft(
         data_collator=SFTCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
     )
-    was_cache = getattr(model.config, "use_cache", None)
-    model.config.use_cache = False
-    start = time.perf_counter()
-    out = trainer.train()
-    runtime = time.perf_counter() - start
-    model.config.use_cache = was_cache
+    out, runtime, df = _train_and_log(trainer, model)
     if save:
         trainer.save_model(str(output_dir))
         tokenizer.save_pretrained(str(output_dir))
-    model.eval()
-
-    rows = [
-        {
-            "step": h["step"],
-            "epoch": h.get("epoch"),
-            "loss": h["loss"],
-            "learning_rate": h.get("learning_rate"),
-            "grad_norm": h.get("grad_norm"),
-        }
-        for h in trainer.state.log_history
-        if "loss" in h
-    ]
-    df = pd.DataFrame(rows, columns=["step", "epoch", "loss", "learning_rate", "grad_norm"])
     epochs_done = out.metrics.get("epoch", epochs) or 0.0
     df.attrs.update(
         max_example_tokens=max(len(d["input_ids"]) for d in data),
@@ -540,26 +538,7 @@ def train_prm(
         good_id=ids.good_id,
         bad_id=ids.bad_id,
     )
-    was_cache = getattr(model.config, "use_cache", None)
-    model.config.use_cache = False
-    start = time.perf_counter()
-    out = trainer.train()
-    runtime = time.perf_counter() - start
-    model.config.use_cache = was_cache
-    model.eval()
-
-    rows = [
-        {
-            "step": h["step"],
-            "epoch": h.get("epoch"),
-            "loss": h["loss"],
-            "learning_rate": h.get("learning_rate"),
-            "grad_norm": h.get("grad_norm"),
-        }
-        for h in trainer.state.log_history
-        if "loss" in h
-    ]
-    df = pd.DataFrame(rows, columns=["step", "epoch", "loss", "learning_rate", "grad_norm"])
+    out, runtime, df = _train_and_log(trainer, model)
     epochs_done = out.metrics.get("epoch", epochs) or 0.0
     train_tokens = int(round(n_tokens * epochs_done))
     info = {

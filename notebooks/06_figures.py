@@ -89,10 +89,16 @@ raft[raft["metric"] == "greedy_accuracy"].pivot_table(
 # %% [markdown]
 # ## Summary table
 # Best-of-N accuracy at N_max with 95% intervals, the paired difference ER-PRM minus each method on identical
-# candidate pools, and the final RAFT accuracy. This table is copied into README.md.
+# candidate pools, and the final RAFT accuracy; below it the setting (policy accuracy, the PRMs' training
+# rollouts, the eta sweep). Table and facts are copied into README.md.
 
 # %%
 summary = report.summary_table(bon, paired, raft, er_rule, aggregation, orm_aggregation)
-markdown = report.to_markdown(summary)
+facts = report.summary_facts(
+    *(artifacts.read_table(profile, t) if P.table(t).is_file() else None
+      for t in ("policy_eval", "policy_accuracy_by_steps", "rollouts_summary")),
+    sweep, n_problems_pool=int(bon["n_problems"].max()) if "n_problems" in bon else None, aggregation=aggregation,
+)  # fmt: skip
+markdown = report.to_markdown(summary) + "\n" + facts
 report.write_summary(profile, markdown)
 display(Markdown(markdown))

@@ -28,3 +28,38 @@ def tmp_roots(tmp_path, monkeypatch):
     monkeypatch.setenv("ERPRM_RUNS_ROOT", str(tmp_path / "runs"))
     monkeypatch.setenv("ERPRM_RESULTS_ROOT", str(tmp_path / "results"))
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def paper_k16_eta1_labels() -> list[float]:
+    """paper.md's check values: k = 16, eta = 1, p = j/16 for j = 1..15 -> these labels (3 decimals; the
+    authors' released sample data)."""
+    return [
+        0.102,
+        0.195,
+        0.279,
+        0.357,
+        0.43,
+        0.497,
+        0.561,
+        0.62,
+        0.676,
+        0.729,
+        0.78,
+        0.828,
+        0.874,
+        0.918,
+        0.96,
+    ]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module: its models are tiny and the machine may be shared (two threads
+    on a busy 2-core machine run slower than one). Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -30,26 +30,9 @@ def test_issue_check_values():
     assert abs(big - (1 + math.log(1 / 16) / 1e4)) < 1e-3
 
 
-def test_paper_k16_eta1_table():
-    expected = [
-        0.102,
-        0.195,
-        0.279,
-        0.357,
-        0.43,
-        0.497,
-        0.561,
-        0.62,
-        0.676,
-        0.729,
-        0.78,
-        0.828,
-        0.874,
-        0.918,
-        0.96,
-    ]
+def test_paper_k16_eta1_table(paper_k16_eta1_labels):
     got = [round(er_label([1.0] * j + [0.0] * (16 - j), 1.0), 3) for j in range(1, 16)]
-    assert got == expected
+    assert got == paper_k16_eta1_labels
 
 
 @given(rewards01, etas)

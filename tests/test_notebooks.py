@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import jupytext
+import pandas as pd
 import pytest
 
 from erprm_core import artifacts, pipeline
@@ -97,3 +98,57 @@ def test_readme_summary_matches_committed_results():
     assert block.strip() == summary.read_text().strip(), "README summary differs from results/tiny/summary.md"
     assert "results/tiny/figures/fig2_best_of_n.png" in readme
     assert (artifacts.repo_root() / "results" / "tiny" / "figures" / "fig2_best_of_n.png").is_file()
+
+
+def test_readme_prose_quotes_no_result_numbers():
+    """Result numbers live only in the synced summary block: prose outside it quotes no percentages."""
+    import re
+
+    from erprm_core import report
+
+    readme = (artifacts.repo_root() / "README.md").read_text()
+    head, rest = readme.split(report.README_START, 1)
+    tail = rest.split(report.README_END, 1)[1]
+    found = re.findall(r"\d+(?:\.\d+)?\s?%", head + tail)
+    assert not found, f"README prose quotes result numbers {found}; put them in the summary block"
+
+
+def test_summary_facts_from_tables():
+    from erprm_core import report
+
+    policy_eval = pd.DataFrame(
+        {
+            "metric": ["greedy_accuracy", "pass_at_k", "pass_at_k"],
+            "k": [1, 4, 64],
+            "value": [0.42, 0.6, 0.92],
+            "ci_low": [0.378, None, 0.875],
+            "ci_high": [0.464, None, 0.955],
+        }
+    )
+    by_steps = pd.DataFrame({"n_steps": [2, 3], "n_problems": [200, 300]})
+    rollouts = pd.DataFrame(
+        {
+            "metric": ["problems", "solutions", "solution_accuracy", "prefixes", "completions"],
+            "value": [128, 512, 0.18359, 2144, 17152],
+        }
+    )
+    sweep = pd.DataFrame(
+        {
+            "rule": ["soft", "er_1", "hard"],
+            "eta": [0, 1, float("inf")],
+            "n": [64] * 3,
+            "value": [0.156, 0.145, 0.101],
+        }
+    )
+    text = report.summary_facts(
+        policy_eval, by_steps, rollouts, sweep, n_problems_pool=200, aggregation="min"
+    )
+    lines = text.splitlines()
+    assert lines[0].startswith("- Policy: greedy accuracy 42.0 [37.8, 46.4] % on 500 held-out problems;")
+    assert "pass@64 at temperature 1.0 = 92.0%" in lines[0]
+    assert "512 sampled solutions of 128 problems (18.4% correct), 8 completions per step prefix" in lines[1]
+    assert lines[2].startswith(
+        "- Best-of-64 accuracy % along the eta sweep on 200 problems, min aggregation:"
+    )
+    assert "soft 15.6, η=1 14.5, hard 10.1" in lines[2]
+    assert report.summary_facts(None, None, None, None) == ""

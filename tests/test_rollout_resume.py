@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from erprm_core import artifacts, models, sampling
 from erprm_core.tasks import arith
@@ -30,12 +29,7 @@ N_PROBLEMS = 8
 RUN = dict(n_solutions=3, k=4, shard_size=1, seed=5, max_new_tokens=120, batch_size=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -81,13 +81,7 @@ class ScriptedLM(torch.nn.Module):
         return type("Out", (), {"logits": logits})()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: the random Llama is tiny and the machine is shared (oversubscription is slow)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")

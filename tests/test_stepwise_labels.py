@@ -103,25 +103,8 @@ def test_skips_solutions_without_steps_and_counts_them():
         sampling.label_records([bad], [1.0])
 
 
-def test_check_values_k16_eta1():
-    # paper.md: k = 16, eta = 1, p = j/16 -> these labels (the authors' released sample data)
-    expect = [
-        0.102,
-        0.195,
-        0.279,
-        0.357,
-        0.43,
-        0.497,
-        0.561,
-        0.62,
-        0.676,
-        0.729,
-        0.78,
-        0.828,
-        0.874,
-        0.918,
-        0.96,
-    ]
+def test_check_values_k16_eta1(paper_k16_eta1_labels):
+    # the same check values through the labelling of stage records
     rewards = [[1] * j + [0] * (16 - j) for j in range(1, 16)]
     out = sampling.label_records(
         [
@@ -135,7 +118,7 @@ def test_check_values_k16_eta1():
         ],
         [1.0],
     )
-    assert np.round(out[0]["labels"]["er_1"][:-1], 3).tolist() == expect
+    assert np.round(out[0]["labels"]["er_1"][:-1], 3).tolist() == paper_k16_eta1_labels
 
 
 def test_statistics_distribution_and_worked_example(staged):

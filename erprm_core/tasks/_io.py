@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from erprm_core.artifacts import ArtifactError
+from erprm_core.artifacts import ArtifactError, Audit
 
-__all__ = ["file_sha256", "resolve_source", "iter_local", "iter_hub", "check_limit"]
+__all__ = ["file_sha256", "resolve_source", "iter_local", "iter_hub", "check_limit", "load_dataset_problems"]
+
+log = logging.getLogger(__name__)
 
 
 def file_sha256(path: Path | str) -> str:
@@ -92,3 +95,43 @@ def iter_hub(
         raise ArtifactError(f"{label}: missing column(s) {missing}; has {sorted(ds.column_names)}")
     for index, rec in enumerate(ds):
         yield f"{label}#{index}", dict(rec)
+
+
+def load_dataset_problems(
+    *,
+    label: str,
+    hub: tuple[str, str | None, tuple[str, ...]],
+    required: Sequence[str],
+    local_hint: str,
+    to_problem: Callable[[dict[str, Any], str], dict[str, Any]],
+    id_prefix: str,
+    split: str,
+    source: Path | str | None,
+    limit: int | None,
+    audit: Audit | None,
+) -> list[dict[str, Any]]:
+    """The body of a benchmark's ``load_problems``: records from the hub (``hub`` = name, config, splits)
+    or a local JSONL, turned into problems by ``to_problem(raw, "<id_prefix>-<split>-<index>")``, the first
+    ``limit`` of them. A record ``to_problem`` rejects (ValueError) raises ArtifactError naming its file and
+    line (or hub index) and ``label``; ``audit`` counts the records kept."""
+    limit = check_limit(limit)
+    hub_name, hub_config, splits = hub
+    if source is None:
+        if split not in splits:
+            raise ValueError(f"split must be one of {splits} for {hub_name}, got split={split!r}")
+        records = iter_hub(hub_name, hub_config, split, required, local_hint)
+    else:
+        path = resolve_source(source, split)
+        log.info("loading %s %s from %s (sha256 %s)", label, split, path, file_sha256(path)[:12])
+        records = iter_local(path, required)
+    problems: list[dict[str, Any]] = []
+    for where, raw in records:
+        if limit is not None and len(problems) >= limit:
+            break
+        try:
+            problems.append(to_problem(raw, f"{id_prefix}-{split}-{len(problems):05d}"))
+        except ValueError as exc:
+            raise ArtifactError(f"{where}: bad {label} record: {exc}") from exc
+    if audit is not None:
+        audit.count("kept", len(problems))
+    return problems

@@ -9,17 +9,14 @@ Used by the paper profiles (problem sets of 00_policy, evaluation of 04/05) and 
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 from typing import Any
 
-from erprm_core.artifacts import ArtifactError, Audit
+from erprm_core.artifacts import Audit
 from erprm_core.grading import normalize_reference
 from erprm_core.steps import join_steps, split_steps
-from erprm_core.tasks._io import check_limit, file_sha256, iter_hub, iter_local, resolve_source
-
-log = logging.getLogger(__name__)
+from erprm_core.tasks._io import file_sha256, load_dataset_problems
 
 TASK = "gsm8k"
 HUB_NAME = "openai/gsm8k"
@@ -68,23 +65,8 @@ def load_problems(
     malformed record raises ArtifactError naming its file and line (or hub index). ``audit`` (optional)
     counts the records kept.
     """
-    limit = check_limit(limit)
-    if source is None:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS} for the hub dataset, got split={split!r}")
-        records = iter_hub(HUB_NAME, HUB_CONFIG, split, REQUIRED, f"../shared/data/gsm8k/{split}.jsonl")
-    else:
-        path = resolve_source(source, split)
-        log.info("loading GSM8K %s from %s (sha256 %s)", split, path, file_sha256(path)[:12])
-        records = iter_local(path, REQUIRED)
-    problems: list[dict[str, Any]] = []
-    for where, raw in records:
-        if limit is not None and len(problems) >= limit:
-            break
-        try:
-            problems.append(to_problem(raw, f"{TASK}-{split}-{len(problems):05d}"))
-        except ValueError as exc:
-            raise ArtifactError(f"{where}: bad GSM8K record: {exc}") from exc
-    if audit is not None:
-        audit.count("kept", len(problems))
-    return problems
+    return load_dataset_problems(
+        label="GSM8K", hub=(HUB_NAME, HUB_CONFIG, SPLITS), required=REQUIRED,
+        local_hint=f"../shared/data/gsm8k/{split}.jsonl", to_problem=to_problem, id_prefix=TASK,
+        split=split, source=source, limit=limit, audit=audit,
+    )  # fmt: skip

@@ -10,17 +10,14 @@ paper-math profile (best-of-N evaluation) and by the tests; math_train reuses th
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 from typing import Any
 
-from erprm_core.artifacts import ArtifactError, Audit
+from erprm_core.artifacts import Audit
 from erprm_core.grading import normalize_reference
 from erprm_core.steps import join_steps, split_steps
-from erprm_core.tasks._io import check_limit, file_sha256, iter_hub, iter_local, resolve_source
-
-log = logging.getLogger(__name__)
+from erprm_core.tasks._io import file_sha256, load_dataset_problems
 
 TASK = "math"
 HUB_NAME = "HuggingFaceH4/MATH-500"
@@ -75,23 +72,8 @@ def load_problems(
     (``math500-<split>-<index>`` when absent). A malformed record raises ArtifactError naming file and line.
     ``audit`` (optional) counts the records kept.
     """
-    limit = check_limit(limit)
-    if source is None:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS} for {HUB_NAME}, got split={split!r}")
-        records = iter_hub(HUB_NAME, None, split, REQUIRED, "../shared/data/math500/test.jsonl")
-    else:
-        path = resolve_source(source, split)
-        log.info("loading MATH500 %s from %s (sha256 %s)", split, path, file_sha256(path)[:12])
-        records = iter_local(path, REQUIRED)
-    problems: list[dict[str, Any]] = []
-    for where, raw in records:
-        if limit is not None and len(problems) >= limit:
-            break
-        try:
-            problems.append(to_problem(raw, f"math500-{split}-{len(problems):05d}"))
-        except ValueError as exc:
-            raise ArtifactError(f"{where}: bad MATH500 record: {exc}") from exc
-    if audit is not None:
-        audit.count("kept", len(problems))
-    return problems
+    return load_dataset_problems(
+        label="MATH500", hub=(HUB_NAME, None, SPLITS), required=REQUIRED,
+        local_hint="../shared/data/math500/test.jsonl", to_problem=to_problem, id_prefix="math500",
+        split=split, source=source, limit=limit, audit=audit,
+    )  # fmt: skip
