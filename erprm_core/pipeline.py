@@ -259,7 +259,8 @@ def run(
     p.executed_notebooks.mkdir(parents=True, exist_ok=True)
     state = _load_state(profile)
     manifest = artifacts.load_manifest(profile)
-    manifest.update(profile=profile, environment=environment_info())
+    env = environment_info()
+    manifest.update(profile=profile, environment=env)
     artifacts.atomic_write_json(p.manifest, manifest)
     previous = {k: v.get("wall_s") for k, v in manifest.get("stages", {}).items()}
     summary = []
@@ -309,6 +310,8 @@ def run(
             config=str(stage.config.relative_to(artifacts.repo_root())) if stage.config else None,
             wall_s=round(wall, 1),
             digest=digest,
+            git_commit=env.get("git_commit"),  # per stage: a later `erprm figures` rewrites "environment"
+            git_dirty=env.get("git_dirty"),
         )
         state[stage.name] = {"digest": digest, "wall_s": round(wall, 1)}
         artifacts.atomic_write_json(_state_path(profile), state)

@@ -245,7 +245,9 @@ def summary_table(
         rule = plotting.split_method(method)[0]
         rows.append(
             {
-                "method": plotting.method_label(method),
+                "method": "Oracle (pass@N; RAFT on correct picks only)"
+                if method == "oracle" and "oracle" in final_raft
+                else plotting.method_label(method),
                 f"best-of-{n_max} accuracy % [95% CI]": _fmt_ci(r["value"], r["ci_low"], r["ci_high"]),
                 "ER-PRM minus this (paired, pts)": diff,
                 "RAFT final greedy % [95% CI]": final_raft.get(rule, final_raft.get(method, "")),

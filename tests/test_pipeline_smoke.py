@@ -72,6 +72,9 @@ def test_manifest_records_every_stage(smoke_run):
     for stage in pipeline.stage_notebooks():
         entry = manifest["stages"][stage]
         assert entry["wall_s"] >= 0 and entry["parameters"]["profile"] == "smoke"
+        assert entry["git_commit"] == manifest["environment"]["git_commit"]  # the commit each stage ran at
+    for stage in ("00_policy", "01_rollouts", "03_train_prm", "04_best_of_n", "05_rlhf_raft"):
+        assert manifest["stages"][stage]["torch_threads"] >= 1
 
 
 def test_nbval_on_executed_notebooks(smoke_run):
