@@ -262,6 +262,9 @@ def run_sharded(
     n_shards = (len(items) + shard_size - 1) // shard_size
     out: list[dict[str, Any]] = []
     reused = 0
+    present = sum((folder / f"shard-{i:05d}.jsonl").exists() for i in range(n_shards))
+    if present:  # shown in the notebook (print), not only in the log: a resume should be visible
+        tqdm.write(f"{desc}: resuming, {present} of {n_shards} shards already in {folder}")
     for index in tqdm(range(n_shards), desc=desc, unit="shard"):
         shard_path = folder / f"shard-{index:05d}.jsonl"
         if shard_path.exists():

@@ -296,7 +296,11 @@ def run(
                 progress_bar=sys.stderr.isatty(),
                 execution_timeout=cell_timeout,
             )
+        except KeyboardInterrupt:
+            raise Interrupted(_resume_hint(stage.name, time.perf_counter() - t0)) from None
         except papermill.PapermillExecutionError as exc:
+            if exc.ename == "KeyboardInterrupt":  # Ctrl-C reached the kernel first
+                raise Interrupted(_resume_hint(stage.name, time.perf_counter() - t0)) from None
             raise StageFailed(
                 f"stage {stage.name} failed in cell {exc.cell_index}: {exc.ename}: {exc.evalue}\n"
                 f"see the executed notebook {out_nb}"
@@ -334,6 +338,17 @@ def run(
 
 class StageFailed(RuntimeError):
     """A stage notebook raised; the message names the stage, the cell and the executed notebook."""
+
+
+class Interrupted(RuntimeError):
+    """Ctrl-C during a stage; the message says how to resume."""
+
+
+def _resume_hint(stage: str, elapsed: float) -> str:
+    return (
+        f"interrupted during stage {stage} after {elapsed:.0f} s; run the same command again to resume: "
+        f"finished stages are skipped and {stage} reuses its finished shards and checkpoints"
+    )
 
 
 def run_benchmarks(names: list[str] | None = None) -> int:
@@ -404,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StageFailed, artifacts.ArtifactError) as exc:
         log.error("%s", exc)
         return 2
+    except Interrupted as exc:
+        log.error("%s", exc)
+        return 130
     return 0
 
 

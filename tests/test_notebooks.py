@@ -152,3 +152,25 @@ def test_summary_facts_from_tables():
     )
     assert "soft 15.6, η=1 14.5, hard 10.1" in lines[2]
     assert report.summary_facts(None, None, None, None) == ""
+
+
+def test_ctrl_c_during_a_stage_says_how_to_resume(tmp_roots, monkeypatch, caplog):
+    """Ctrl-C (in the parent or in the kernel) ends `erprm reproduce` with exit code 130 and a resume hint,
+    and the interrupted stage is not marked done."""
+    import papermill
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(papermill, "execute_notebook", interrupted)
+    with caplog.at_level("ERROR"):
+        assert pipeline.main(["reproduce", "--profile", "smoke", "--from", "02", "--to", "02"]) == 130
+    assert "interrupted during stage 02_labels" in caplog.text and "resume" in caplog.text
+    state = tmp_roots / "runs" / "smoke" / "pipeline_state.json"
+    assert "02_labels" not in (json.loads(state.read_text()) if state.is_file() else {})
+
+    def kernel_interrupted(*args, **kwargs):
+        raise papermill.PapermillExecutionError(3, 1, "KeyboardInterrupt", "KeyboardInterrupt", "", [])
+
+    monkeypatch.setattr(papermill, "execute_notebook", kernel_interrupted)
+    assert pipeline.main(["reproduce", "--profile", "smoke", "--from", "02", "--to", "02"]) == 130
