@@ -1,7 +1,8 @@
 """Benchmark: the kit's PRM scorer against per-step prefix re-encoding, and PRM training throughput.
 
 The kit scores all steps of a solution from ONE forward pass (logits at every step tag) and batches
-solutions sorted by length. Some public PRMs instead re-encode every step prefix and run one forward pass
+solutions sorted by length; in a best-of-N pool the solutions of one question also share the question's KV
+cache (printed as a second ratio, against the same scorer without sharing). Some public PRMs instead re-encode every step prefix and run one forward pass
 per step, unbatched. Both are run here on the same model and the same solutions (``--steps`` steps each);
 their scores must agree (a causal LM sees the same prefix either way). Prints solutions/s of both and the
 ratio (target >= 3x at 5 steps), then PRM training tokens/s on the same model.
@@ -71,6 +72,33 @@ def bench_scoring(model, tokenizer, questions, steps, batch_size: int, repeats: 
     return {"kit_sol_s": n / min(kit_t), "naive_sol_s": n / min(naive_t), "max_abs_diff": diff}
 
 
+def bench_shared_prefix(
+    model, tokenizer, questions, steps, batch_size: int, repeats: int, per_question: int = 16
+):
+    """A best-of-N pool (``per_question`` solutions per question): the kit scorer with the question's KV
+    cache shared across its solutions vs the same scorer re-running the question in every row."""
+    pool_q = [q for q in questions[: max(1, len(questions) // per_question)] for _ in range(per_question)]
+    pool_s = [steps[i % len(steps)] for i in range(len(pool_q))]
+    times, scores = {}, {}
+    for share in (True, False):
+        scorer = prm.ProcessRewardModel(model, tokenizer, share_prefix=share)
+        scorer.score_batch(pool_q[:batch_size], pool_s[:batch_size], batch_size)  # warm-up
+        runs = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            scores[share] = scorer.score_batch(pool_q, pool_s, batch_size)
+            runs.append(time.perf_counter() - t)
+        times[share] = min(runs)
+    diff = max(
+        abs(a - b)
+        for x, y in zip(scores[True], scores[False], strict=True)
+        for a, b in zip(x, y, strict=True)
+    )
+    assert diff < 1e-4, f"shared-prefix scores differ by {diff}"
+    n = len(pool_q)
+    return {"shared_sol_s": n / times[True], "unshared_sol_s": n / times[False], "max_abs_diff": diff, "n": n}
+
+
 def bench_training(model_dir: str, questions, steps, batch_size: int, max_steps: int) -> dict[str, float]:
     """PRM training tokens/s (soft labels, ``max_steps`` optimizer steps, nothing saved)."""
     rng = np.random.default_rng(0)
@@ -111,6 +139,13 @@ def main() -> int:
     print(f"kit scorer (1 forward/solution, batch {args.batch_size}): {res['kit_sol_s']:8.1f} solutions/s")
     print(f"per-step prefix re-encoding (1 forward/step, unbatched): {res['naive_sol_s']:8.1f} solutions/s")
     print(f"ratio: {ratio:.1f}x (target >= 3x); max |score difference| {res['max_abs_diff']:.1e}")
+
+    pool = bench_shared_prefix(model, tokenizer, questions, steps, args.batch_size, args.repeats)
+    print(
+        f"best-of-N pool ({pool['n']} solutions, 16 per question): question KV shared "
+        f"{pool['shared_sol_s']:8.1f} vs re-run per row {pool['unshared_sol_s']:8.1f} solutions/s = "
+        f"{pool['shared_sol_s'] / pool['unshared_sol_s']:.2f}x; max |score difference| {pool['max_abs_diff']:.1e}"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
