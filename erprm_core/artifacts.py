@@ -282,6 +282,32 @@ def run_sharded(
     return out
 
 
+def prepare_shard_folder(folder: Path | str, fingerprint: dict[str, Any]) -> None:
+    """Keep the finished work in ``folder`` only if its ``params.json`` equals ``fingerprint`` (the
+    parameters, inputs and model that made it); otherwise discard the folder, with a warning that counts
+    the shards lost, and start afresh with ``params.json`` = ``fingerprint``."""
+    import shutil
+
+    folder = Path(folder)
+    meta = folder / "params.json"
+    if folder.is_dir():
+        try:
+            old = json.loads(meta.read_text()) if meta.is_file() else None
+        except json.JSONDecodeError:
+            old = None
+        if old == json.loads(json.dumps(fingerprint, default=str)):
+            return
+        if any(folder.iterdir()):
+            log.warning(
+                "%s was made with other parameters or inputs: discarding it (%d shard(s))",
+                folder,
+                len(shard_status(folder)),
+            )
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(meta, fingerprint)
+
+
 def shard_status(folder: Path | str) -> list[str]:
     """Names of the shard files present in ``folder`` (sorted); used by tests and progress reports."""
     folder = Path(folder)

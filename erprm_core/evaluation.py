@@ -1008,33 +1008,6 @@ def model_source_fingerprint(source: Any) -> str:
     return sampling.model_fingerprint(model)
 
 
-def _prepare_folder(folder: Any, fingerprint: dict[str, Any]) -> None:
-    """Keep a folder's finished shards only if ``params.json`` matches ``fingerprint``; else start afresh."""
-    import json
-    import shutil
-    from pathlib import Path
-
-    from erprm_core import artifacts
-
-    folder = Path(folder)
-    meta = folder / "params.json"
-    if folder.is_dir():
-        try:
-            old = json.loads(meta.read_text()) if meta.is_file() else None
-        except json.JSONDecodeError:
-            old = None
-        if old == fingerprint:
-            return
-        stale = artifacts.shard_status(folder)
-        if stale:
-            log.warning(
-                "%s was made with other parameters/inputs: discarding %d shard(s)", folder, len(stale)
-            )
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    artifacts.atomic_write_json(meta, fingerprint)
-
-
 def _digest(obj: Any) -> str:
     import hashlib
     import json
@@ -1151,7 +1124,7 @@ def build_candidate_pool(
         "problems": _digest([dict(p) for p in problems]),
         "policy": model_source_fingerprint(policy),
     }
-    _prepare_folder(folder, fingerprint)
+    artifacts.prepare_shard_folder(folder, fingerprint)
     state: dict[str, Any] = {}
 
     def compute(chunk: Sequence[Mapping[str, Any]], index: int) -> list[dict[str, Any]]:
@@ -1304,7 +1277,7 @@ def score_pool(
             "shard_size": shard_size,
         }
         folder = out_dir / "scores" / rule
-        _prepare_folder(folder, fingerprint)
+        artifacts.prepare_shard_folder(folder, fingerprint)
         state: dict[str, Any] = {}
 
         def compute(chunk, shard_index, source=source, is_model=is_model, state=state):

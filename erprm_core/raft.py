@@ -269,23 +269,6 @@ def select_best(
 # ----------------------------------------------------------------------------------------------------
 
 
-def _prepare_folder(folder: Path, fingerprint: dict[str, Any]) -> None:
-    """Keep the shards in ``folder`` only if they were made with ``fingerprint``; else start afresh."""
-    meta = folder / "params.json"
-    if folder.is_dir():
-        try:
-            old = json.loads(meta.read_text()) if meta.is_file() else None
-        except json.JSONDecodeError:
-            old = None
-        if old == json.loads(json.dumps(fingerprint, default=str)):
-            return
-        if any(folder.iterdir()):
-            log.warning("settings changed since %s was written: discarding it", folder)
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    artifacts.atomic_write_json(meta, fingerprint)
-
-
 def _sampling_key(st: RaftSettings) -> dict[str, Any]:
     """The settings that decide the candidates (not the learning rate, the aggregation, ...)."""
     keys = (
@@ -615,7 +598,7 @@ def raft_iteration(
     # 1. candidates (shards; content-addressed so identical sampling is shared between reward models)
     sample_fp = {"policy": checkpoint_id(policy_path), **_sampling_key(st), "prompts": prompts_digest}
     samples_dir = Path(samples_dir) if samples_dir is not None else out_dir / "samples"
-    _prepare_folder(samples_dir, sample_fp)
+    artifacts.prepare_shard_folder(samples_dir, sample_fp)
     current = _Policy(policy_path, st)
 
     def sample_shard(chunk: Sequence[dict[str, Any]], index: int) -> list[dict[str, Any]]:
@@ -635,7 +618,7 @@ def raft_iteration(
 
     # 2. scores (shards)
     scores_dir = out_dir / "scores"
-    _prepare_folder(scores_dir, {"fingerprint": fingerprint, "samples": sample_fp})
+    artifacts.prepare_shard_folder(scores_dir, {"fingerprint": fingerprint, "samples": sample_fp})
     samples_by_prompt: dict[str, list[dict[str, Any]]] = {}
     for s in samples:
         samples_by_prompt.setdefault(str(s["problem_id"]), []).append(s)

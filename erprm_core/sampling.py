@@ -47,7 +47,6 @@ import json
 import logging
 import math
 import re
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -1020,31 +1019,6 @@ def prefix_table(records: Sequence[dict[str, Any]]) -> Any:
     return pd.DataFrame(rows, columns=cols)
 
 
-def _prepare_shard_folder(folder: Path, fingerprint: dict[str, Any]) -> None:
-    """Keep finished shards only if they were made with the same parameters; otherwise start afresh."""
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = folder / "params.json"
-    if meta.is_file():
-        try:
-            old = json.loads(meta.read_text())
-        except json.JSONDecodeError:
-            old = None
-        if old == fingerprint:
-            return
-        stale = artifacts.shard_status(folder)
-        if stale:
-            log.warning(
-                "parameters changed since %s was written: discarding %d old shards", folder, len(stale)
-            )
-        shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-    elif artifacts.shard_status(folder):
-        log.warning("%s holds shards without params.json: discarding them", folder)
-        shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-    artifacts.atomic_write_json(meta, fingerprint)
-
-
 def run_rollouts(
     out: artifacts.ProfilePaths | str,
     model: Any,
@@ -1100,7 +1074,7 @@ def run_rollouts(
         "policy": model_fingerprint(getattr(policy, "model", policy)),
         "completer": "policy" if completer is None else model_fingerprint(getattr(comp, "model", comp)),
     }
-    _prepare_shard_folder(paths.rollouts, fingerprint)
+    artifacts.prepare_shard_folder(paths.rollouts, fingerprint)
 
     def compute(chunk: Sequence[dict[str, Any]], index: int) -> list[dict[str, Any]]:
         sols = sample_solutions(policy, None, chunk, n_solutions, temperature, top_p, max_new_tokens, seed,

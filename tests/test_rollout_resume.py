@@ -7,6 +7,7 @@ shards were not touched and that the merged file is byte for byte the one of an 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -212,3 +213,19 @@ def test_sigkill_midway_then_resume_equals_uninterrupted(setup, tmp_path, monkey
     monkeypatch.setenv("ERPRM_RESULTS_ROOT", str(clean_root / "res"))
     _run(setup)
     assert (clean_root / "runs" / "resume" / "rollouts.jsonl").read_bytes() == resumed
+
+
+def test_prepare_shard_folder_keeps_work_only_for_the_same_fingerprint(tmp_path, caplog):
+    folder = tmp_path / "work"
+    artifacts.prepare_shard_folder(folder, {"seed": 1, "names": ("a", "b")})
+    (folder / "shard-00000.jsonl").write_text('{"x": 1}\n')
+    artifacts.prepare_shard_folder(folder, {"seed": 1, "names": ["a", "b"]})  # same after a JSON round trip
+    assert artifacts.shard_status(folder) == ["shard-00000.jsonl"]
+    with caplog.at_level("WARNING"):
+        artifacts.prepare_shard_folder(folder, {"seed": 2, "names": ["a", "b"]})
+    assert artifacts.shard_status(folder) == [] and "discarding it (1 shard(s))" in caplog.text
+    assert json.loads((folder / "params.json").read_text())["seed"] == 2
+    (folder / "params.json").write_text("{not json")
+    (folder / "shard-00000.jsonl").write_text('{"x": 1}\n')
+    artifacts.prepare_shard_folder(folder, {"seed": 2, "names": ["a", "b"]})  # unreadable params: start afresh
+    assert artifacts.shard_status(folder) == []
