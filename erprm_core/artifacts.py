@@ -18,6 +18,7 @@ import os
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,23 @@ def runs_root() -> Path:
 def results_root() -> Path:
     """Root of committed results (``$ERPRM_RESULTS_ROOT`` or ``<repo>/results``)."""
     return Path(os.environ.get("ERPRM_RESULTS_ROOT") or repo_root() / "results")
+
+
+@contextmanager
+def redirected_roots(runs: Path | str, results: Path | str) -> Iterator[None]:
+    """Point ``ERPRM_RUNS_ROOT`` / ``ERPRM_RESULTS_ROOT`` at other folders while the block runs (stage
+    kernels inherit them), then restore the previous values."""
+    keys = {"ERPRM_RUNS_ROOT": str(runs), "ERPRM_RESULTS_ROOT": str(results)}
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def configs_root() -> Path:

@@ -422,18 +422,9 @@ def reuse(profile: str, base: Path | str | None = None) -> DryRun:
 @contextmanager
 def redirected_roots(run: DryRun) -> Iterator[None]:
     """Point ERPRM_RUNS_ROOT / ERPRM_RESULTS_ROOT at the dry-run folder (kernels inherit them); restore."""
-    keys = {"ERPRM_RUNS_ROOT": run.runs_root, "ERPRM_RESULTS_ROOT": run.results_root}
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update({k: str(v) for k, v in keys.items()})
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
+    with artifacts.redirected_roots(run.runs_root, run.results_root):
         yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _for_stages(profile: str, start: str | None, stop: str | None, dry: list[str]) -> list[str]:

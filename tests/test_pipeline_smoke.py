@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from erprm_core import pipeline
+from erprm_core import artifacts, pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -23,19 +23,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("smoke")
-    old = {k: os.environ.get(k) for k in ("ERPRM_RUNS_ROOT", "ERPRM_RESULTS_ROOT")}
-    os.environ["ERPRM_RUNS_ROOT"] = str(root / "runs")
-    os.environ["ERPRM_RESULTS_ROOT"] = str(root / "results")
-    try:
+    with artifacts.redirected_roots(root / "runs", root / "results"):
         summary = pipeline.run("smoke", force=True, cell_timeout=600)
         again = pipeline.run("smoke", cell_timeout=600)
         yield root, summary, again
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_every_stage_ran_then_was_up_to_date(smoke_run):

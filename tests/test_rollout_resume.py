@@ -227,5 +227,7 @@ def test_prepare_shard_folder_keeps_work_only_for_the_same_fingerprint(tmp_path,
     assert json.loads((folder / "params.json").read_text())["seed"] == 2
     (folder / "params.json").write_text("{not json")
     (folder / "shard-00000.jsonl").write_text('{"x": 1}\n')
-    artifacts.prepare_shard_folder(folder, {"seed": 2, "names": ["a", "b"]})  # unreadable params: start afresh
+    artifacts.prepare_shard_folder(
+        folder, {"seed": 2, "names": ["a", "b"]}
+    )  # unreadable params: start afresh
     assert artifacts.shard_status(folder) == []
