@@ -8,7 +8,7 @@ STAMP       := $(VENV)/.erprm-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup test smoke reproduce figures bench lint lab clean
+.PHONY: help setup test smoke reproduce figures bench golden lint lab clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,11 +36,14 @@ figures: setup  ## redraw figures and the summary table from results/$(PROFILE)/
 bench: setup  ## speed benchmarks (ratios against naive baselines)
 	$(VENV)/bin/erprm bench
 
+golden: setup  ## rerun the smoke chain and rewrite tests/golden/smoke_tables.sha256 (when a change is meant to change results)
+	$(VENV)/bin/erprm golden
+
 lint: setup  ## ruff check
 	$(VENV)/bin/ruff check .
 
-lab: setup  ## open JupyterLab on notebooks/
-	$(VENV)/bin/jupyter lab notebooks/
+lab: setup  ## open JupyterLab on notebooks/ (with the CPU profiles' pinned numerics)
+	ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2,STRICT ONEDNN_MAX_CPU_ISA=AVX2 $(VENV)/bin/jupyter lab --allow-root notebooks/
 
 clean:  ## delete runs/ and caches (never results/)
 	rm -rf runs .pytest_cache .ruff_cache .hypothesis

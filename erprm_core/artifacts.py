@@ -62,13 +62,16 @@ def results_root() -> Path:
 
 
 @contextmanager
-def redirected_roots(runs: Path | str, results: Path | str) -> Iterator[None]:
-    """Point ``ERPRM_RUNS_ROOT`` / ``ERPRM_RESULTS_ROOT`` at other folders while the block runs (stage
-    kernels inherit them), then restore the previous values."""
-    keys = {"ERPRM_RUNS_ROOT": str(runs), "ERPRM_RESULTS_ROOT": str(results)}
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update(keys)
+def environment_set(variables: dict[str, str | None]) -> Iterator[None]:
+    """Set (``None``: unset) environment variables while the block runs (stage kernels inherit them), then
+    restore the previous values."""
+    old = {k: os.environ.get(k) for k in variables}
     try:
+        for k, v in variables.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         yield
     finally:
         for k, v in old.items():
@@ -76,6 +79,11 @@ def redirected_roots(runs: Path | str, results: Path | str) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def redirected_roots(runs: Path | str, results: Path | str):
+    """Point ``ERPRM_RUNS_ROOT`` / ``ERPRM_RESULTS_ROOT`` at other folders while the block runs."""
+    return environment_set({"ERPRM_RUNS_ROOT": str(runs), "ERPRM_RESULTS_ROOT": str(results)})
 
 
 def configs_root() -> Path:

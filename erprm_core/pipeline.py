@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from erprm_core import artifacts
+from erprm_core import artifacts, numerics, reproducibility
 
 log = logging.getLogger("erprm")
 
@@ -229,9 +229,17 @@ def environment_info() -> dict[str, Any]:
         cuda = torch.cuda.is_available()
         info["device"] = torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores)"
         info["torch_threads"] = torch.get_num_threads()
+        info["cpu"] = numerics.host()  # each stage records the kernel level, pins and threads it ran with
     except ImportError:
         info["device"] = "unknown"
     return info
+
+
+def kernel_numerics_env(level: str) -> dict[str, str | None]:
+    """Environment for a stage kernel under pin level ``level``: its pins set, every other pin unset."""
+    env: dict[str, str | None] = dict.fromkeys(numerics.PIN_VARIABLES)
+    env.update(numerics.pin_environment(level))
+    return env
 
 
 def _state_path(profile: str) -> Path:
@@ -286,16 +294,18 @@ def run(
         state.pop(stage.name, None)
         artifacts.atomic_write_json(_state_path(profile), state)
         t0 = time.perf_counter()
+        kernel_env = kernel_numerics_env(stage.parameters.get("cpu_numerics", "default"))
         try:
-            papermill.execute_notebook(
-                str(stage.notebook),
-                str(out_nb),
-                parameters=stage.parameters,
-                kernel_name="python3",
-                cwd=str(artifacts.repo_root()),
-                progress_bar=sys.stderr.isatty(),
-                execution_timeout=cell_timeout,
-            )
+            with artifacts.environment_set(kernel_env):
+                papermill.execute_notebook(
+                    str(stage.notebook),
+                    str(out_nb),
+                    parameters=stage.parameters,
+                    kernel_name="python3",
+                    cwd=str(artifacts.repo_root()),
+                    progress_bar=sys.stderr.isatty(),
+                    execution_timeout=cell_timeout,
+                )
         except KeyboardInterrupt:
             raise Interrupted(_resume_hint(stage.name, time.perf_counter() - t0)) from None
         except papermill.PapermillExecutionError as exc:
@@ -351,6 +361,37 @@ def _resume_hint(stage: str, elapsed: float) -> str:
     )
 
 
+def compare(profile: str, other: Path) -> int:
+    """Print how ``other``'s tables differ from ``results/<profile>/tables``; 0 if all are identical, else 1."""
+    mine = artifacts.paths(profile).results / "tables"
+    theirs = next((d for d in (other / "tables", other / profile / "tables") if d.is_dir()), other)
+    if not theirs.is_dir():
+        raise ConfigError(f"compare: {other} is not a results folder (no tables/ inside)")
+    frame = reproducibility.comparison_frame(reproducibility.compare_tables(mine, theirs))
+    print(f"{mine} (A) vs {theirs} (B)")
+    print(frame.to_string(index=False))
+    n_same = int((frame["status"] == "identical").sum())
+    print(f"{n_same} of {len(frame)} tables identical")
+    if "rows_outside_interval" in frame:
+        outside = frame["rows_outside_interval"].dropna().sum()
+        print(f"{int(outside)} row(s) of B lie outside A's 95% interval (tables with value, ci_low, ci_high)")
+    return 0 if n_same == len(frame) else 1
+
+
+def write_golden_digests() -> Path:
+    """Run the smoke chain in a temporary folder and write its table digests to the golden file."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="erprm-golden-") as tmp:
+        with artifacts.redirected_roots(Path(tmp) / "runs", Path(tmp) / "results"):
+            run("smoke", force=True)
+            digests = reproducibility.table_digests(artifacts.paths("smoke").results / "tables")
+    path = artifacts.repo_root() / reproducibility.GOLDEN_FILE
+    reproducibility.write_digests(digests, path)
+    log.info("wrote %d table digests to %s", len(digests), path)
+    return path
+
+
 def run_benchmarks(names: list[str] | None = None) -> int:
     """Run benchmarks/bench_*.py one after the other; returns the number that failed."""
     bench_dir = artifacts.repo_root() / "benchmarks"
@@ -384,6 +425,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     fig = sub.add_parser("figures", help="redraw figures and the summary table from the tables (stage 06)")
     fig.add_argument("--profile", default="tiny")
+    cmp = sub.add_parser("compare", help="compare another run's tables with results/<profile>/tables")
+    cmp.add_argument("--profile", default="tiny")
+    cmp.add_argument("other", help="the other run's results/<profile> folder (or its tables/ folder)")
+    sub.add_parser(
+        "golden", help="rerun the smoke chain in a temporary folder and rewrite the golden digests"
+    )
     bench = sub.add_parser("bench", help="run the speed benchmarks")
     bench.add_argument("names", nargs="*")
     args = parser.parse_args(argv)
@@ -414,6 +461,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif args.command == "figures":
             run(args.profile, "06", "06", force=True)
+        elif args.command == "compare":
+            return compare(args.profile, Path(args.other))
+        elif args.command == "golden":
+            write_golden_digests()
         elif args.command == "bench":
             return 1 if run_benchmarks(args.names) else 0
     except (ConfigError, StageFailed, artifacts.ArtifactError) as exc:

@@ -37,7 +37,7 @@
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from erprm_core import artifacts, models, plotting, tasks, training
+from erprm_core import artifacts, numerics, plotting, tasks, training
 
 # %% tags=["parameters"]
 profile: str = "smoke"  # results/<profile> and runs/<profile> folders to use
@@ -74,10 +74,12 @@ prompt_template: str = "plain"  # policy prompt format: plain (tiny policy) or m
 device: str = "auto"  # auto, cpu or cuda
 dtype: str = "auto"  # auto (bf16 on a GPU that has it, else float32), float32, bfloat16
 torch_threads: int = 0  # CPU threads for torch (0: auto, the cores idle at the start)
+cpu_numerics: str = "avx2"  # CPU kernel paths: avx2 (pinned, same bits on any x86-64) or default
 
 # %%
 P = artifacts.paths(profile)  # the first stage: nothing upstream to check
-torch_threads = models.set_cpu_threads(torch_threads)
+numerics_info = numerics.configure(cpu_numerics, torch_threads)  # first: before any tensor operation
+torch_threads = numerics_info["torch_threads"]
 sizes = {"train_sft": n_train_sft, "train_prm": n_train_prm, "raft": n_raft, "test": n_test}
 if policy_name:
     sizes.pop("train_sft")  # a hub policy is not fine-tuned here
@@ -160,6 +162,6 @@ with pd.option_context("display.max_colwidth", 300):
     display(training.sample_examples(problems["test"], evaluation.samples, n_problems=3, per_problem=2))  # noqa: F821
 
 # %%
-manifest = artifacts.update_manifest(profile, "00_policy", seed=seed, task=task, split_sizes=sizes, torch_threads=torch_threads,
+manifest = artifacts.update_manifest(profile, "00_policy", seed=seed, task=task, split_sizes=sizes, torch_threads=torch_threads, numerics=numerics_info,
                                      split_checksums=dict(zip(split_summary["split"], split_summary["sha1"], strict=True)),
                                      eval_generated_tokens=evaluation.generated_tokens, **result.info)  # fmt: skip

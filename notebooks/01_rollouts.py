@@ -36,7 +36,7 @@
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from erprm_core import artifacts, evaluation, models, plotting, sampling
+from erprm_core import artifacts, evaluation, numerics, plotting, sampling
 
 # %% tags=["parameters"]
 profile: str = "smoke"  # results/<profile> and runs/<profile> folders to use
@@ -55,13 +55,15 @@ shard_size: int = 8  # problems per resumable shard
 device: str = "auto"  # auto, cpu or cuda
 dtype: str = "auto"  # auto (bf16 on a capable GPU, else fp32), float32, bfloat16, float16
 torch_threads: int = 0  # CPU threads for torch (0: auto, the cores idle at the start)
+cpu_numerics: str = "avx2"  # CPU kernel paths: avx2 (pinned, same bits on any x86-64) or default
 vllm_memory: float = 0.0  # vLLM gpu_memory_utilization per engine (0: 0.9, or 0.45 each with a completer)
 
 # %%
 P = artifacts.paths(profile)
 policy = evaluation.resolve_policy(profile)  # names 00_policy when the policy is missing
 problem_file = artifacts.require(P.problem_file("train_prm"), "00_policy", profile, "PRM training problems")
-torch_threads = models.set_cpu_threads(torch_threads)
+numerics_info = numerics.configure(cpu_numerics, torch_threads)  # first: before any tensor operation
+torch_threads = numerics_info["torch_threads"]
 problems = artifacts.read_jsonl(problem_file, ["id", "question", "answer", "task"])[: n_problems or None]
 memory = vllm_memory or (0.45 if completer_name else 0.0)
 policy_sampler = sampling.load_sampler(policy, backend, device, dtype, batch_size, memory)
@@ -125,7 +127,7 @@ plotting.save_figure(fig, P.figures, "rollouts_prefix_success")
 
 # %%
 artifacts.update_manifest(
-    profile, "01_rollouts", seed=seed, n_problems=len(problems), n_solutions=n_solutions, k=k, torch_threads=torch_threads,
+    profile, "01_rollouts", seed=seed, n_problems=len(problems), n_solutions=n_solutions, k=k, torch_threads=torch_threads, numerics=numerics_info,
     temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, completer=completer_name or "policy",
     backend=backend, batch_size=batch_size, shard_size=shard_size, **res.stats,
 )["stages"]["01_rollouts"]  # fmt: skip

@@ -38,7 +38,7 @@
 # the finished checkpoints, skips their training and evaluates them.
 
 # %%
-from erprm_core import artifacts, models, plotting, prm, training
+from erprm_core import artifacts, numerics, plotting, prm, training
 
 # %% tags=["parameters"]
 profile: str = "smoke"  # results/<profile> and runs/<profile> folders to use
@@ -59,13 +59,15 @@ scoring: str = "two_token"  # held-out step score: two_token (softmax over " +"/
 score_batch_size: int = 32  # solutions per scoring forward pass
 device: str = "auto"  # device for held-out scoring: auto, cpu or cuda (training: the Trainer's choice)
 torch_threads: int = 0  # CPU threads for torch (0: auto, the cores idle at the start)
+cpu_numerics: str = "avx2"  # CPU kernel paths: avx2 (pinned, same bits on any x86-64) or default
 
 # %%
 P = artifacts.paths(profile)
 if not base_model:
     artifacts.require(P.policy, "00_policy", profile, "policy checkpoint (the base of every PRM)")
 artifacts.require(P.labels_file, "02_labels", profile, "step labels")
-torch_threads = models.set_cpu_threads(torch_threads)
+numerics_info = numerics.configure(cpu_numerics, torch_threads)  # first: before any tensor operation
+torch_threads = numerics_info["torch_threads"]
 recipe = dict(epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
               seed=seed, lr_scheduler=lr_scheduler, warmup_ratio=warmup_ratio, weight_decay=weight_decay)  # fmt: skip
 recipe
@@ -140,7 +142,7 @@ plotting.save_figure(fig, P.figures, "prm_min_position")
 
 # %%
 artifacts.update_manifest(
-    profile, "03_train_prm", seed=seed, rules=res["rules"], base_model=res["base_model"], recipe=recipe, torch_threads=torch_threads,
+    profile, "03_train_prm", seed=seed, rules=res["rules"], base_model=res["base_model"], recipe=recipe, torch_threads=torch_threads, numerics=numerics_info,
     heldout_fraction=heldout_fraction, n_train_records=len(res["train"]), n_heldout_records=len(res["heldout"]),
     train_tokens=int(res["runs"]["train_tokens"].sum()), scoring=scoring,
     scored_tokens=int(ev["scoring"]["tokens"].sum()), scoring_forward_passes=int(ev["scoring"]["forward_passes"].sum()),

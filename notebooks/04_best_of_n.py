@@ -39,7 +39,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from erprm_core import artifacts, evaluation, models, plotting, report
+from erprm_core import artifacts, evaluation, numerics, plotting, report
 
 # %% tags=["parameters"]
 profile: str = "smoke"  # results/<profile> and runs/<profile> folders to use
@@ -65,6 +65,7 @@ prompt_template: str = "plain"  # policy prompt format: plain (tiny policy) or m
 backend: str = "hf"  # sampling backend: hf or vllm
 device: str = "auto"  # auto, cpu or cuda
 torch_threads: int = 0  # CPU threads for torch (0: auto, the cores idle at the start)
+cpu_numerics: str = "avx2"  # CPU kernel paths: avx2 (pinned, same bits on any x86-64) or default
 
 # %%
 P = artifacts.paths(profile)
@@ -72,7 +73,8 @@ policy = evaluation.resolve_policy(profile)  # names 00_policy when the policy i
 artifacts.require(P.problem_file("test"), "00_policy", profile, "test problems")
 prms = evaluation.trained_rules(profile)
 artifacts.require(P.prm(er_rule), "03_train_prm", profile, f"PRM of rule {er_rule}")
-torch_threads = models.set_cpu_threads(torch_threads)
+numerics_info = numerics.configure(cpu_numerics, torch_threads)  # first: before any tensor operation
+torch_threads = numerics_info["torch_threads"]
 pd.DataFrame({"rule": list(prms), "checkpoint": [p.name for p in prms.values()]})
 
 # %% [markdown]
@@ -181,7 +183,7 @@ plotting.save_figure(fig, P.figures, "bon_aggregations")
 # %%
 keys = ["problems", "candidates", "generated_tokens", "distinct_solutions", "prm_forward_passes",
         "prm_tokens_scored", "rules", "unanswered_last", "best_er_rule_post_hoc", "prms"]  # fmt: skip
-artifacts.update_manifest(profile, "04_best_of_n", seed=seed, n_max=n_max, scoring=scoring, torch_threads=torch_threads,
+artifacts.update_manifest(profile, "04_best_of_n", seed=seed, n_max=n_max, scoring=scoring, torch_threads=torch_threads, numerics=numerics_info,
                           aggregation=aggregation, er_rule=er_rule, orm_aggregation=orm_aggregation,
                           **{k: res.stats[k] for k in keys})  # fmt: skip
 res.stats["candidates"]

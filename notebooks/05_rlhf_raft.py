@@ -35,7 +35,7 @@
 # a failed one is reported with its reward model and iteration.
 
 # %%
-from erprm_core import artifacts, evaluation, models, plotting, raft
+from erprm_core import artifacts, evaluation, numerics, plotting, raft
 
 # %% tags=["parameters"]
 profile: str = "smoke"  # results/<profile> and runs/<profile> folders to use
@@ -60,13 +60,15 @@ prompt_template: str = "plain"  # policy prompt format: plain (tiny policy) or m
 backend: str = "hf"  # sampling backend: hf or vllm
 device: str = "auto"  # auto, cpu or cuda
 torch_threads: int = 0  # CPU threads for torch (0: auto, the cores idle at the start)
+cpu_numerics: str = "avx2"  # CPU kernel paths: avx2 (pinned, same bits on any x86-64) or default
 
 # %%
 P = artifacts.paths(profile)
 policy = evaluation.resolve_policy(profile)  # the 00_policy checkpoint, or the hub policy it recorded
 artifacts.require(P.problem_file("raft"), "00_policy", profile, "RAFT prompts")
 rewards = raft.reward_paths(profile, reward_models)  # names 03_train_prm when a PRM checkpoint is missing
-torch_threads = models.set_cpu_threads(torch_threads)
+numerics_info = numerics.configure(cpu_numerics, torch_threads)  # first: before any tensor operation
+torch_threads = numerics_info["torch_threads"]
 settings = dict(m=m, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, lr=lr,
                 lr_decay=lr_decay, lr_schedule=lr_schedule, epochs=epochs, aggregation=aggregation, seed=seed,
                 batch_size=batch_size, train_batch_size=train_batch_size, exclude_truncated=exclude_truncated,
@@ -133,7 +135,7 @@ raft.raft_audit(profile, reward_models, iterations)
 
 # %%
 info = raft.manifest_info(profile, reward_models, iterations)
-artifacts.update_manifest(profile, "05_rlhf_raft", seed=seed, torch_threads=torch_threads, **info)
+artifacts.update_manifest(profile, "05_rlhf_raft", seed=seed, torch_threads=torch_threads, numerics=numerics_info, **info)
 info
 
 # %% [markdown]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from erprm_core import artifacts, pipeline
+from erprm_core import artifacts, pipeline, reproducibility
 
 pytestmark = pytest.mark.slow
 
@@ -55,6 +55,19 @@ def test_tables_are_tidy_and_finite(smoke_run):
         assert (root / "results" / "smoke" / "figures" / f"{fig}.pdf").is_file()
 
 
+def test_tables_match_golden_digests(smoke_run):
+    """The golden check: with pinned numerics the smoke tables are the same bits on every x86-64 host."""
+    root, _, _ = smoke_run
+    golden = artifacts.repo_root() / reproducibility.GOLDEN_FILE
+    expected = reproducibility.read_digests(golden)
+    actual = reproducibility.table_digests(root / "results" / "smoke" / "tables")
+    mismatches = {k: v for k, v in reproducibility.digest_mismatches(expected, actual).items() if v}
+    assert not mismatches, (
+        f"smoke tables differ from {reproducibility.GOLDEN_FILE}: {mismatches}. If the change is meant to "
+        "change results, run `make golden` and commit the file; otherwise the change broke reproducibility."
+    )
+
+
 def test_manifest_records_every_stage(smoke_run):
     root, _, _ = smoke_run
     manifest = json.loads((root / "results" / "smoke" / "manifest.json").read_text())
@@ -64,8 +77,12 @@ def test_manifest_records_every_stage(smoke_run):
         entry = manifest["stages"][stage]
         assert entry["wall_s"] >= 0 and entry["parameters"]["profile"] == "smoke"
         assert entry["git_commit"] == manifest["environment"]["git_commit"]  # the commit each stage ran at
+    assert manifest["environment"]["cpu"]["cpu_model"]
     for stage in ("00_policy", "01_rollouts", "03_train_prm", "04_best_of_n", "05_rlhf_raft"):
         assert manifest["stages"][stage]["torch_threads"] >= 1
+        ran_with = manifest["stages"][stage]["numerics"]
+        assert ran_with["cpu_numerics"] == "avx2" and ran_with["aten_capability"] == "AVX2"
+        assert ran_with["pins"]["MKL_CBWR"] == "AVX2,STRICT"
 
 
 def test_nbval_on_executed_notebooks(smoke_run):

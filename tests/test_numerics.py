@@ -1,0 +1,69 @@
+"""Pinned CPU numerics: the pin levels, the kernel environment, and that the pins really take effect."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from erprm_core import numerics, pipeline
+
+
+def test_avx2_level_pins_all_three_libraries():
+    env = numerics.pin_environment("avx2")
+    assert env == {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert numerics.pin_environment("default") == {}
+
+
+def test_unknown_level_names_the_parameter():
+    with pytest.raises(ValueError, match="cpu_numerics='avx3'"):
+        numerics.pin_environment("avx3")
+
+
+def test_kernel_env_unsets_pins_for_the_default_level():
+    assert pipeline.kernel_numerics_env("default") == dict.fromkeys(numerics.PIN_VARIABLES)
+    assert pipeline.kernel_numerics_env("avx2")["MKL_CBWR"] == "AVX2,STRICT"
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k not in numerics.PIN_VARIABLES}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env={**clean, **env}
+    )
+
+
+def test_configure_pins_a_fresh_process_and_records_it():
+    proc = _run(
+        """
+        import json
+        from erprm_core import numerics
+        info = numerics.configure("avx2", 1)
+        print(json.dumps(info))
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    info = __import__("json").loads(proc.stdout.strip().splitlines()[-1])
+    assert info["aten_capability"] == "AVX2" and info["torch_threads"] == 1
+    assert info["pins"]["ONEDNN_MAX_CPU_ISA"] == "AVX2" and info["cpu_numerics"] == "avx2"
+    assert {"cpu_model", "cpu_flags", "blas", "onednn"} <= info.keys()
+
+
+def test_configure_too_late_fails_loudly():
+    host_default = _run("import torch; print(torch.backends.cpu.get_cpu_capability())").stdout.strip()
+    if host_default == "AVX2":
+        pytest.skip("this host's default kernel level is AVX2 already: nothing to detect")
+    proc = _run(
+        """
+        import torch
+        torch.ones(3).sum()
+        from erprm_core import numerics
+        numerics.configure("avx2", 1)
+        """
+    )
+    assert proc.returncode != 0 and "Restart the kernel" in proc.stderr
+
+
+def test_cpu_host_facts_are_recorded():
+    facts = numerics.host()
+    assert facts["cpu_model"] and isinstance(facts["cpu_flags"], list)
