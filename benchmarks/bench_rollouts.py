@@ -1,6 +1,6 @@
 """Benchmark: the kit's rollout sampler against a naive per-prefix ``generate`` loop, same policy and prefixes.
 
-The kit (:class:`erprm_core.sampling.HFSampler`) batches the step prefixes of many solutions together (left
+The kit (:class:`erprm_core.generation.HFSampler`) batches the step prefixes of many solutions together (left
 padding), runs each prefix ONCE and copies its KV cache to its ``k`` completions, and drops finished rows.
 The naive loop, what most released rollout scripts do, calls ``model.generate(prefix, num_return_sequences=k)``
 once per prefix: the prefix is run k times and nothing is batched across prefixes. Both stop a completion at
@@ -28,7 +28,11 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
-from erprm_core import artifacts, models, sampling  # noqa: E402
+from erprm_core import models, rollouts  # noqa: E402
+from erprm_core.generation import HFSampler  # noqa: E402
+from erprm_core.running import artifacts  # noqa: E402
+from erprm_core.sampler import cut_at_answer_line  # noqa: E402
+from erprm_core.stages.policy import build_tiny_model, build_tokenizer
 from erprm_core.steps import split_steps  # noqa: E402
 from erprm_core.tasks.arith import generate_problems  # noqa: E402
 
@@ -40,10 +44,8 @@ def load_policy():
         if (folder / "config.json").is_file():
             model, tok = models.load_causal_lm(folder, device="cpu", dtype="float32")
             return model, tok, f"{profile} policy ({models.count_parameters(model):,} parameters)"
-    tok = models.build_tokenizer(max_number=99)
-    model = models.build_tiny_model(
-        tok, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256
-    ).eval()
+    tok = build_tokenizer(max_number=99)
+    model = build_tiny_model(tok, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256).eval()
     return (
         model,
         tok,
@@ -56,7 +58,7 @@ def prefixes(n: int, seed: int = 0) -> list[str]:
     out: list[str] = []
     for p in generate_problems(n, seed=seed, max_value=99, max_operand=10):
         steps = split_steps(p["solution"])
-        out += [sampling.completion_prefix(p["question"], steps, i) for i in range(len(steps) - 1)]
+        out += [rollouts.completion_prefix(p["question"], steps, i) for i in range(len(steps) - 1)]
     return out[:n]
 
 
@@ -81,7 +83,7 @@ class AnswerLineStop:
         for b, last in enumerate(input_ids[:, -1].tolist()):
             if not self.done[b] and last in self.newline:
                 text = self.tokenizer.decode(input_ids[b, self.prompt_len :], skip_special_tokens=True)
-                self.done[b] = sampling._cut_at_answer_line(text) is not None
+                self.done[b] = cut_at_answer_line(text) is not None
         return torch.tensor(self.done, device=input_ids.device)
 
 
@@ -94,7 +96,7 @@ def count_until_stop(tokenizer, row: list[int], eos: int, pad: int) -> int:
         if tok == pad:
             return n - 1
         text = tokenizer.decode(row[:n], skip_special_tokens=True)
-        if "\n" in tokenizer.decode([tok]) and sampling._cut_at_answer_line(text) is not None:
+        if "\n" in tokenizer.decode([tok]) and cut_at_answer_line(text) is not None:
             return n
     return n
 
@@ -128,7 +130,7 @@ def naive(model, tokenizer, texts: list[str], k: int, max_new_tokens: int, seed:
 
 def kit(model, tokenizer, texts: list[str], k: int, max_new_tokens: int, seed: int, batch_size: int) -> int:
     """The kit's sampler over all prefixes at once; returns completion tokens."""
-    sampler = sampling.HFSampler(model, tokenizer, batch_size=batch_size)
+    sampler = HFSampler(model, tokenizer, batch_size=batch_size)
     gens = sampler.generate(
         texts, k, [("bench", i) for i in range(len(texts))], seed, 1.0, 1.0, max_new_tokens
     )

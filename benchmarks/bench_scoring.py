@@ -25,7 +25,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from erprm_core import models, prm, training  # noqa: E402
-from erprm_core.steps import split_steps  # noqa: E402
+from erprm_core.stages.policy import build_tiny_model, build_tokenizer
+from erprm_core.steps import format_prm_input, split_steps  # noqa: E402
 from erprm_core.tasks.arith import generate_problems  # noqa: E402
 
 
@@ -44,7 +45,7 @@ def score_per_step_prefix(
     """The naive scorer: re-encode the prefix up to each step's tag, one forward pass per step."""
     out = []
     for i in range(len(steps)):
-        text = prm.format_prm_input(question, steps[: i + 1], ids.step_tag)
+        text = format_prm_input(question, steps[: i + 1], ids.step_tag)
         input_ids = torch.tensor([tokenizer.encode(text)])
         logits = model(input_ids=input_ids).logits[0, -1]
         out.append(float(torch.softmax(logits[[ids.good_id, ids.bad_id]].float(), -1)[0]))
@@ -126,8 +127,8 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    tokenizer = models.build_tokenizer()
-    model = models.build_tiny_model(tokenizer, seed=0).eval()
+    tokenizer = build_tokenizer()
+    model = build_tiny_model(tokenizer, seed=0).eval()
     questions, steps = solutions(args.n_solutions, args.steps)
     n_params = models.count_parameters(model)
     print(

@@ -9,9 +9,6 @@ Robustness contract: garbage in gives ``None`` / ``False``, never an exception (
 ``ValueError``). math-verify's own timeouts (``signal.alarm``) bound every parse and comparison; they work only
 in the main thread, so calls from other threads are sent to a helper subprocess that is killed when it
 overruns (a pathological answer such as ``9^{9^{9^9}}`` can never hang the caller).
-
-Used by sampling (grading completions), evaluation (best-of-N accuracy), raft, and the task loaders
-(:func:`normalize_reference`).
 """
 
 from __future__ import annotations
@@ -38,20 +35,6 @@ VERIFY_TIMEOUT_S = 3  # math-verify timeout per comparison
 WORKER_TIMEOUT_S = 60.0  # backstop for one call in the helper subprocess (non-main threads), incl. start-up
 MAX_MATH_CHARS = 1000  # longer extracted MATH answers are compared as strings only (no sympy)
 REL_TOL = 1e-6  # numeric answers: relative tolerance after the exact comparison
-
-__all__ = [
-    "TASKS",
-    "extract_answer",
-    "is_correct",
-    "normalize_reference",
-    "numbers_equal",
-    "math_equal",
-    "last_boxed",
-]
-
-# ----------------------------------------------------------------------------------------------------
-# Finding the final-answer span
-# ----------------------------------------------------------------------------------------------------
 
 _MARKER = re.compile(
     r"(?P<phrase>\bthe\s+(?:final\s+)?answer\s+is\b\s*:?)|(?P<hash>####)|(?P<box>\\(?:boxed|fbox)(?![A-Za-z]))",
@@ -119,10 +102,6 @@ def last_boxed(text: str) -> str | None:
     return _final_span(text, boxes_only=True) if isinstance(text, str) else None
 
 
-# ----------------------------------------------------------------------------------------------------
-# Numbers (arith, gsm8k)
-# ----------------------------------------------------------------------------------------------------
-
 _NUMBER = re.compile(
     r"(?<![\w.])(?P<neg>[-\u2212\u2013]\s?)?\\?\$?\s?"
     r"(?P<num>(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
@@ -186,10 +165,6 @@ def numbers_equal(a: str, b: str, rel_tol: float = REL_TOL) -> bool:
         return False
 
 
-# ----------------------------------------------------------------------------------------------------
-# MATH expressions (math-verify)
-# ----------------------------------------------------------------------------------------------------
-
 _SPACING = re.compile(r"\\[,;:! ]|\\q?quad|\\left|\\right|\\displaystyle|\s+")
 
 
@@ -246,7 +221,7 @@ class _NoSignals(RuntimeError):
     """math-verify's SIGALRM timeouts cannot be used in this thread."""
 
 
-def _math_equal_here(pred: str, ref: str, parse_t: int | None, verify_t: int | None) -> bool:
+def math_equal_in_process(pred: str, ref: str, parse_t: int | None, verify_t: int | None) -> bool:
     """math-verify comparison in this thread, with its (SIGALRM, main thread only) timeouts in seconds."""
     from math_verify import verify
     from math_verify.errors import TimeoutException
@@ -335,8 +310,8 @@ class _Worker:
                 return False
 
 
-_WORKER = _Worker()
-atexit.register(_WORKER.close)
+MATH_WORKER = _Worker()  # the helper subprocess of non-main threads (tests close and restart it)
+atexit.register(MATH_WORKER.close)
 
 
 def _worker_loop() -> None:
@@ -344,7 +319,7 @@ def _worker_loop() -> None:
     for line in sys.stdin:
         try:
             pred, ref, parse_t, verify_t = json.loads(line)
-            ok = _math_equal_here(str(pred), str(ref), parse_t, verify_t)
+            ok = math_equal_in_process(str(pred), str(ref), parse_t, verify_t)
         except Exception:
             ok = False
         sys.stdout.write("true\n" if ok else "false\n")
@@ -368,16 +343,12 @@ def math_equal(pred: str, ref: str) -> bool:
     if threading.current_thread() is threading.main_thread() or os.name != "posix":
         try:
             if os.name == "posix":
-                return _math_equal_here(pred, ref, PARSE_TIMEOUT_S, VERIFY_TIMEOUT_S)
-            return _math_equal_here(pred, ref, None, None)  # math-verify's non-POSIX timeouts spawn processes
+                return math_equal_in_process(pred, ref, PARSE_TIMEOUT_S, VERIFY_TIMEOUT_S)
+            # without signals math-verify's own timeouts spawn processes: none here
+            return math_equal_in_process(pred, ref, None, None)
         except _NoSignals:  # signals unavailable after all (e.g. a sub-interpreter)
             pass
-    return _WORKER.equal(pred, ref)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Public interface
-# ----------------------------------------------------------------------------------------------------
+    return MATH_WORKER.equal(pred, ref)
 
 
 def extract_answer(text: str | None, task: str) -> str | None:

@@ -6,27 +6,25 @@ The entropy-regularised process reward of a prefix, estimated from k sampled com
     er_label(y, eta) = (1/eta) * ln( (1/k) * sum_j exp(eta * y_j) )
 
 which tends to the mean (Math-Shepherd "soft" label) as eta -> 0, to the max ("hard" label) as
-eta -> +inf and to the min as eta -> -inf. Used by the 02_labels stage and by the tests.
+eta -> +inf and to the min as eta -> -inf.
+
+The module also owns the names of label rules and methods: :func:`rule_name` / :func:`rule_eta` /
+:func:`eta_text` for rules (``soft``, ``er_<eta>``, ``hard``, ``min``, ``orm``), the one parser of method
+names such as ``"er_1:min"`` or ``"weighted_er_1:min"`` (:func:`parse_method`, :func:`method_name`) and the two
+orders (:func:`rule_sort_key` for rules, :func:`method_order` for methods).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
-__all__ = [
-    "er_label",
-    "soft_label",
-    "hard_label",
-    "outcome_label",
-    "er_label_from_fraction",
-    "rule_name",
-    "rule_eta",
-    "stepwise_labels",
-    "parse_eta_grid",
-]
+BASELINES = ("random", "majority", "oracle")
+WEIGHTED_PREFIX = "weighted_"
+_RAISE = object()  # rule_eta's default: raise ValueError for a rule without an eta
 
 
 def _as_rewards(rewards: Any, axis: int) -> tuple[np.ndarray, bool]:
@@ -133,8 +131,9 @@ def rule_name(eta: float) -> str:
     return f"er_{eta:g}"
 
 
-def rule_eta(rule: str) -> float:
-    """Inverse of :func:`rule_name` (``orm`` has no eta and raises ValueError)."""
+def rule_eta(rule: str, default: Any = _RAISE) -> Any:
+    """Inverse of :func:`rule_name`. A rule with no eta (``orm``, a baseline) raises ValueError, or returns
+    ``default`` when one is given (e.g. ``None`` or ``nan``)."""
     if rule == "soft":
         return 0.0
     if rule == "hard":
@@ -142,47 +141,65 @@ def rule_eta(rule: str) -> float:
     if rule == "min":
         return -math.inf
     if rule.startswith("er_"):
-        return float(rule[3:])
+        try:
+            return float(rule[3:])
+        except ValueError:
+            if default is _RAISE:
+                raise
+            return default
+    if default is not _RAISE:
+        return default
     raise ValueError(f"label rule {rule!r} has no eta (known: soft, hard, min, er_<eta>)")
 
 
-def stepwise_labels(
-    completion_rewards: list[list[float]], outcome: float, etas: list[float]
-) -> dict[str, list[float | None]]:
-    """Labels of every step of one solution, for each eta in ``etas`` plus the ORM rule.
+def eta_text(rule: str) -> str:
+    """The eta of an ``er_<eta>`` rule as written in its name (``er_0.5`` -> ``"0.5"``), for legends."""
+    return rule.removeprefix("er_")
 
-    ``completion_rewards[i]`` holds the k graded completions of the prefix ending at step i, for every step
-    but the last; the last step gets the solution's true ``outcome`` under every rule. The ORM rule labels
-    only the last step (earlier entries are None, i.e. no training target).
+
+def parse_method(method: str) -> tuple[str, str | None, bool]:
+    """Split a method name into ``(rule, aggregation or None, weighted)``.
+
+    >>> parse_method("er_1:min")
+    ('er_1', 'min', False)
+    >>> parse_method("weighted_orm:last")
+    ('orm', 'last', True)
+    >>> parse_method("majority")
+    ('majority', None, False)
     """
-    n_steps = len(completion_rewards) + 1
-    out: dict[str, list[float | None]] = {}
-    for eta in etas:
-        vals: list[float | None] = [er_label(r, eta) for r in completion_rewards]
-        out[rule_name(eta)] = [*vals, float(outcome)]
-    out["orm"] = [None] * (n_steps - 1) + [float(outcome)]
-    return out
+    base, _, agg = method.partition(":")
+    weighted = base.startswith(WEIGHTED_PREFIX)
+    return base.removeprefix(WEIGHTED_PREFIX), agg or None, weighted
 
 
-def parse_eta_grid(text: str) -> list[float]:
-    """Parse a notebook parameter such as ``"0,0.1,1,inf"`` into floats (``inf``/``-inf`` allowed).
+def method_name(rule: str, aggregation: str | None = None, weighted: bool = False) -> str:
+    """Inverse of :func:`parse_method`: ``("er_1", "min")`` -> ``"er_1:min"``; ``weighted`` adds the
+    ``weighted_`` prefix of a weighted-vote method."""
+    name = f"{rule}:{aggregation}" if aggregation else rule
+    return WEIGHTED_PREFIX + name if weighted else name
 
-    Raises ValueError naming the bad entry; NaN and duplicates are rejected.
-    """
-    etas: list[float] = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            eta = float(part)
-        except ValueError:
-            raise ValueError(f"eta grid {text!r}: {part!r} is not a number (use e.g. 0,0.1,1,inf)") from None
-        if math.isnan(eta):
-            raise ValueError(f"eta grid {text!r}: NaN is not a valid eta")
-        if eta in etas:
-            raise ValueError(f"eta grid {text!r}: {part!r} appears twice")
-        etas.append(eta)
-    if not etas:
-        raise ValueError(f"eta grid {text!r} is empty")
-    return etas
+
+def rule_sort_key(rule: str) -> tuple[int, float, str]:
+    """Order of label rules in tables: soft, ER by increasing eta, hard, then ORM and anything else."""
+    try:
+        return (0, rule_eta(rule), rule)
+    except ValueError:
+        return (1 if rule == "orm" else 2, 0.0, rule)
+
+
+def method_sort_key(method: str) -> tuple[int, float, str]:
+    """Sort key of :func:`method_order`: reward models by eta, ORM, majority, random, weighted votes,
+    oracle, then anything else."""
+    rule, agg, weighted = parse_method(method)
+    if weighted:
+        return (5, 0.0, method)
+    eta = rule_eta(rule, default=None)
+    if eta is not None:
+        return (1, eta, agg or "")
+    rank = {"orm": 2, "majority": 3, "random": 4, "oracle": 6}.get(rule, 7)
+    return (rank, 0.0, method)
+
+
+def method_order(methods: Iterable[str]) -> list[str]:
+    """Sort methods: soft, ER by increasing eta, hard, ORM, then baselines, then weighted votes."""
+    return sorted(set(methods), key=method_sort_key)

@@ -1,17 +1,8 @@
-"""Models: the tiny word-level tokenizer and Llama model of the embedded default, and a loader for any LM.
+"""Models: a loader for any causal LM, and the device and dtype it runs in.
 
-- :func:`build_tokenizer` makes a small tokenizer with the ``tokenizers`` library, fitted on the ``arith``
-  task's words: every word and every number ``0..max_number`` is ONE token (with and without a leading
-  space), so a whole problem is ~90-250 tokens and learnable on a CPU in minutes. Punctuation is one character
-  per token, so in the PRM format ``question + " " + "".join(step + " ки" for step in steps)`` the step tag
-  " ки" is one token at every step end (also in ``"12 киTom"``) and " +" / " -" after the tag are single
-  tokens. ``decode(encode(text)) == text`` for task text, newlines and the PRM format included.
-- :func:`build_tiny_model` makes a ``LlamaForCausalLM`` from a config sized by parameters.
-- :func:`load_causal_lm` loads any hub name or local folder through the Auto classes (the tiny policy,
-  once saved with ``save_pretrained``, loads exactly like a hub model); :func:`resolve_device` and
-  :func:`resolve_dtype` pick the device and dtype.
-
-Used by 00_policy (training), sampling, prm, raft and the tests.
+:func:`load_causal_lm` loads any hub name or local folder through the Auto classes (the tiny policy of the
+embedded default, built by ``erprm_core.stages.policy`` and saved with ``save_pretrained``, loads exactly like
+a hub model); :func:`resolve_device` and :func:`resolve_dtype` pick the device and dtype.
 """
 
 from __future__ import annotations
@@ -23,128 +14,7 @@ from typing import Any
 
 import torch
 
-from erprm_core.steps import BAD_TOKEN, GOOD_TOKEN, STEP_TAG
-
 log = logging.getLogger(__name__)
-
-PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
-
-# One pre-token is: an optional single leading space, then a run of ASCII letters, or a run of digits
-# (at most 3, so every number of the task is one token), or a run of other non-space non-ASCII letters
-# (the Cyrillic step tag), or ONE punctuation/symbol character; or a lone whitespace character.
-PRETOKEN_PATTERN = r" ?[A-Za-z]+| ?[0-9]{1,3}| ?[^\sA-Za-z0-9\x00-\x7f]+| ?[^\sA-Za-z0-9]|\s"
-
-__all__ = [
-    "PRETOKEN_PATTERN",
-    "build_tokenizer",
-    "build_tiny_model",
-    "count_parameters",
-    "load_causal_lm",
-    "resolve_device",
-    "resolve_dtype",
-]
-
-
-def _pre_tokenizer():
-    from tokenizers import Regex, pre_tokenizers
-
-    return pre_tokenizers.Split(Regex(PRETOKEN_PATTERN), behavior="isolated")
-
-
-def build_tokenizer(
-    texts: list[str] | None = None,
-    max_number: int = 999,
-    model_max_length: int = 512,
-):
-    """A word-level ``PreTrainedTokenizerFast`` fitted on ``texts`` (default: the ``arith`` task's words).
-
-    The vocabulary holds: the special tokens ``<pad> <s> </s> <unk>``; every pre-token of ``texts`` with
-    and without a leading space; every number ``0..max_number``, every printable ASCII symbol and the step
-    tag, each with and without a leading space; ``" "``, ``"\\n"`` and ``"\\t"``. Token ids are assigned in
-    a fixed (sorted) order, so the same inputs always give the same tokenizer. Encoding adds ``<s>`` in
-    front (``add_special_tokens=True``); training appends ``</s>`` itself. Decoding concatenates tokens.
-    """
-    from tokenizers import Tokenizer, decoders, models, processors
-    from transformers import PreTrainedTokenizerFast
-
-    if texts is None:
-        from erprm_core.tasks.arith import vocabulary_words
-
-        texts = vocabulary_words()
-    if not 0 <= max_number <= 99_999:
-        raise ValueError(f"max_number={max_number} out of range 0..99999")
-    pre = _pre_tokenizer()
-    words: set[str] = {STEP_TAG, GOOD_TOKEN, BAD_TOKEN}
-    for text in texts:
-        for piece, _ in pre.pre_tokenize_str(text):
-            if piece.strip():
-                words.add(piece.strip())
-    words.update(str(i) for i in range(max_number + 1))
-    words.update(chr(c) for c in range(33, 127) if not chr(c).isalnum())
-    pieces = sorted(words) + sorted(" " + w for w in words) + [" ", "\n", "\t"]
-    vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS, UNK])}
-    for piece in pieces:
-        vocab.setdefault(piece, len(vocab))
-
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre
-    tok.decoder = decoders.Fuse()
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=UNK,
-        pad_token=PAD,
-        model_max_length=model_max_length,
-        clean_up_tokenization_spaces=False,
-        padding_side="right",
-    )
-    return fast
-
-
-def build_tiny_model(
-    tokenizer,
-    hidden_size: int = 128,
-    num_layers: int = 4,
-    num_heads: int = 4,
-    intermediate_size: int = 256,
-    max_position_embeddings: int = 256,
-    seed: int = 0,
-    tie_word_embeddings: bool = True,
-):
-    """A freshly initialised ``LlamaForCausalLM`` (float32) sized by the arguments, for ``tokenizer``.
-
-    Initialisation is deterministic given ``seed``. Special token ids come from the tokenizer.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if hidden_size % num_heads:
-        raise ValueError(f"hidden_size={hidden_size} must be a multiple of num_heads={num_heads}")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=tie_word_embeddings,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        attention_dropout=0.0,
-        rms_norm_eps=1e-5,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    return model
 
 
 def count_parameters(model) -> int:
@@ -164,57 +34,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
-def _busy_cpu_fraction(window_s: float) -> float | None:
-    """Fraction of all CPU time that was busy during ``window_s`` seconds (Linux /proc/stat), else None."""
-    import time
-
-    def sample() -> tuple[int, int] | None:
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(v) for v in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return sum(fields[:8]), idle
-
-    first = sample()
-    time.sleep(window_s)
-    second = sample()
-    if first is None or second is None or second[0] <= first[0]:
-        return None
-    return 1.0 - (second[1] - first[1]) / (second[0] - first[0])
-
-
-def set_cpu_threads(requested: int = 0, window_s: float = 0.5) -> int:
-    """Set torch's CPU thread count and return it. ``requested`` > 0 is used as is.
-
-    ``0`` (auto) uses the cores that are idle right now: the usable cores times the idle fraction measured
-    over ``window_s`` seconds, rounded, at least 1. The reason: torch's OpenMP threads spin while they wait,
-    so two threads on a 2-core machine whose other core is busy run about twice as slowly as one thread,
-    while on an idle machine they run about 1.8x faster than one. The count does not change results (the
-    CPU kernels used here give the same bits for 1 and 2 threads); the manifest records it.
-    """
-    if requested < 0:
-        raise ValueError(f"torch_threads must be >= 0 (0 = auto), got {requested}")
-    if requested == 0:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            cores = os.cpu_count() or 1
-        busy = _busy_cpu_fraction(window_s)
-        requested = cores if busy is None else max(1, min(cores, round(cores * (1.0 - busy))))
-    torch.set_num_threads(requested)
-    return requested
-
-
 _DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
+    "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}  # fmt: skip
 
 
 def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device = "auto") -> torch.dtype:

@@ -6,17 +6,12 @@ step by the next-token logits of the "good" and "bad" tokens (" +" / " -"):
 softmax probability of the good token (mode ``"full_vocab"``, what the ER-PRM code used on GSM8K). All step
 scores of a solution come from ONE forward pass.
 
-The two things training and scoring must agree on live here and nowhere else:
-
-- :func:`resolve_prm_token_ids` -- the tag / good / bad token ids, resolved *in context* the Math-Shepherd
-  way (the tag as it appears after a space, the good/bad token as it appears after the tag), each checked to
-  be one token that spells the whole string.
-- :func:`encode_for_prm` -- tokenisation of one solution and the token position of each step's tag
-  (plus, for training, the labels that survive). Truncation keeps the beginning of the text: steps whose
-  tag falls beyond ``max_length`` lose their label (counted), the rest of the sample is kept.
-
-:func:`audit_prm_dataset` counts, per reason, every sample that training would keep or skip (nothing
-disappears silently). Used by training (PRM section), 03_train_prm, 04_best_of_n, raft and the benchmarks.
+The two things training and scoring must agree on live here and nowhere else: the token ids
+(:func:`resolve_prm_token_ids`, resolved *in context* the Math-Shepherd way) and the tokenisation with each
+step's tag position (:func:`encode_for_prm`; truncation keeps the beginning of the text, and steps whose tag
+falls beyond ``max_length`` lose their label, counted). :func:`prm_training_features` counts, per reason,
+every sample that training keeps or skips; :func:`soft_label_prm_loss` is the training loss on the two tag
+logits.
 """
 
 from __future__ import annotations
@@ -32,7 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from erprm_core.artifacts import Audit
+from erprm_core import models
+from erprm_core.io import Audit
 from erprm_core.steps import BAD_TOKEN, GOOD_TOKEN, STEP_TAG, format_prm_input
 
 log = logging.getLogger(__name__)
@@ -46,37 +42,7 @@ STATUS_TRUNCATED = "truncated"
 STATUS_TAG_MISMATCH = "tag_count_mismatch"
 STATUS_EMPTY = "empty"
 
-__all__ = [
-    "SCORING_MODES",
-    "AGGREGATIONS",
-    "PRMTokenIds",
-    "PRMEncoding",
-    "resolve_prm_token_ids",
-    "tag_positions",
-    "encode_for_prm",
-    "prm_training_features",
-    "audit_prm_dataset",
-    "tag_logits",
-    "pair_logits",
-    "step_probabilities",
-    "ProcessRewardModel",
-    "aggregate",
-    "select_rules",
-    "heldout_fraction_of",
-    "split_heldout",
-    "heldout_step_scores",
-    "heldout_metrics",
-    "evaluate_prm_rules",
-    "figure_training_curves",
-    "figure_calibration",
-    "figure_min_position",
-    "main",
-]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Token ids: resolved once, the same way for training and scoring
-# ----------------------------------------------------------------------------------------------------
+# --- Token ids: resolved once, the same way for training and scoring ---
 
 
 @dataclass(frozen=True)
@@ -142,9 +108,7 @@ def resolve_prm_token_ids(
     return PRMTokenIds(step_tag, good_token, bad_token, tag_id, good_id, bad_id)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Encoding: the ONE place that decides where the step tags are
-# ----------------------------------------------------------------------------------------------------
+# --- Encoding: the ONE place that decides where the step tags are ---
 
 
 def tag_positions(input_ids: Sequence[int] | torch.Tensor, tag_id: int) -> list[int]:
@@ -275,7 +239,7 @@ def prm_training_features(
     ``truncated_no_label_left`` (skipped: every labelled tag was cut); ``tag_count_mismatch`` (skipped);
     ``label_count_mismatch`` (skipped: labels and steps differ in number); ``empty`` (skipped: no steps
     or no labelled step). Returns features ``{"input_ids", "positions", "targets"}`` (targets float) and
-    the :class:`~erprm_core.artifacts.Audit`.
+    the :class:`~erprm_core.io.Audit`.
     """
     ids = ids or resolve_prm_token_ids(tokenizer)
     audit = Audit(stage)
@@ -326,21 +290,7 @@ def prm_training_features(
     return features, audit
 
 
-def audit_prm_dataset(
-    tokenizer: Any,
-    records: Sequence[dict[str, Any]],
-    max_length: int | None,
-    rule: str | None = None,
-    ids: PRMTokenIds | None = None,
-) -> Audit:
-    """The audit of :func:`prm_training_features` alone: counts by reason (kept, truncated, labels_lost,
-    tag_count_mismatch, label_count_mismatch, empty, ...) with one example each."""
-    return prm_training_features(tokenizer, records, rule, max_length, ids)[1]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Logits at the tags (shared by the training loss and the scorer)
-# ----------------------------------------------------------------------------------------------------
+# --- Logits at the tags (shared by the training loss and the scorer) ---
 
 
 def _accepts_logits_to_keep(model: Any) -> bool:
@@ -412,9 +362,7 @@ def step_probabilities(
     raise ValueError(f"scoring={scoring!r} unknown; choose one of {SCORING_MODES}")
 
 
-# ----------------------------------------------------------------------------------------------------
-# The scorer
-# ----------------------------------------------------------------------------------------------------
+# --- The scorer ---
 
 
 class ProcessRewardModel:
@@ -422,7 +370,6 @@ class ProcessRewardModel:
 
     ``scoring`` is "two_token" (softmax over the good/bad logits, default) or "full_vocab". Steps whose tag
     is lost (beyond ``max_length``, or not a single tag token) get NaN, counted in ``self.audit``.
-    ``info()`` returns what to record with any result (model, scoring mode, tokens and ids).
     ``share_prefix`` ("auto", True, False): solutions of the same question in one batch run the shared
     leading tokens (the question) once and reuse their KV cache; "auto" enables it for Hugging Face models
     with a standard dynamic cache. The scores equal the unshared ones up to float rounding.
@@ -477,17 +424,7 @@ class ProcessRewardModel:
     ) -> ProcessRewardModel:
         """Load a PRM from a hub name or a save_pretrained folder (any causal LM whose vocabulary has the tag
         and the good/bad tokens, e.g. a Math-Shepherd checkpoint). ``model_kwargs`` go to the model loader."""
-        try:
-            from erprm_core.models import load_causal_lm
-        except ImportError:  # pragma: no cover - models.py is part of the package
-            load_causal_lm = None
-        if load_causal_lm is not None:
-            model, tokenizer = load_causal_lm(path_or_name, device=device, dtype=dtype, **model_kwargs)
-        else:  # pragma: no cover
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(path_or_name))
-            model = AutoModelForCausalLM.from_pretrained(str(path_or_name), **model_kwargs).eval()
+        model, tokenizer = models.load_causal_lm(path_or_name, device=device, dtype=dtype, **model_kwargs)
         return cls(
             model,
             tokenizer,
@@ -684,396 +621,43 @@ def aggregate(step_scores: Sequence[float], how: str = "min") -> float:
     return float(arr.mean())
 
 
-# ----------------------------------------------------------------------------------------------------
-# 03_train_prm: rules, the held-out split, held-out evaluation and its figures
-# ----------------------------------------------------------------------------------------------------
+# --- Training loss ---
 
 
-def select_rules(records: Sequence[dict[str, Any]], rules: str | Sequence[str] = "all") -> list[str]:
-    """The label rules to train: ``"all"`` = every rule in the labels file (soft, ER by eta, hard, ORM
-    order), or a comma list / sequence, each checked against the file (unknown -> ValueError naming them)."""
-    from erprm_core.plotting import method_order
-
-    if not records:
-        raise ValueError("no labelled records: nothing to choose rules from")
-    available = set(records[0].get("labels") or {})
-    for rec in records[1:]:
-        available &= set(rec.get("labels") or {})
-    if isinstance(rules, str):
-        names = [r.strip() for r in rules.split(",") if r.strip()]
-    else:
-        names = [str(r) for r in rules]
-    if names == ["all"]:
-        return method_order(available)
-    unknown = [r for r in names if r not in available]
-    if unknown or not names:
-        raise ValueError(
-            f"rules {unknown or names} not in the labels file; available: {method_order(available)}"
-        )
-    if len(set(names)) != len(names):
-        raise ValueError(f"rules lists a rule twice: {names}")
-    return names
-
-
-def heldout_fraction_of(problem_id: str, salt: str = "erprm-heldout") -> float:
-    """A number in [0, 1) fixed by the problem id (SHA-256; the same in every process and Python version)."""
-    import hashlib
-
-    digest = hashlib.sha256(f"{salt}|{problem_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") / 2.0**64
-
-
-def split_heldout(
-    records: Sequence[dict[str, Any]], heldout_fraction: float, salt: str = "erprm-heldout"
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train, held-out) by problem id: a problem's rollouts all go to held-out when
-    ``heldout_fraction_of(problem_id) < heldout_fraction``; deterministic, independent of record order.
-
-    With ``heldout_fraction > 0`` and at least two problems, both sides get at least one problem (the one
-    with the smallest / largest hash value moves over), so small profiles always have something to check.
-    """
-    if not 0.0 <= heldout_fraction < 1.0:
-        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
-    u = {str(r["problem_id"]): heldout_fraction_of(str(r["problem_id"]), salt) for r in records}
-    held_ids = {pid for pid, v in u.items() if v < heldout_fraction}
-    if heldout_fraction > 0 and len(u) >= 2:
-        if not held_ids:
-            held_ids = {min(u, key=u.get)}
-        elif len(held_ids) == len(u):
-            held_ids.discard(max(u, key=u.get))
-    train = [r for r in records if str(r["problem_id"]) not in held_ids]
-    held = [r for r in records if str(r["problem_id"]) in held_ids]
-    return train, held
-
-
-def heldout_step_scores(
-    model: ProcessRewardModel, records: Sequence[dict[str, Any]], rule: str, batch_size: int = 32
-) -> Any:
-    """One row per held-out step: rule, problem_id, sample_index, step, n_steps, score, label (of ``rule``,
-    NaN when unlabelled), outcome, and the hard label (NaN when the file has none)."""
-    import pandas as pd
-
-    scores = model.score_batch([r["question"] for r in records], [r["steps"] for r in records], batch_size)
-    rows = []
-    for rec, ss in zip(records, scores, strict=True):
-        own = rec["labels"].get(rule) or [None] * len(ss)
-        hard = rec["labels"].get("hard") or [None] * len(ss)
-        for i, s in enumerate(ss):
-            rows.append(
-                {
-                    "rule": rule,
-                    "problem_id": rec["problem_id"],
-                    "sample_index": rec.get("sample_index", 0),
-                    "step": i,
-                    "n_steps": len(ss),
-                    "score": s,
-                    "label": np.nan if own[i] is None else float(own[i]),
-                    "hard_label": np.nan if hard[i] is None else float(hard[i]),
-                    "outcome": int(rec["outcome"]),
-                }
-            )
-    return pd.DataFrame(rows)
-
-
-def _solution_frame(scores: Any) -> Any:
-    """Per solution: last-step score, min score, relative position of the min, first dead step."""
-    import pandas as pd
-
-    rows = []
-    for (rule, pid, si), g in scores.groupby(["rule", "problem_id", "sample_index"], sort=False):
-        g = g.sort_values("step")
-        s = g["score"].to_numpy()
-        ok = ~np.isnan(s)
-        if not ok.any():
-            continue
-        argmin = int(np.nanargmin(s))
-        dead = np.flatnonzero(g["hard_label"].to_numpy() == 0.0)
-        rows.append(
-            {
-                "rule": rule,
-                "problem_id": pid,
-                "sample_index": si,
-                "outcome": int(g["outcome"].iloc[0]),
-                "n_steps": len(s),
-                "last": float(s[ok][-1]),
-                "min": float(np.nanmin(s)),
-                "argmin": argmin,
-                "rel_argmin": argmin / (len(s) - 1) if len(s) > 1 else np.nan,
-                "first_dead": int(dead[0]) if dead.size else -1,
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def heldout_metrics(scores: Any, n_bins: int = 10, position_bins: int = 5) -> dict[str, Any]:
-    """Tables of the held-out evaluation from :func:`heldout_step_scores` rows (several rules allowed).
-
-    Returns ``{"metrics", "calibration", "min_position"}``:
-    metrics (rule, metric, value, n): ``brier`` and ``ece`` of step scores against the rule's own labels,
-    ``auroc_last`` / ``auroc_min`` (last-step / min score against the outcome), ``mean_score``,
-    ``argmin_at_first_dead_step`` (incorrect solutions: the min falls on the first step whose hard label
-    is 0, i.e. the first step after which no completion reached the answer);
-    calibration (rule, bin, bin_low, bin_high, mean_pred, mean_target, count);
-    min_position (rule, outcome, bin, bin_low, bin_high, count, fraction): where in the solution
-    (relative position 0 = first step, 1 = last) the minimum step score falls, solutions of >= 2 steps.
-    """
-    import pandas as pd
-
-    from erprm_core import evaluation
-
-    metric_rows, calib, positions = [], [], []
-    sols = _solution_frame(scores)
-    edges = np.linspace(0.0, 1.0, position_bins + 1)
-    for rule in scores["rule"].unique():
-        g = scores[(scores["rule"] == rule) & scores["score"].notna()]
-        lab = g[g["label"].notna()]
-        if len(lab):
-            metric_rows.append((rule, "brier", evaluation.brier_score(lab["score"], lab["label"]), len(lab)))
-            metric_rows.append(
-                (
-                    rule,
-                    "ece",
-                    evaluation.expected_calibration_error(lab["score"], lab["label"], n_bins),
-                    len(lab),
-                )
-            )
-            calib.append(evaluation.calibration_bins(lab["score"], lab["label"], n_bins).assign(rule=rule))
-        metric_rows.append((rule, "mean_score", float(g["score"].mean()), len(g)))
-        sr = sols[sols["rule"] == rule]
-        if len(sr):
-            metric_rows.append((rule, "auroc_last", evaluation.auroc(sr["last"], sr["outcome"]), len(sr)))
-            metric_rows.append((rule, "auroc_min", evaluation.auroc(sr["min"], sr["outcome"]), len(sr)))
-            wrong = sr[(sr["outcome"] == 0) & (sr["first_dead"] >= 0)]
-            if len(wrong):
-                hit = float((wrong["argmin"] == wrong["first_dead"]).mean())
-                metric_rows.append((rule, "argmin_at_first_dead_step", hit, len(wrong)))
-        multi = sr[sr["n_steps"] > 1]
-        for outcome in (0, 1):
-            rel = multi[multi["outcome"] == outcome]["rel_argmin"].to_numpy()
-            idx = np.clip(np.searchsorted(edges, rel, side="right") - 1, 0, position_bins - 1)
-            count = np.bincount(idx, minlength=position_bins)
-            for b in range(position_bins):
-                positions.append(
-                    {
-                        "rule": rule,
-                        "outcome": outcome,
-                        "bin": b,
-                        "bin_low": edges[b],
-                        "bin_high": edges[b + 1],
-                        "count": int(count[b]),
-                        "fraction": float(count[b] / count.sum()) if count.sum() else np.nan,
-                    }
-                )
-    metrics = pd.DataFrame(metric_rows, columns=["rule", "metric", "value", "n"])
-    calib_cols = ["rule", "bin", "bin_low", "bin_high", "mean_pred", "mean_target", "count"]
-    calibration = (
-        pd.concat(calib, ignore_index=True)[calib_cols] if calib else pd.DataFrame(columns=calib_cols)
-    )
-    return {"metrics": metrics, "calibration": calibration, "min_position": pd.DataFrame(positions)}
-
-
-def evaluate_prm_rules(
-    prm_folders: dict[str, Any],
-    records: Sequence[dict[str, Any]],
+def soft_label_prm_loss(
+    logits: torch.Tensor,
+    positions: torch.Tensor | None,
+    targets: torch.Tensor,
     *,
-    scoring: str = "two_token",
-    batch_size: int = 32,
-    device: str = "auto",
-    n_bins: int = 10,
-) -> dict[str, Any]:
-    """Score held-out ``records`` with the PRM of every rule (``{rule: checkpoint folder}``) and compute
-    :func:`heldout_metrics`. Adds ``"scores"`` (every step score) and ``"scoring"`` (forward passes and
-    tokens per rule); the metrics table gets a ``scoring`` column (the mode is part of every result)."""
-    import pandas as pd
-    from tqdm.auto import tqdm
+    good_id: int,
+    bad_id: int,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean soft-label cross-entropy over the labelled step tags.
 
-    if not records:
-        raise ValueError("no held-out records to evaluate on (raise heldout_fraction or add problems)")
-    frames, usage = [], []
-    for rule, folder in tqdm(list(prm_folders.items()), desc="held-out scoring", unit="PRM"):
-        model = ProcessRewardModel.from_pretrained(folder, scoring=scoring, device=device)
-        frames.append(heldout_step_scores(model, records, rule, batch_size))
-        usage.append(
-            {
-                "rule": rule,
-                "forward_passes": model.forward_passes,
-                "tokens": model.tokens_scored,
-                "unscored_steps": int(model.audit.counts.get("steps_unscored", 0)),
-            }
-        )
-        del model
-    scores = pd.concat(frames, ignore_index=True)
-    out = heldout_metrics(scores, n_bins=n_bins)
-    out["metrics"] = out["metrics"].assign(scoring=scoring)
-    out["scores"] = scores
-    out["scoring"] = pd.DataFrame(usage)
-    return out
-
-
-def figure_training_curves(log: Any, smooth: int = 1) -> Any:
-    """Training loss against optimizer step, one line per rule (rolling mean over ``smooth`` steps)."""
-    import matplotlib.pyplot as plt
-
-    from erprm_core import plotting
-
-    fig, ax = plt.subplots(figsize=(5.6, 3.8))
-    for rule in plotting.method_order(log["rule"].unique()):
-        g = log[log["rule"] == rule].sort_values("step")
-        ax.plot(
-            g["step"],
-            g["loss"].rolling(max(1, smooth), min_periods=1).mean(),
-            color=plotting.method_colour(rule),
-            label=plotting.method_label(rule),
-        )
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("soft-label cross-entropy")
-    ax.set_title("PRM training")
-    ax.legend(fontsize=7, ncol=2)
-    return fig
-
-
-def figure_calibration(calibration: Any, rules: Sequence[str] | None = None) -> Any:
-    """Reliability diagrams: mean step score vs mean label per score bin, one panel per rule."""
-    import matplotlib.pyplot as plt
-
-    from erprm_core import plotting
-
-    rules = plotting.method_order(rules if rules is not None else calibration["rule"].unique())
-    cols = min(3, len(rules)) or 1
-    rows = -(-len(rules) // cols) or 1
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(3.0 * cols, 2.8 * rows), squeeze=False, sharex=True, sharey=True
-    )
-    for ax in axes.ravel()[len(rules) :]:
-        ax.set_visible(False)
-    for ax, rule in zip(axes.ravel(), rules, strict=False):
-        g = calibration[(calibration["rule"] == rule) & (calibration["count"] > 0)]
-        ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--")
-        ax.plot(g["mean_pred"], g["mean_target"], marker="o", ms=3, color=plotting.method_colour(rule))
-        ax.set_title(plotting.method_label(rule), fontsize=9)
-    for ax in axes[-1]:
-        ax.set_xlabel("mean step score")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("mean label")
-    fig.suptitle("Held-out calibration against each rule's own labels", fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def figure_min_position(min_position: Any) -> Any:
-    """Where the minimum step score falls (relative position in the solution), incorrect vs correct."""
-    import matplotlib.pyplot as plt
-
-    from erprm_core import plotting
-
-    fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.4), sharey=True)
-    for ax, outcome, title in zip(axes, (0, 1), ("incorrect solutions", "correct solutions"), strict=True):
-        for rule in plotting.method_order(min_position["rule"].unique()):
-            g = min_position[(min_position["rule"] == rule) & (min_position["outcome"] == outcome)]
-            centre = (g["bin_low"] + g["bin_high"]) / 2
-            ax.plot(centre, g["fraction"], marker="o", ms=3, color=plotting.method_colour(rule),
-                    label=plotting.method_label(rule))  # fmt: skip
-        ax.set_title(title, fontsize=9)
-    fig.supxlabel("relative position of the lowest-scored step (0 = first step, 1 = last)", fontsize=9)
-    axes[0].set_ylabel("fraction of solutions")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-# ----------------------------------------------------------------------------------------------------
-# Command line: train PRMs (also under `accelerate launch`) or score a JSONL file with any PRM
-# ----------------------------------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m erprm_core.prm train|score ...``; see ``--help`` and configs/accelerate/README.md.
-
-    ``train`` runs :func:`erprm_core.training.train_prm_stage` for a profile with the same parameters as
-    03_train_prm (so ``accelerate launch`` can train the PRMs on several GPUs, and the notebook then
-    evaluates the finished checkpoints). ``score`` reads JSONL records with ``question`` and ``steps`` and
-    writes them back with ``step_scores`` and the scoring mode, for any Math-Shepherd-format PRM.
+    ``logits``: (B, T, V) model logits with ``positions`` (B, K) the tag token indices, or (B, K, V)
+    logits already taken at the tags with ``positions=None``. ``targets`` (B, K): the label of each tag
+    (probability that the step is good). ``mask`` (B, K, bool) selects the labelled entries; by default the
+    finite targets (NaN = unlabelled, e.g. ORM's earlier steps or padding). Per entry the loss is
+    ``-(t * log p_good + (1 - t) * log p_bad)`` with ``(p_good, p_bad) = softmax(logit_good, logit_bad)``,
+    computed in float32. Targets outside [0, 1] raise ValueError. No labelled entry gives 0 (with a graph).
     """
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m erprm_core.prm", description=main.__doc__.splitlines()[0]
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    tr = sub.add_parser("train", help="train one PRM per label rule of a profile (03_train_prm's training)")
-    tr.add_argument("--profile", required=True)
-    tr.add_argument("--rules", default="all", help='"all" or a comma list of label rules')
-    tr.add_argument("--base-model", default="", help="hub name or folder; default: the profile's policy")
-    tr.add_argument("--heldout-fraction", type=float, default=0.2)
-    tr.add_argument("--epochs", type=float, default=1.0)
-    tr.add_argument("--lr", type=float, default=5e-7)
-    tr.add_argument("--batch-size", type=int, default=8, help="per device")
-    tr.add_argument("--grad-accum", type=int, default=1)
-    tr.add_argument("--max-length", type=int, default=512)
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--lr-scheduler", default="cosine")
-    tr.add_argument("--warmup-ratio", type=float, default=0.0)
-    tr.add_argument("--weight-decay", type=float, default=0.0)
-    tr.add_argument("--gradient-checkpointing", action="store_true")
-    tr.add_argument("--dtype", default="float32", help="weights dtype when loading the base model")
-    tr.add_argument("--retrain", action="store_true")
-    sc = sub.add_parser("score", help="score the steps of JSONL records with a PRM")
-    sc.add_argument("--model", required=True, help="PRM hub name or folder (Math-Shepherd format)")
-    sc.add_argument("--input", required=True, help="JSONL with question and steps per line")
-    sc.add_argument("--output", required=True)
-    sc.add_argument("--scoring", default="two_token", choices=SCORING_MODES)
-    sc.add_argument("--batch-size", type=int, default=16)
-    sc.add_argument("--device", default="auto")
-    sc.add_argument("--step-tag", default=STEP_TAG)
-    sc.add_argument("--good-token", default=GOOD_TOKEN)
-    sc.add_argument("--bad-token", default=BAD_TOKEN)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-    if args.command == "train":
-        from erprm_core import training
-
-        res = training.train_prm_stage(
-            args.profile,
-            rules=args.rules,
-            base_model=args.base_model,
-            heldout_fraction=args.heldout_fraction,
-            retrain=args.retrain,
-            epochs=args.epochs,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            grad_accum=args.grad_accum,
-            max_length=args.max_length,
-            seed=args.seed,
-            lr_scheduler=args.lr_scheduler,
-            warmup_ratio=args.warmup_ratio,
-            weight_decay=args.weight_decay,
-            gradient_checkpointing=args.gradient_checkpointing,
-            dtype=args.dtype,
-        )
-        log.info("trained/found PRMs for rules %s", res["rules"])
-        return 0
-
-    from erprm_core import artifacts
-
-    records = artifacts.read_jsonl(args.input, ["question", "steps"])
-    model = ProcessRewardModel.from_pretrained(
-        args.model, args.step_tag, args.good_token, args.bad_token, args.scoring, device=args.device
-    )
-    scores = model.score_batch(
-        [r["question"] for r in records], [r["steps"] for r in records], args.batch_size, progress=True
-    )
-    info = model.info()
-    artifacts.atomic_write_jsonl(
-        args.output,
-        [
-            {**r, "step_scores": [None if math.isnan(x) else x for x in s], "prm_info": info}
-            for r, s in zip(records, scores, strict=True)
-        ],
-    )
-    log.info("scored %d solutions -> %s (%s)", len(records), args.output, dict(model.audit.counts))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    targets = targets.to(device=logits.device, dtype=torch.float32)
+    if mask is None:
+        mask = torch.isfinite(targets)
+    mask = mask.to(device=logits.device, dtype=torch.bool)
+    if positions is not None:
+        pairs = pair_logits(logits, good_id, bad_id)  # (B, T, 2)
+        index = positions.to(logits.device).long().unsqueeze(-1).expand(*positions.shape, 2)
+        pairs = pairs.gather(1, index)  # (B, K, 2)
+    else:
+        pairs = pair_logits(logits, good_id, bad_id)
+    t = torch.where(mask, targets, torch.zeros_like(targets))
+    if bool(((t < 0) | (t > 1)).any()):
+        raise ValueError("soft_label_prm_loss: targets must lie in [0, 1]")
+    logp = torch.log_softmax(pairs.float(), dim=-1)
+    per_tag = -(t * logp[..., 0] + (1.0 - t) * logp[..., 1])
+    n = mask.sum()
+    if int(n) == 0:
+        return pairs.float().sum() * 0.0
+    return torch.where(mask, per_tag, torch.zeros_like(per_tag)).sum() / n

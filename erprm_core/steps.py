@@ -2,7 +2,7 @@
 
 A solution is a list of steps, one per non-empty line. A PRM reads
 ``question + " " + "".join(step + " ки" for step in steps)``: the step tag "ки" closes every step and the
-model's next-token logits for " +" / " -" at each tag give the step score. Used by sampling, prm, training.
+model's next-token logits for " +" / " -" at each tag give the step score. Used by rollouts, prm, training.
 """
 
 from __future__ import annotations
@@ -20,17 +20,6 @@ PROMPT_TEMPLATES = {
         "the request.\n\n### Instruction:\n{question}\n\n### Response: Let's think step by step.\n"
     ),
 }
-
-__all__ = [
-    "STEP_TAG",
-    "GOOD_TOKEN",
-    "BAD_TOKEN",
-    "PROMPT_TEMPLATES",
-    "split_steps",
-    "join_steps",
-    "format_prm_input",
-    "policy_prompt",
-]
 
 
 def split_steps(solution: str) -> list[str]:

@@ -34,10 +34,11 @@
 # `max_factor`), the model size, the SFT recipe, and the evaluation (`n_samples` per problem for pass@k).
 
 # %%
-import matplotlib.pyplot as plt
 import pandas as pd
 
-from erprm_core import artifacts, numerics, plotting, tasks, training
+from erprm_core.report import figures, style
+from erprm_core.running import artifacts
+from erprm_core.stages import policy
 
 # %% tags=["parameters"]
 profile: str = "smoke"  # results/<profile> and runs/<profile> folders to use
@@ -77,16 +78,10 @@ torch_threads: int = 0  # CPU threads for torch (0: auto, the cores idle at the 
 cpu_numerics: str = "avx2"  # CPU kernel paths: avx2 (pinned, same bits on any x86-64) or default
 
 # %%
+config = policy.PolicyConfig.from_namespace(globals())
 P = artifacts.paths(profile)  # the first stage: nothing upstream to check
-numerics_info = numerics.configure(cpu_numerics, torch_threads)  # first: before any tensor operation
-torch_threads = numerics_info["torch_threads"]
-sizes = {"train_sft": n_train_sft, "train_prm": n_train_prm, "raft": n_raft, "test": n_test}
-if policy_name:
-    sizes.pop("train_sft")  # a hub policy is not fine-tuned here
-generator = dict(min_steps=min_steps, max_steps=max_steps, max_value=max_value, max_operand=max_operand,
-                 max_factor=max_factor)  # fmt: skip
-ks = [k for k in (1, 4, 16, 64) if k <= n_samples]
-sizes
+res = policy.run(config)  # pins the CPU numerics first, before any tensor operation
+res.sizes
 
 # %% [markdown]
 # ## Problems
@@ -94,11 +89,9 @@ sizes
 # problem's arithmetic (start value, operations, operands), so no computation appears on both sides.
 
 # %%
-problems, split_summary = tasks.write_problem_splits(profile, task, sizes, seed=seed, source=source or None,
-                                                     generator=generator)  # fmt: skip
-example = problems["test"][0]
+example = res.problems["test"][0]
 print(example["question"] + "\n" + example["solution"])
-split_summary
+res.split_summary
 
 # %% [markdown]
 # ## Training (or loading) the policy
@@ -106,20 +99,10 @@ split_summary
 # The trained model is saved with `save_pretrained` and loaded back through the same loader as a hub model.
 
 # %%
-result = training.prepare_policy(
-    profile, problems.get("train_sft"), policy_name=policy_name, seed=seed, max_number=max_value,
-    hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, intermediate_size=intermediate_size,
-    max_position_embeddings=max_position_embeddings, epochs=epochs, max_steps=train_steps, lr=lr,
-    batch_size=batch_size, warmup_ratio=warmup_ratio, device=device, dtype=dtype, prompt_template=prompt_template,
-)  # fmt: skip
-pd.Series(result.info)
+pd.Series(res.policy.info)
 
 # %%
-artifacts.write_table(result.log[["step", "epoch", "loss", "learning_rate"]], profile, "policy_training")
-fig, ax = plt.subplots(figsize=(5, 3))
-ax.plot(result.log["step"], result.log["loss"], color="black")
-ax.set(xlabel="optimizer step", ylabel="loss (solution tokens)", yscale="log", title="Policy SFT")
-plotting.save_figure(fig, P.figures, "policy_training")
+style.save_figure(figures.figure_policy_training(res.policy.log), P.figures, "policy_training")
 
 # %% [markdown]
 # ## Evaluation on held-out problems
@@ -128,40 +111,18 @@ plotting.save_figure(fig, P.figures, "policy_training")
 # bootstrap 95% interval over problems. The gap between greedy and pass@$k$ is what reranking can recover.
 
 # %%
-evaluation = training.evaluate_policy(
-    result.model, result.tokenizer, problems["test"], n_samples=n_samples, ks=ks,
-    n_sample_problems=n_passk_problems, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
-    batch_size=eval_batch_size, prompt_template=prompt_template, backend=backend,
-)  # fmt: skip
-artifacts.write_table(evaluation.table, profile, "policy_eval")
-evaluation.table
+res.evaluation.table
 
 # %%
-by_steps = evaluation.by_steps
-artifacts.write_table(by_steps, profile, "policy_accuracy_by_steps")
-passk = evaluation.table[evaluation.table["metric"] == "pass_at_k"]
-greedy = evaluation.table[evaluation.table["metric"] == "greedy_accuracy"].iloc[0]
-fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
-ax1.errorbar(by_steps["n_steps"], by_steps["accuracy"], yerr=[by_steps["accuracy"] - by_steps["ci_low"],
-             by_steps["ci_high"] - by_steps["accuracy"]], marker="o", color="black", capsize=3)  # fmt: skip
-ax1.set(xlabel="arithmetic steps", ylabel="greedy accuracy", ylim=(0, 1), title="Accuracy by number of steps")
-ax2.fill_between(
-    passk["k"], passk["ci_low"], passk["ci_high"], alpha=0.2, color=plotting.BASE_COLOURS["oracle"]
-)
-ax2.plot(passk["k"], passk["value"], marker="o", color=plotting.BASE_COLOURS["oracle"], label="pass@k (T=1)")
-ax2.axhline(greedy["value"], ls="--", color="black", label="greedy")
-ax2.set(xscale="log", xlabel="k", ylabel="accuracy", ylim=(0, 1), title="pass@k")
-ax2.legend()
-plotting.save_figure(fig, P.figures, "policy_accuracy")
+style.save_figure(figures.figure_policy_accuracy(res.evaluation.table, res.evaluation.by_steps), P.figures,
+                  "policy_accuracy")  # fmt: skip
 
 # %% [markdown]
 # ## A few sampled solutions
 
 # %%
 with pd.option_context("display.max_colwidth", 300):
-    display(training.sample_examples(problems["test"], evaluation.samples, n_problems=3, per_problem=2))  # noqa: F821
+    display(res.examples)  # noqa: F821
 
 # %%
-manifest = artifacts.update_manifest(profile, "00_policy", seed=seed, task=task, split_sizes=sizes, torch_threads=torch_threads, numerics=numerics_info,
-                                     split_checksums=dict(zip(split_summary["split"], split_summary["sha1"], strict=True)),
-                                     eval_generated_tokens=evaluation.generated_tokens, **result.info)  # fmt: skip
+artifacts.load_manifest(profile)["stages"]["00_policy"]

@@ -33,10 +33,11 @@
 # and `top_p` (the paper: 1.0 / 1.0), `max_new_tokens`, `completer_name`, `backend` (`vllm` at paper scale).
 
 # %%
-import matplotlib.pyplot as plt
 import pandas as pd
 
-from erprm_core import artifacts, evaluation, numerics, plotting, sampling
+from erprm_core.report import figures, style
+from erprm_core.running import artifacts
+from erprm_core.stages import rollouts
 
 # %% tags=["parameters"]
 profile: str = "smoke"  # results/<profile> and runs/<profile> folders to use
@@ -59,21 +60,8 @@ cpu_numerics: str = "avx2"  # CPU kernel paths: avx2 (pinned, same bits on any x
 vllm_memory: float = 0.0  # vLLM gpu_memory_utilization per engine (0: 0.9, or 0.45 each with a completer)
 
 # %%
+config = rollouts.RolloutsConfig.from_namespace(globals())
 P = artifacts.paths(profile)
-policy = evaluation.resolve_policy(profile)  # names 00_policy when the policy is missing
-problem_file = artifacts.require(P.problem_file("train_prm"), "00_policy", profile, "PRM training problems")
-numerics_info = numerics.configure(cpu_numerics, torch_threads)  # first: before any tensor operation
-torch_threads = numerics_info["torch_threads"]
-problems = artifacts.read_jsonl(problem_file, ["id", "question", "answer", "task"])[: n_problems or None]
-memory = vllm_memory or (0.45 if completer_name else 0.0)
-policy_sampler = sampling.load_sampler(policy, backend, device, dtype, batch_size, memory)
-completer = (
-    sampling.load_sampler(completer_name, backend, device, dtype, batch_size, memory)
-    if completer_name
-    else None
-)
-pd.DataFrame({"problems": [len(problems)], "policy": [getattr(policy, "name", policy)],
-              "completer": [completer_name or "policy"], "backend": [backend]})  # fmt: skip
 
 # %% [markdown]
 # ## Solutions and completions
@@ -81,13 +69,9 @@ pd.DataFrame({"problems": [len(problems)], "policy": [getattr(policy, "name", po
 # warning and recomputed. The summary counts solutions, prefixes, completions and tokens.
 
 # %%
-res = sampling.run_rollouts(P, policy_sampler, None, problems, n_solutions=n_solutions, k=k, temperature=temperature,
-                            top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, shard_size=shard_size,
-                            batch_size=batch_size, prompt_template=prompt_template, backend=backend,
-                            completer=completer)  # fmt: skip
-summary = sampling.rollout_summary_table(res.stats)
-artifacts.write_table(summary, profile, "rollouts_summary")
-summary
+res = rollouts.run(config)  # names the stage to run when an input is missing; pins the CPU numerics first
+display(res.setup)  # noqa: F821
+res.summary
 
 # %% [markdown]
 # ## Audit
@@ -96,9 +80,7 @@ summary
 # counted here.
 
 # %%
-audit = res.audit.to_frame()
-artifacts.write_table(audit, profile, "rollouts_audit")
-audit
+res.audit.to_frame()
 
 # %% [markdown]
 # ## A few solutions
@@ -114,20 +96,10 @@ pd.DataFrame(res.records[:4])[
 # wrong. Prefixes of correct solutions should keep a high $p$; in wrong ones $p$ drops where the error enters.
 
 # %%
-prefixes = sampling.prefix_table(res.records)
-artifacts.write_table(prefixes, profile, "rollouts_prefixes")
-fig, ax = plt.subplots(figsize=(5, 3.5))
-prefixes.pivot_table(index="step", columns="outcome", values="p", aggfunc="mean").rename(
-    columns={0: "wrong solutions", 1: "correct solutions"}).plot(ax=ax, marker="o")  # fmt: skip
-ax.set(xlabel="step l (prefix = first l steps)", ylabel="mean p over prefixes", ylim=(-0.02, 1.02))
-plotting.save_figure(fig, P.figures, "rollouts_prefix_success")
+style.save_figure(figures.figure_prefix_success(res.prefixes), P.figures, "rollouts_prefix_success")
 
 # %% [markdown]
 # ## Record
 
 # %%
-artifacts.update_manifest(
-    profile, "01_rollouts", seed=seed, n_problems=len(problems), n_solutions=n_solutions, k=k, torch_threads=torch_threads, numerics=numerics_info,
-    temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, completer=completer_name or "policy",
-    backend=backend, batch_size=batch_size, shard_size=shard_size, **res.stats,
-)["stages"]["01_rollouts"]  # fmt: skip
+artifacts.load_manifest(profile)["stages"]["01_rollouts"]

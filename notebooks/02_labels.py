@@ -30,12 +30,9 @@
 # Knobs: `etas` (the grid; `0` = soft, `inf` = hard) and `rollouts_file` (empty = this profile's rollouts).
 
 # %%
-import math
-
-import matplotlib.pyplot as plt
-import seaborn as sns
-
-from erprm_core import artifacts, labels, plotting, sampling
+from erprm_core.report import figures, style
+from erprm_core.running import artifacts
+from erprm_core.stages import labels
 
 # %% tags=["parameters"]
 profile: str = "smoke"  # results/<profile> and runs/<profile> folders to use
@@ -43,20 +40,17 @@ etas: str = "0,0.1,0.5,1,2,5,10,inf"  # eta grid, comma-separated (0 is the soft
 rollouts_file: str = ""  # rollouts file to label (empty: this profile's runs/<profile>/rollouts.jsonl)
 
 # %%
+config = labels.LabelsConfig.from_namespace(globals())
 P = artifacts.paths(profile)
-eta_grid = labels.parse_eta_grid(etas)
-source = artifacts.require(rollouts_file or P.rollouts_file, "01_rollouts", profile, "rollouts")
-[labels.rule_name(e) for e in eta_grid]
+res = labels.run(config)  # names 01_rollouts when the rollouts are missing
+res.rules
 
 # %% [markdown]
 # ## Labels for every rule
 # Solutions without any step cannot be labelled; they would be counted here (nothing is dropped silently).
 
 # %%
-res = sampling.run_labels(P, eta_grid, source)
-audit = res.audit.to_frame()
-artifacts.write_table(audit, profile, "labels_audit")
-audit
+res.audit.to_frame()
 
 # %% [markdown]
 # ## Label statistics per rule
@@ -64,17 +58,16 @@ audit
 # Monte Carlo success rate on the same steps; it grows with $\eta$ and is largest for the hard label.
 
 # %%
-stats = sampling.label_statistics(res.records)
-artifacts.write_table(stats, profile, "label_stats")
-stats.pivot(index="rule", columns="metric", values="value").loc[res.rules].round(4)
+res.stats.pivot(index="rule", columns="metric", values="value").loc[res.rules].round(4)
 
 # %% [markdown]
 # ## label(p, η)
 # The closed form for binary rewards: between the soft diagonal and the hard step function.
 
 # %%
-fig = plotting.plot_label_curves([e for e in eta_grid if 0 < e < math.inf])
-plotting.save_figure(fig, P.figures, "label_curves")
+style.save_figure(
+    figures.figure_label_curves(figures.label_curve_table(res.eta_grid)), P.figures, "label_curves"
+)
 
 # %% [markdown]
 # ## Distribution of the labels per rule
@@ -82,13 +75,9 @@ plotting.save_figure(fig, P.figures, "label_curves")
 # (0, 1); the larger $\eta$, the more mass moves towards 1, until the hard rule is all-or-nothing.
 
 # %%
-dist = sampling.label_distribution(res.records, bins=10)
-artifacts.write_table(dist, profile, "label_distribution")
-share = dist.pivot(index="rule", columns="bin", values="share").loc[res.rules, dist["bin"].unique()]
-fig, ax = plt.subplots(figsize=(9, 3.8))
-sns.heatmap(share, annot=True, fmt=".2f", cmap="Blues", cbar=False, ax=ax)
-ax.set(xlabel="label bin", ylabel="rule")
-plotting.save_figure(fig, P.figures, "label_distribution")
+style.save_figure(
+    figures.figure_label_distribution(res.distribution, res.rules), P.figures, "label_distribution"
+)
 
 # %% [markdown]
 # ## A worked example
@@ -96,17 +85,13 @@ plotting.save_figure(fig, P.figures, "label_distribution")
 # outcomes of its `k` completions (the last step: the solution's outcome), $p$, and the label each rule gives.
 
 # %%
-example = sampling.pick_worked_example(res.rollouts)
-example["question"]
+res.example["question"]
 
 # %% tags=["nbval-check-output"]
-sampling.worked_example_table(example, eta_grid)
+res.example_table
 
 # %% [markdown]
 # ## Record
 
 # %%
-artifacts.update_manifest(
-    profile, "02_labels", etas=etas, rules=res.rules, rollouts=source.name, labelled_solutions=len(res.records),
-    labelled_steps=sum(len(r["steps"]) for r in res.records),
-)["stages"]["02_labels"]  # fmt: skip
+artifacts.load_manifest(profile)["stages"]["02_labels"]

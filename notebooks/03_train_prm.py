@@ -38,7 +38,10 @@
 # the finished checkpoints, skips their training and evaluates them.
 
 # %%
-from erprm_core import artifacts, numerics, plotting, prm, training
+from erprm_core import labels
+from erprm_core.report import figures, style
+from erprm_core.running import artifacts
+from erprm_core.stages import train_prm
 
 # %% tags=["parameters"]
 profile: str = "smoke"  # results/<profile> and runs/<profile> folders to use
@@ -54,6 +57,8 @@ max_length: int = 256  # token limit of a formatted solution; tags beyond it los
 lr_scheduler: str = "cosine"  # learning-rate schedule (transformers name)
 warmup_ratio: float = 0.0  # share of the steps used for linear warm-up
 weight_decay: float = 0.0  # AdamW weight decay
+gradient_checkpointing: bool = False  # recompute activations to save memory (multi-GPU runs)
+dtype: str = "float32"  # weights dtype of the base model during training
 retrain: bool = False  # retrain rules whose checkpoint is already complete
 scoring: str = "two_token"  # held-out step score: two_token (softmax over " +"/" -") or full_vocab
 score_batch_size: int = 32  # solutions per scoring forward pass
@@ -62,15 +67,9 @@ torch_threads: int = 0  # CPU threads for torch (0: auto, the cores idle at the 
 cpu_numerics: str = "avx2"  # CPU kernel paths: avx2 (pinned, same bits on any x86-64) or default
 
 # %%
+config = train_prm.TrainPRMConfig.from_namespace(globals())
 P = artifacts.paths(profile)
-if not base_model:
-    artifacts.require(P.policy, "00_policy", profile, "policy checkpoint (the base of every PRM)")
-artifacts.require(P.labels_file, "02_labels", profile, "step labels")
-numerics_info = numerics.configure(cpu_numerics, torch_threads)  # first: before any tensor operation
-torch_threads = numerics_info["torch_threads"]
-recipe = dict(epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
-              seed=seed, lr_scheduler=lr_scheduler, warmup_ratio=warmup_ratio, weight_decay=weight_decay)  # fmt: skip
-recipe
+config.recipe()
 
 # %% [markdown]
 # ## Training, one PRM per rule
@@ -80,10 +79,8 @@ recipe
 # error naming the tokenizer and the token).
 
 # %%
-res = training.train_prm_stage(profile, rules=rules, base_model=base_model, heldout_fraction=heldout_fraction,
-                               retrain=retrain, **recipe)  # fmt: skip
-artifacts.write_table(res["log"], profile, "prm_training")
-res["runs"].drop(columns=["train_runtime_s", "tokens_per_s"])
+res = train_prm.run(config)  # names the stage to run when an input is missing; pins the CPU numerics first
+res.runs.drop(columns=["train_runtime_s", "tokens_per_s"])
 
 # %% [markdown]
 # ## Audit: every training sample by reason
@@ -92,15 +89,13 @@ res["runs"].drop(columns=["train_runtime_s", "tokens_per_s"])
 # `label_count_mismatch`, `empty` are skipped. Counts per rule (the ORM has one label per solution).
 
 # %%
-artifacts.write_table(res["audit"], profile, "prm_audit")
-res["audit"].pivot_table(index="reason", columns="rule", values="count", fill_value=0)
+res.audit.pivot_table(index="reason", columns="rule", values="count", fill_value=0)
 
 # %% [markdown]
 # ## Training curves
 
 # %%
-fig = prm.figure_training_curves(res["log"], smooth=5)
-plotting.save_figure(fig, P.figures, "prm_training_curves")
+style.save_figure(figures.figure_training_curves(res.log, smooth=5), P.figures, "prm_training_curves")
 
 # %% [markdown]
 # ## Held-out checks
@@ -110,13 +105,8 @@ plotting.save_figure(fig, P.figures, "prm_training_curves")
 # solutions: the lowest-scored step is the first one after which no completion reached the answer).
 
 # %%
-ev = prm.evaluate_prm_rules({r: P.prm(r) for r in res["rules"]}, res["heldout"], scoring=scoring,
-                            batch_size=score_batch_size, device=device)  # fmt: skip
-artifacts.write_table(ev["metrics"], profile, "prm_eval")
-artifacts.write_table(ev["calibration"], profile, "prm_calibration")
-artifacts.write_table(ev["min_position"], profile, "prm_min_position")
-metrics = ev["metrics"].pivot_table(index="rule", columns="metric", values="value")
-metrics.loc[plotting.method_order(metrics.index)]
+metrics = res.metrics.pivot_table(index="rule", columns="metric", values="value")
+metrics.loc[labels.method_order(metrics.index)]
 
 # %% [markdown]
 # ## Calibration
@@ -125,8 +115,7 @@ metrics.loc[plotting.method_order(metrics.index)]
 # the raw success rate.
 
 # %%
-fig = prm.figure_calibration(ev["calibration"])
-plotting.save_figure(fig, P.figures, "prm_calibration")
+style.save_figure(figures.figure_calibration(res.calibration), P.figures, "prm_calibration")
 
 # %% [markdown]
 # ## Where the minimum step score falls
@@ -134,16 +123,10 @@ plotting.save_figure(fig, P.figures, "prm_calibration")
 # puts it where the reasoning breaks; for correct ones it should not matter much.
 
 # %%
-fig = prm.figure_min_position(ev["min_position"])
-plotting.save_figure(fig, P.figures, "prm_min_position")
+style.save_figure(figures.figure_min_position(res.min_position), P.figures, "prm_min_position")
 
 # %% [markdown]
 # ## Record
 
 # %%
-artifacts.update_manifest(
-    profile, "03_train_prm", seed=seed, rules=res["rules"], base_model=res["base_model"], recipe=recipe, torch_threads=torch_threads, numerics=numerics_info,
-    heldout_fraction=heldout_fraction, n_train_records=len(res["train"]), n_heldout_records=len(res["heldout"]),
-    train_tokens=int(res["runs"]["train_tokens"].sum()), scoring=scoring,
-    scored_tokens=int(ev["scoring"]["tokens"].sum()), scoring_forward_passes=int(ev["scoring"]["forward_passes"].sum()),
-)["stages"]["03_train_prm"]  # fmt: skip
+artifacts.load_manifest(profile)["stages"]["03_train_prm"]

@@ -35,11 +35,13 @@
 # solutions without a final answer last), `n_subsets`, `n_boot`.
 
 # %%
-import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 
-from erprm_core import artifacts, evaluation, numerics, plotting, report
+from erprm_core import labels
+from erprm_core.prm import AGGREGATIONS
+from erprm_core.report import figures, style
+from erprm_core.running import artifacts
+from erprm_core.stages import best_of_n
 
 # %% tags=["parameters"]
 profile: str = "smoke"  # results/<profile> and runs/<profile> folders to use
@@ -64,18 +66,13 @@ unanswered_last: bool = True  # rank candidates without a final answer (or trunc
 prompt_template: str = "plain"  # policy prompt format: plain (tiny policy) or metamath
 backend: str = "hf"  # sampling backend: hf or vllm
 device: str = "auto"  # auto, cpu or cuda
+dtype: str = "auto"  # weights dtype of the policy and the PRMs: auto, float32, bfloat16
 torch_threads: int = 0  # CPU threads for torch (0: auto, the cores idle at the start)
 cpu_numerics: str = "avx2"  # CPU kernel paths: avx2 (pinned, same bits on any x86-64) or default
 
 # %%
+config = best_of_n.BestOfNConfig.from_namespace(globals())
 P = artifacts.paths(profile)
-policy = evaluation.resolve_policy(profile)  # names 00_policy when the policy is missing
-artifacts.require(P.problem_file("test"), "00_policy", profile, "test problems")
-prms = evaluation.trained_rules(profile)
-artifacts.require(P.prm(er_rule), "03_train_prm", profile, f"PRM of rule {er_rule}")
-numerics_info = numerics.configure(cpu_numerics, torch_threads)  # first: before any tensor operation
-torch_threads = numerics_info["torch_threads"]
-pd.DataFrame({"rule": list(prms), "checkpoint": [p.name for p in prms.values()]})
 
 # %% [markdown]
 # ## The pool and its scores
@@ -85,18 +82,10 @@ pd.DataFrame({"rule": list(prms), "checkpoint": [p.name for p in prms.values()]}
 # token limit stay in the pool (graded wrong, no vote) and are counted in the audit below.
 
 # %%
-res = evaluation.run_best_of_n_stage(
-    profile, seed=seed, n_max=n_max, n_test=n_test, temperature=temperature, top_p=top_p,
-    max_new_tokens=max_new_tokens, batch_size=batch_size, shard_size=shard_size,
-    score_batch_size=score_batch_size, aggregation=aggregation, er_rule=er_rule,
-    orm_aggregation=orm_aggregation, rules=rules, weighted_rules=weighted_rules, n_subsets=n_subsets,
-    n_boot=n_boot, scoring=scoring, unanswered_last=unanswered_last, prompt_template=prompt_template,
-    backend=backend, device=device,
-)  # fmt: skip
+res = best_of_n.run(config)  # names the stage to run when an input is missing; pins the CPU numerics first
 pd.Series({k: v for k, v in res.stats.items() if k != "prms"}, name="value").to_frame()
 
 # %%
-artifacts.write_table(res.audit, profile, "pool_audit")
 res.audit
 
 # %% [markdown]
@@ -105,11 +94,10 @@ res.audit
 # baselines). Below: the headline aggregation, accuracy in %.
 
 # %%
-artifacts.write_table(res.bon, profile, "bon")
-headline = [m for m in res.headline.values() if m] + ["majority", "random", "oracle"]
-shown = res.bon[res.bon["method"].isin(headline + [f"weighted_{m}" for m in headline])]
+headline = res.headline_methods()
+shown = res.bon[res.bon["method"].isin(headline + [labels.WEIGHTED_PREFIX + m for m in headline])]
 table = shown.pivot(index="method", columns="n", values="value") * 100
-table.loc[plotting.method_order(shown["method"])].round(1)
+table.loc[labels.method_order(shown["method"])].round(1)
 
 # %% [markdown]
 # The curves, with 95% bootstrap bands over problems (ER-PRM at the pre-set `er_rule`, hard, soft, ORM,
@@ -117,9 +105,9 @@ table.loc[plotting.method_order(shown["method"])].round(1)
 
 # %%
 pct = res.bon.assign(**{c: res.bon[c] * 100 for c in ("value", "ci_low", "ci_high")})
-fig = plotting.plot_curves_with_bands(pct, "n", headline)
+fig = figures.plot_curves_with_bands(pct, "n", headline)
 fig.axes[0].set(xlabel="N (candidates per problem)", ylabel="accuracy (%)", title=f"Best-of-N ({profile})")
-plotting.save_figure(fig, P.figures, "bon_curves")
+style.save_figure(fig, P.figures, "bon_curves")
 
 # %% [markdown]
 # ## Paired comparisons on the identical pool
@@ -129,7 +117,6 @@ plotting.save_figure(fig, P.figures, "bon_curves")
 # are exploratory, not a test.
 
 # %%
-artifacts.write_table(res.paired, profile, "bon_paired")
 cols = ["method_a", "method_b", "n", "acc_a", "acc_b", "diff", "ci_low", "ci_high", "p_value", "n_a_better",
         "n_b_better", "selection"]  # fmt: skip
 res.paired[cols].round(4)
@@ -144,7 +131,6 @@ res.paired[cols].round(4)
 # random and oracle baselines.
 
 # %%
-artifacts.write_table(res.picks, profile, "bon_picks")
 res.picks[res.picks["method"].isin(["pool", *headline])].set_index(["ranking", "method"]).round(3)
 
 # %% [markdown]
@@ -153,11 +139,10 @@ res.picks[res.picks["method"].isin(["pool", *headline])].set_index(["ranking", "
 # ($\eta = \infty$) are the two ends; the horizontal lines are majority vote and the oracle.
 
 # %%
-sweep = report.eta_sweep_table(res.bon, n_max, aggregation)
 base = res.bon[(res.bon["n"] == n_max) & res.bon["method"].isin(["majority", "oracle", "random"])]
-fig = report.figure_eta_sweep(sweep, base)
+fig = figures.figure_eta_sweep(res.sweep, base)
 fig.axes[0].set_title(f"η sweep at N={n_max} ({aggregation}), 95% intervals")
-plotting.save_figure(fig, P.figures, "bon_eta_sweep")
+style.save_figure(fig, P.figures, "bon_eta_sweep")
 pd.Series(res.best_eta, name="best ER eta (chosen post hoc)").to_frame()
 
 # %% [markdown]
@@ -165,25 +150,13 @@ pd.Series(res.best_eta, name="best ER eta (chosen post hoc)").to_frame()
 # The same step scores aggregated four ways: min (the paper's), product, last step, mean.
 
 # %%
-agg = evaluation.aggregation_table(res.bon, n_max)
-fig, ax = plt.subplots(figsize=(7, 3.6))
-for k, how in enumerate(evaluation.SCORE_AGGREGATIONS):
-    r = agg[agg["aggregation"] == how]
-    ax.errorbar(np.arange(len(r)) + 0.15 * k - 0.225, r["value"] * 100, fmt="o", capsize=2, label=how,
-                yerr=[(r["value"] - r["ci_low"]) * 100, (r["ci_high"] - r["value"]) * 100])  # fmt: skip
-ax.set_xticks(np.arange(len(r)), [plotting.method_label(x) for x in r["rule"]], rotation=25, ha="right")
-ax.set(ylabel=f"best-of-{n_max} accuracy (%)", title="Aggregation of step scores (95% intervals)")
-ax.legend(fontsize=8, title="aggregation")
-plotting.save_figure(fig, P.figures, "bon_aggregations")
+style.save_figure(
+    figures.figure_aggregations(res.aggregations, n_max, AGGREGATIONS), P.figures, "bon_aggregations"
+)
 
 # %% [markdown]
 # ## Record
 # Seed, candidates, generated tokens and the scoring mode go to the manifest.
 
 # %%
-keys = ["problems", "candidates", "generated_tokens", "distinct_solutions", "prm_forward_passes",
-        "prm_tokens_scored", "rules", "unanswered_last", "best_er_rule_post_hoc", "prms"]  # fmt: skip
-artifacts.update_manifest(profile, "04_best_of_n", seed=seed, n_max=n_max, scoring=scoring, torch_threads=torch_threads, numerics=numerics_info,
-                          aggregation=aggregation, er_rule=er_rule, orm_aggregation=orm_aggregation,
-                          **{k: res.stats[k] for k in keys})  # fmt: skip
-res.stats["candidates"]
+artifacts.load_manifest(profile)["stages"]["04_best_of_n"]

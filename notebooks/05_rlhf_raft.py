@@ -35,7 +35,9 @@
 # a failed one is reported with its reward model and iteration.
 
 # %%
-from erprm_core import artifacts, evaluation, numerics, plotting, raft
+from erprm_core.report import figures, style
+from erprm_core.running import artifacts
+from erprm_core.stages import raft
 
 # %% tags=["parameters"]
 profile: str = "smoke"  # results/<profile> and runs/<profile> folders to use
@@ -63,17 +65,9 @@ torch_threads: int = 0  # CPU threads for torch (0: auto, the cores idle at the 
 cpu_numerics: str = "avx2"  # CPU kernel paths: avx2 (pinned, same bits on any x86-64) or default
 
 # %%
+config = raft.RaftConfig.from_namespace(globals())
 P = artifacts.paths(profile)
-policy = evaluation.resolve_policy(profile)  # the 00_policy checkpoint, or the hub policy it recorded
-artifacts.require(P.problem_file("raft"), "00_policy", profile, "RAFT prompts")
-rewards = raft.reward_paths(profile, reward_models)  # names 03_train_prm when a PRM checkpoint is missing
-numerics_info = numerics.configure(cpu_numerics, torch_threads)  # first: before any tensor operation
-torch_threads = numerics_info["torch_threads"]
-settings = dict(m=m, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, lr=lr,
-                lr_decay=lr_decay, lr_schedule=lr_schedule, epochs=epochs, aggregation=aggregation, seed=seed,
-                batch_size=batch_size, train_batch_size=train_batch_size, exclude_truncated=exclude_truncated,
-                prompt_template=prompt_template, backend=backend, device=device)  # fmt: skip
-rewards
+config.settings()
 
 # %% [markdown]
 # ## RAFT iterations
@@ -81,10 +75,8 @@ rewards
 # row per reward model x iteration x metric, with 95% intervals (Wilson for greedy accuracy).
 
 # %%
-table = raft.run_raft_stage(profile, reward_models=reward_models, iterations=iterations, n_prompts=n_prompts,
-                            n_test=n_test, **settings)  # fmt: skip
-artifacts.write_table(table, profile, "raft")
-table[table["metric"].isin(["greedy_accuracy", "greedy_gain"])].pivot_table(
+res = raft.run(config)  # names the stage to run when an input is missing; pins the CPU numerics first
+res.table[res.table["metric"].isin(["greedy_accuracy", "greedy_gain"])].pivot_table(
     index=["metric", "reward_model"], columns="iteration", values="value"
 )
 
@@ -93,8 +85,7 @@ table[table["metric"].isin(["greedy_accuracy", "greedy_gain"])].pivot_table(
 # Bars are 95% Wilson intervals over the test problems; the grey band is the starting policy.
 
 # %%
-fig = raft.plot_raft(table)
-plotting.save_figure(fig, P.figures, "raft_accuracy")
+style.save_figure(figures.figure_raft(res.table), P.figures, "raft_accuracy")
 
 # %% [markdown]
 # ## Paired comparisons
@@ -104,9 +95,7 @@ plotting.save_figure(fig, P.figures, "raft_accuracy")
 # narrower than the per-policy intervals of the figure.
 
 # %%
-paired = raft.raft_paired_table(raft.load_records(profile, reward_models, iterations))
-artifacts.write_table(paired, profile, "raft_paired")
-paired
+res.paired
 
 # %% [markdown]
 # ## How well does each reward model pick?
@@ -116,7 +105,7 @@ paired
 # useful when `selected_outcome` sits well above `sample_outcome`.
 
 # %%
-table[table["metric"].str.endswith("_outcome")].pivot_table(
+res.table[res.table["metric"].str.endswith("_outcome")].pivot_table(
     index=["reward_model", "iteration"], columns="metric", values="value"
 )
 
@@ -127,16 +116,14 @@ table[table["metric"].str.endswith("_outcome")].pivot_table(
 # tie-break, picks without a final answer.
 
 # %%
-raft.raft_audit(profile, reward_models, iterations)
+res.audit
 
 # %% [markdown]
 # ## Record
 # Seeds, iterations, token counts (the shared first-iteration samples counted once) go to the manifest.
 
 # %%
-info = raft.manifest_info(profile, reward_models, iterations)
-artifacts.update_manifest(profile, "05_rlhf_raft", seed=seed, torch_threads=torch_threads, numerics=numerics_info, **info)
-info
+res.info
 
 # %% [markdown]
 # Reading the result: a gain is resolved only when its paired interval (`greedy_gain`, `raft_paired`)

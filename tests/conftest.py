@@ -5,16 +5,21 @@ from pathlib import Path
 
 import pytest
 
+from erprm_core.running.numerics import pin_environment
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tests run with the CPU profiles' pinned kernel paths (set before any tensor operation of the session),
+# so the values they check are the same bits on every x86-64 host and stage code may configure("avx2").
+os.environ.update(pin_environment("avx2"))
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` beside the repository; tests that need it skip when it is absent."""
-    from erprm_core.artifacts import repo_root
+    from erprm_core.running.artifacts import repo_root
 
     path = repo_root().parent / "shared" / "data"
     if not path.is_dir():

@@ -5,8 +5,34 @@ import re
 import pytest
 
 from erprm_core import grading, tasks
+from erprm_core.running import artifacts
+from erprm_core.stages.policy import write_problem_splits
 from erprm_core.steps import split_steps
 from erprm_core.tasks import arith
+
+
+def recompute_answer(solution: str) -> int:
+    """Re-check a reference solution: every ``a op b = c`` line must be right and chain into the next line.
+
+    Returns the final value; raises ValueError naming the first wrong line.
+    """
+    pattern = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+    lines = [line for line in solution.splitlines() if line.strip()]
+    value: int | None = None
+    for i, line in enumerate(lines[:-1], start=1):
+        m = pattern.search(line)
+        if m is None:
+            raise ValueError(f"line {i}: no arithmetic in {line!r}")
+        a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+        if value is not None and a != value:
+            raise ValueError(f"line {i}: starts from {a}, previous result was {value}")
+        if arith._apply(a, op, b) != c:
+            raise ValueError(f"line {i}: {a} {op} {b} != {c}")
+        value = c
+    m = re.fullmatch(r"The answer is: (\d+)", lines[-1].strip()) if lines else None
+    if m is None or value is None or int(m[1]) != value:
+        raise ValueError(f"last line {lines[-1] if lines else ''!r} does not state the final value {value}")
+    return value
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +49,7 @@ def test_schema_and_answers_recompute(train):
     for p in train:
         assert set(p) == {"id", "question", "solution", "answer", "task", "n_steps"}
         assert p["task"] == "arith"
-        assert arith.recompute_answer(p["solution"]) == int(p["answer"])
+        assert recompute_answer(p["solution"]) == int(p["answer"])
         steps = split_steps(p["solution"])
         assert len(steps) == p["n_steps"] + 1
         assert steps[-1] == f"The answer is: {p['answer']}"
@@ -85,7 +111,7 @@ def test_wrong_intermediate_propagates():
     m = re.search(r"= (\d+)", lines[0])
     broken = lines[0][: m.start(1)] + str(int(m[1]) + 1) + lines[0][m.end(1) :]
     with pytest.raises(ValueError, match="line 1"):
-        arith.recompute_answer("\n".join([broken, *lines[1:]]))
+        recompute_answer("\n".join([broken, *lines[1:]]))
 
 
 def test_bad_knobs_raise():
@@ -102,14 +128,12 @@ def test_registry_and_split_files(tmp_path, monkeypatch):
     monkeypatch.setenv("ERPRM_RESULTS_ROOT", str(tmp_path / "results"))
     assert tasks.load_problems("arith", "train_prm", 5, seed=2) == arith.generate_problems(5, 2, "train")
     sizes = {"train_sft": 30, "train_prm": 10, "raft": 5, "test": 12}
-    splits, summary = tasks.write_problem_splits("t", "arith", sizes, seed=1, generator={"max_value": 99})
+    splits, summary = write_problem_splits("t", "arith", sizes, seed=1, generator={"max_value": 99})
     assert list(summary["n_problems"]) == [30, 10, 5, 12]
     ids = [{p["id"] for p in splits[s]} for s in sizes]
     assert sum(len(x) for x in ids) == len(set().union(*ids)) == 57  # disjoint
-    from erprm_core import artifacts
-
     assert artifacts.read_jsonl(artifacts.paths("t").problem_file("raft")) == splits["raft"]
     with pytest.raises(ValueError, match="unknown split"):
-        tasks.write_problem_splits("t", "arith", {"dev": 3})
+        write_problem_splits("t", "arith", {"dev": 3})
     with pytest.raises(ValueError, match="task"):
         tasks.load_problems("svamp", "test", 3)

@@ -1,4 +1,4 @@
-"""Tests of the 04_best_of_n pipeline stage (erprm_core.evaluation, pool section): candidate pool building
+"""Tests of the 04_best_of_n pipeline stage (erprm_core.stages.best_of_n): candidate pool building
 with a scripted sampler and a tiny random policy, PRM scoring with its cache, and the stage end to end."""
 
 from __future__ import annotations
@@ -10,24 +10,29 @@ import pandas as pd
 import pytest
 import torch
 
-from erprm_core import artifacts, evaluation, models, prm, sampling
+from erprm_core import evaluators, io, labels, models, prm
+from erprm_core.generation import HFSampler
+from erprm_core.running import artifacts
+from erprm_core.sampler import Generation
+from erprm_core.stages import best_of_n, bon_tables
+from erprm_core.stages.policy import build_tiny_model, build_tokenizer
 from erprm_core.tasks.arith import generate_problems
 
 # --------------------------------------------------------------------------------------------- helpers
 
 
 def tiny(tokenizer, seed: int):
-    return models.build_tiny_model(
+    return build_tiny_model(
         tokenizer, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seed=seed
     ).eval()
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return models.build_tokenizer()
+    return build_tokenizer()
 
 
-class ScriptedSampler(sampling.HFSampler):
+class ScriptedSampler(HFSampler):
     """A sampler returning fixed texts (cycled) instead of decoding; counts its calls."""
 
     name_or_path = "scripted"  # what the pool's fingerprint records for an in-memory policy
@@ -45,13 +50,13 @@ class ScriptedSampler(sampling.HFSampler):
             gens = []
             for j in range(n):
                 t, f = self.texts[j % len(self.texts)], self.finishes[j % len(self.finishes)]
-                gens.append(sampling.Generation(t, len(t.split()), f))
+                gens.append(Generation(t, len(t.split()), f))
                 self.stats["generated_tokens"] += len(t.split())
             out.append(gens)
         return out
 
 
-class Boom(sampling.HFSampler):
+class Boom(HFSampler):
     name_or_path = "scripted"
 
     def __init__(self):
@@ -80,18 +85,18 @@ FINISHES = ["answer", "answer", "answer", "eos", "length"]
 
 
 def test_bon_sizes_and_names():
-    assert evaluation.bon_sizes(64) == [1, 2, 4, 8, 16, 32, 64]
-    assert evaluation.bon_sizes(1) == [1]
-    assert evaluation.bon_sizes(12) == [1, 2, 4, 8, 12]
+    assert best_of_n.bon_sizes(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert best_of_n.bon_sizes(1) == [1]
+    assert best_of_n.bon_sizes(12) == [1, 2, 4, 8, 12]
     with pytest.raises(ValueError, match="n_max"):
-        evaluation.bon_sizes(0)
-    assert evaluation.score_column("er_1", "min") == "er_1:min"
+        best_of_n.bon_sizes(0)
+    assert labels.method_name("er_1", "min") == "er_1:min"
     rules = ["orm", "hard", "er_10", "soft", "er_0.5", "er_1"]
-    assert sorted(rules, key=evaluation.rule_sort_key) == ["soft", "er_0.5", "er_1", "er_10", "hard", "orm"]
+    assert sorted(rules, key=labels.rule_sort_key) == ["soft", "er_0.5", "er_1", "er_10", "hard", "orm"]
 
 
 def test_vote_answer_groups_equivalent_numbers():
-    va = evaluation.vote_answer
+    va = best_of_n.vote_answer
     assert va("1000", True, "1,000", "arith") == va("1000", True, "1000.0", "arith") == "1000"
     assert va("999", False, "1000", "gsm8k") == "999"
     assert va(None, False, "1000", "gsm8k") is None
@@ -105,7 +110,7 @@ def test_vote_answer_groups_equivalent_numbers():
 def test_build_pool_grades_keeps_everything_and_resumes(tmp_path):
     fake = ScriptedSampler(TEXTS, FINISHES)
     kw = dict(seed=0, shard_size=2, out_dir=tmp_path, max_new_tokens=16)
-    pool = evaluation.build_candidate_pool((fake, None), PROBLEMS, 5, **kw)
+    pool = best_of_n.build_candidate_pool((fake, None), PROBLEMS, 5, **kw)
     assert len(pool.records) == 15 and fake.calls == 2  # 3 problems in shards of 2
     recs = {(r["problem_id"], r["candidate_index"]): r for r in pool.records}
     assert [recs[("p1", j)]["correct"] for j in range(5)] == [1, 1, 0, 0, 0]
@@ -121,15 +126,15 @@ def test_build_pool_grades_keeps_everything_and_resumes(tmp_path):
     assert artifacts.read_jsonl(tmp_path / "candidates.jsonl") == pool.records
 
     # Resume: finished shards are reused (the sampler is never called); a lost shard is recomputed.
-    again = evaluation.build_candidate_pool((Boom(), None), PROBLEMS, 5, **kw)
+    again = best_of_n.build_candidate_pool((Boom(), None), PROBLEMS, 5, **kw)
     assert again.records == pool.records
     (tmp_path / "candidates" / "shard-00001.jsonl").unlink()
     fake2 = ScriptedSampler(TEXTS, FINISHES)
-    resumed = evaluation.build_candidate_pool((fake2, None), PROBLEMS, 5, **kw)
+    resumed = best_of_n.build_candidate_pool((fake2, None), PROBLEMS, 5, **kw)
     assert fake2.calls == 1 and resumed.records == pool.records
     # A changed parameter discards the old shards.
     fake3 = ScriptedSampler(TEXTS, FINISHES)
-    changed = evaluation.build_candidate_pool((fake3, None), PROBLEMS, 3, **kw)
+    changed = best_of_n.build_candidate_pool((fake3, None), PROBLEMS, 3, **kw)
     assert fake3.calls == 2 and len(changed.records) == 9
 
 
@@ -140,16 +145,14 @@ def test_build_pool_tiny_policy_resume_equals_uninterrupted(tmp_path, tok):
     tok.save_pretrained(folder)
     problems = generate_problems(3, seed=0, split="test")
     kw = dict(seed=5, shard_size=1, max_new_tokens=10, batch_size=8)
-    full = evaluation.build_candidate_pool(folder, problems, 4, out_dir=tmp_path / "a", **kw)
+    full = best_of_n.build_candidate_pool(folder, problems, 4, out_dir=tmp_path / "a", **kw)
     assert [(r["problem_id"], r["candidate_index"]) for r in full.records] == [
         (p["id"], j) for p in problems for j in range(4)
     ]
     assert all(r["truncated"] and r["correct"] == 0 for r in full.records if r["finish"] == "length")
     # An interrupted run (first shard only) then resumed gives the same records.
-    evaluation.build_candidate_pool(
-        folder, problems[:1], 4, out_dir=tmp_path / "b", **{**kw, "shard_size": 1}
-    )
-    part = evaluation.build_candidate_pool(folder, problems, 4, out_dir=tmp_path / "b", **kw)
+    best_of_n.build_candidate_pool(folder, problems[:1], 4, out_dir=tmp_path / "b", **{**kw, "shard_size": 1})
+    part = best_of_n.build_candidate_pool(folder, problems, 4, out_dir=tmp_path / "b", **kw)
     assert part.records == full.records
 
 
@@ -169,12 +172,12 @@ def prm_dirs(tmp_path_factory, tok):
 
 def test_score_pool_columns_cache_and_dedup(tmp_path, prm_dirs, monkeypatch):
     torch.set_num_threads(1)
-    pool = evaluation.build_candidate_pool(
+    pool = best_of_n.build_candidate_pool(
         (ScriptedSampler(TEXTS + ["", TEXTS[0]], FINISHES + ["eos", "answer"]), None),
         PROBLEMS, 7, shard_size=3, out_dir=tmp_path,
     )  # fmt: skip
     rules = {r: prm_dirs[r] for r in ("hard", "er_1")}
-    scored = evaluation.score_pool(pool.records, rules, batch_size=4, out_dir=tmp_path)
+    scored = best_of_n.score_pool(pool.records, rules, batch_size=4, out_dir=tmp_path)
     table = scored.table
     cols = [f"{r}:{a}" for r in ("er_1", "hard") for a in ("min", "prod", "last", "mean")]
     assert list(table.columns) == ["problem_id", "candidate_index", "correct", "answer", *cols]
@@ -183,7 +186,7 @@ def test_score_pool_columns_cache_and_dedup(tmp_path, prm_dirs, monkeypatch):
     assert scored.stats["distinct_solutions"] == 18
     t1 = table[table["problem_id"] == "p1"].set_index("candidate_index")
     assert t1.loc[0, cols].tolist() == t1.loc[6, cols].tolist()
-    assert (t1.loc[5, cols] == evaluation.UNSCORABLE_SCORE).all()
+    assert (t1.loc[5, cols] == best_of_n.UNSCORABLE_SCORE).all()
     audit = scored.audit.to_frame().set_index("reason")["count"]
     assert audit["unscorable[hard]"] == 3 and audit["unscorable[er_1]"] == 3
     # Aggregations agree with prm.aggregate on the cached step scores.
@@ -206,7 +209,7 @@ def test_score_pool_columns_cache_and_dedup(tmp_path, prm_dirs, monkeypatch):
         return real(cls, path, *a, **k)
 
     monkeypatch.setattr(prm.ProcessRewardModel, "from_pretrained", classmethod(spy))
-    again = evaluation.score_pool(
+    again = best_of_n.score_pool(
         pool.records, {**rules, "soft": prm_dirs["soft"]}, batch_size=4, out_dir=tmp_path
     )
     assert loaded == [prm_dirs["soft"]]
@@ -229,13 +232,14 @@ def test_stage_end_to_end_and_resume(tmp_roots, tok, prm_dirs, monkeypatch):
         import shutil
 
         shutil.copytree(folder, P.prm(rule))
-    kw = dict(n_max=4, n_test=3, max_new_tokens=8, batch_size=16, shard_size=2, n_boot=200, n_subsets=20)
-    res = evaluation.run_best_of_n_stage(profile, **kw)
+    kw = dict(n_max=4, n_test=3, max_new_tokens=8, batch_size=16, shard_size=2, n_boot=200, n_subsets=20,
+              score_batch_size=32, cpu_numerics="default", torch_threads=1)  # fmt: skip
+    res = best_of_n.run(best_of_n.BestOfNConfig(profile=profile, **kw))
     assert len(res.pool) == 12 and res.pool["problem_id"].nunique() == 3
     score_cols = [c for c in res.pool.columns if ":" in c]
     assert len(score_cols) == 16 and np.isfinite(res.pool[score_cols].to_numpy()).all()
     bon = res.bon
-    assert list(bon.columns) == evaluation.TABLE_COLUMNS
+    assert list(bon.columns) == bon_tables.TABLE_COLUMNS
     expected = set(score_cols) | {"random", "majority", "oracle"}
     expected |= {f"weighted_{r}:min" for r in ("er_1", "hard", "soft")}
     assert set(bon["method"]) == expected
@@ -250,7 +254,7 @@ def test_stage_end_to_end_and_resume(tmp_roots, tok, prm_dirs, monkeypatch):
     post = paired[paired["selection"] != "prespecified"]
     assert len(post) == 3 and (post["n"] == 4).all() and post["selection"].str.contains("post hoc").all()
     assert res.best_eta["rule"] == "er_1"
-    agg = evaluation.aggregation_table(bon, 4)
+    agg = bon_tables.aggregation_table(bon, 4)
     assert list(agg["rule"]) == [r for r in ("soft", "er_1", "hard", "orm") for _ in range(4)]
     assert list(agg["aggregation"][:4]) == ["min", "prod", "last", "mean"]
     audit = res.audit.set_index("reason")["count"]
@@ -264,7 +268,7 @@ def test_stage_end_to_end_and_resume(tmp_roots, tok, prm_dirs, monkeypatch):
         raise AssertionError("model loaded on a resumed run")
 
     monkeypatch.setattr(models, "load_causal_lm", no_load)
-    again = evaluation.run_best_of_n_stage(profile, **kw)
+    again = best_of_n.run(best_of_n.BestOfNConfig(profile=profile, **kw))
     pd.testing.assert_frame_equal(again.bon, bon)
     pd.testing.assert_frame_equal(again.paired, paired)
     assert again.stats["computed_generated_tokens"] == 0 and again.stats["rules_computed"] == 0
@@ -272,17 +276,17 @@ def test_stage_end_to_end_and_resume(tmp_roots, tok, prm_dirs, monkeypatch):
 
 
 def test_stage_names_missing_artifacts(tmp_roots):
-    with pytest.raises(artifacts.ArtifactError, match="00_policy"):
-        evaluation.run_best_of_n_stage("nothing_here")
+    with pytest.raises(io.ArtifactError, match="00_policy"):
+        best_of_n.run(best_of_n.BestOfNConfig(profile="nothing_here", cpu_numerics="default"))
 
 
 def test_votes_when_no_candidate_has_an_answer():
     # A pool whose answers are all None (e.g. an untrained policy): votes are wrong, not a crash.
     answers = np.full((2, 4), None, dtype=object)
     correct = np.zeros((2, 4), dtype=int)
-    assert evaluation.majority_vote_accuracy(answers, correct, 2, n_subsets=3).tolist() == [0.0, 0.0]
+    assert evaluators.majority_vote_accuracy(answers, correct, 2, n_subsets=3).tolist() == [0.0, 0.0]
     scores = np.full((2, 4), 0.5)
-    assert evaluation.weighted_vote_accuracy(answers, scores, correct, 4, n_subsets=3).tolist() == [0.0, 0.0]
+    assert evaluators.weighted_vote_accuracy(answers, scores, correct, 4, n_subsets=3).tolist() == [0.0, 0.0]
 
 
 def test_best_er_rule_is_post_hoc_max_with_ties_to_smaller_eta():
@@ -299,11 +303,11 @@ def test_best_er_rule_is_post_hoc_max_with_ties_to_smaller_eta():
     bon = pd.DataFrame(
         [{"method": m, "n": 4, "value": v, "ci_low": v - 0.1, "ci_high": v + 0.1} for m, v in rows]
     )
-    best = evaluation.best_er_rule(bon, 4, "min")
+    best = bon_tables.best_er_rule(bon, 4, "min")
     assert (best["rule"], best["eta"], best["value"]) == ("er_1", 1.0, 0.7)
     assert "post hoc" in best["selection"]
     with pytest.raises(ValueError, match="no ER rule"):
-        evaluation.best_er_rule(bon, 4, "prod")
+        bon_tables.best_er_rule(bon, 4, "prod")
 
 
 def test_pick_audit_hand_computed():
@@ -323,7 +327,7 @@ def test_pick_audit_hand_computed():
         {"pred": "3", "truncated": True, "steps": ["x"]},
         {"pred": "4", "truncated": False, "steps": ["x", "y"]},
     ]
-    out = evaluation.pick_audit(table, recs, ["m"]).set_index("method")
+    out = bon_tables.pick_audit(table, recs, ["m"]).set_index("method")
     # Problem a: tie between candidates 0 and 1 (half each); problem b: candidate 1.
     assert out.loc["m", "picked_correct"] == pytest.approx((0.5 + 1) / 2)
     assert out.loc["m", "picked_no_vote"] == pytest.approx((0.5 + 0) / 2)
@@ -344,8 +348,8 @@ def test_rank_unanswered_last_keeps_order_within_groups():
             "m": [0.99, 0.2, 0.1, 0.5],
         }
     )
-    ranked = evaluation.rank_unanswered_last(table, ["m"])
+    ranked = bon_tables.rank_unanswered_last(table, ["m"])
     assert list(ranked["m"].rank(ascending=False)) == [3, 1, 2, 4]
     assert list(table["m"]) == [0.99, 0.2, 0.1, 0.5]  # the input is not modified
-    acc = evaluation.best_of_n_accuracy(ranked["m"].to_numpy()[None], table["correct"].to_numpy()[None], 4)
+    acc = evaluators.best_of_n_accuracy(ranked["m"].to_numpy()[None], table["correct"].to_numpy()[None], 4)
     assert acc.tolist() == [1.0]

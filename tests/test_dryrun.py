@@ -6,7 +6,8 @@ import time
 import pandas as pd
 import pytest
 
-from erprm_core import artifacts, dryrun, models, pipeline, prm
+from erprm_core import models, prm
+from erprm_core.running import artifacts, cli, config, dryrun
 from erprm_core.steps import BAD_TOKEN, GOOD_TOKEN, STEP_TAG
 
 PAPER = ["paper-gsm8k", "paper-math"]
@@ -30,7 +31,7 @@ def one_thread():
 @pytest.mark.parametrize("profile", PAPER)
 def test_dry_run_plan_keeps_the_paper_settings_and_overrides_sizes(tmp_path, profile):
     stages = {s.name: s.parameters for s in dryrun.plan(profile, base=tmp_path)}  # every key is declared
-    assert list(stages) == list(pipeline.stage_notebooks())
+    assert list(stages) == list(config.stage_notebooks())
     root = tmp_path.resolve() / profile
     p0, p1, p3 = stages["00_policy"], stages["01_rollouts"], stages["03_train_prm"]
     assert p0["policy_name"] == str(root / "models" / "policy") and p0["source"] == str(root / "data")
@@ -52,15 +53,15 @@ def test_partial_plan_keeps_only_the_overrides_of_its_stages(tmp_path):
 
 
 def test_profiles_without_a_dry_run_file_are_refused(tmp_path, capsys):
-    with pytest.raises(pipeline.ConfigError, match="dry-run"):
+    with pytest.raises(config.ConfigError, match="dry-run"):
         dryrun.plan("smoke", base=tmp_path)
-    assert pipeline.main(["reproduce", "--profile", "smoke", "--dry-run", "--check"]) == 2
+    assert cli.main(["reproduce", "--profile", "smoke", "--dry-run", "--check"]) == 2
 
 
 def test_cli_check_prints_the_dry_run_plan(capsys):
-    assert pipeline.main(["reproduce", "--profile", "paper-math", "--dry-run", "--check"]) == 0
+    assert cli.main(["reproduce", "--profile", "paper-math", "--dry-run", "--check"]) == 0
     out = capsys.readouterr().out
-    assert out.count("\n") == len(pipeline.stage_notebooks())
+    assert out.count("\n") == len(config.stage_notebooks())
     assert '"backend": "hf"' in out and "models/prm_base" in out
 
 
@@ -82,7 +83,7 @@ def test_tiny_models_are_the_paper_families_and_write_steps(tmp_path, no_shared_
     import torch
 
     dryrun.write_dry_run_data("gsm8k", tmp_path / "data", 4, 2)
-    tok = dryrun.build_dry_run_tokenizer(dryrun._texts_of(tmp_path / "data"))
+    tok = dryrun.build_dry_run_tokenizer(dryrun.texts_of(tmp_path / "data"))
     ids = prm.resolve_prm_token_ids(tok, STEP_TAG, GOOD_TOKEN, BAD_TOKEN)  # the PRM tokens are single tokens
     assert len({ids.tag_id, ids.good_id, ids.bad_id}) == 3
     paths = dryrun.build_tiny_models(tmp_path / "models", tok)
@@ -92,8 +93,8 @@ def test_tiny_models_are_the_paper_families_and_write_steps(tmp_path, no_shared_
         "prm_base": "LlamaForCausalLM",
     }
     for role, arch in expected.items():
-        config = json.loads((paths[role] / "config.json").read_text())
-        assert config["architectures"] == [arch]
+        model_config = json.loads((paths[role] / "config.json").read_text())
+        assert model_config["architectures"] == [arch]
         assert (
             json.loads((paths[role] / "dry_run.json").read_text())["stands_in_for"]
             == dryrun.MODEL_FAMILIES[role][0]
@@ -114,10 +115,10 @@ def test_only_dry_run_folders_are_deleted(tmp_path):
     precious = tmp_path / "paper-gsm8k"
     precious.mkdir()
     (precious / "keep.txt").write_text("mine")
-    with pytest.raises(pipeline.ConfigError, match="not a dry-run folder"):
+    with pytest.raises(config.ConfigError, match="not a dry-run folder"):
         dryrun.prepare("paper-gsm8k", base=tmp_path)
     assert (precious / "keep.txt").read_text() == "mine"
-    with pytest.raises(pipeline.ConfigError, match="run the whole chain first"):
+    with pytest.raises(config.ConfigError, match="run the whole chain first"):
         dryrun.reuse("paper-math", base=tmp_path)
 
 
@@ -133,7 +134,7 @@ def test_whole_dry_run(tmp_path, monkeypatch, profile):
     prepared, summary = dryrun.run(profile, base=tmp_path)
     wall = time.perf_counter() - t0
     print(f"dry run of {profile}: {wall:.0f} s; stages {[(s['stage'], round(s['wall_s'])) for s in summary]}")
-    assert [s["stage"] for s in summary] == list(pipeline.stage_notebooks())
+    assert [s["stage"] for s in summary] == list(config.stage_notebooks())
     assert all(s["status"] == "ran" for s in summary)
     assert real_results.exists() == existed  # nothing written to results/<profile>
     results = prepared.results_root / profile
@@ -143,7 +144,7 @@ def test_whole_dry_run(tmp_path, monkeypatch, profile):
     rollouts = pd.read_csv(results / "tables" / "rollouts_summary.csv").set_index("metric")["value"]
     assert rollouts["completions"] > 0  # the completer ran on step prefixes
     labels = artifacts.read_jsonl(prepared.runs_root / profile / "labels.jsonl")
-    etas = pipeline.load_config(artifacts.configs_root() / profile / "02_labels.yaml")["etas"]
+    etas = config.load_config(artifacts.configs_root() / profile / "02_labels.yaml")["etas"]
     assert len(labels[0]["labels"]) == len(etas.split(",")) + 1  # the paper's eta grid + the ORM
     bon = pd.read_csv(results / "tables" / "bon.csv")
     assert bon["n"].max() == 4 and bon["value"].between(0, 1).all()

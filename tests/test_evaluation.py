@@ -1,4 +1,4 @@
-"""Tests of erprm_core.evaluation on hand-computed pools and brute-force enumerations."""
+"""Tests of the best-of-N evaluators, statistics and tables on hand-computed pools and brute force."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from erprm_core import evaluation as ev
+from erprm_core import evaluators, stats
+from erprm_core.stages import bon_tables
 
 
 def enumerate_all(m: int, n: int, p: int = 1) -> np.ndarray:
@@ -38,10 +39,10 @@ TIE_CORRECT = np.array([[1, 0, 1, 0]])
 @pytest.mark.parametrize("n, expected", [(1, 0.5), (2, 3.5 / 6), (3, 0.5), (4, 0.5)])
 def test_bon_exact_with_ties_hand_computed(n, expected):
     # n=2: {01}: tie 1/2, {02}:1, {03}:1, {12}:0, {13}:0, {23}:1 -> 3.5/6
-    got = ev.best_of_n_accuracy(TIE_SCORES, TIE_CORRECT, n)
+    got = evaluators.best_of_n_accuracy(TIE_SCORES, TIE_CORRECT, n)
     assert got.shape == (1,)
     assert got[0] == pytest.approx(expected, abs=1e-12)
-    on_all = ev.best_of_n_accuracy(TIE_SCORES, TIE_CORRECT, n, subsets=enumerate_all(4, n))
+    on_all = evaluators.best_of_n_accuracy(TIE_SCORES, TIE_CORRECT, n, subsets=enumerate_all(4, n))
     assert on_all[0] == pytest.approx(expected, abs=1e-12)
 
 
@@ -51,7 +52,7 @@ def test_bon_exact_matches_brute_force_on_random_tied_pools():
     correct = rng.integers(0, 2, size=(20, 7))
     for n in range(1, 8):
         np.testing.assert_allclose(
-            ev.best_of_n_accuracy(scores, correct, n), brute_bon(scores, correct, n), atol=1e-12
+            evaluators.best_of_n_accuracy(scores, correct, n), brute_bon(scores, correct, n), atol=1e-12
         )
 
 
@@ -59,20 +60,22 @@ def test_bon_n1_is_mean_correct_and_nM_is_argmax():
     rng = np.random.default_rng(2)
     scores = rng.random((30, 16))
     correct = rng.integers(0, 2, size=(30, 16))
-    np.testing.assert_allclose(ev.best_of_n_accuracy(scores, correct, 1), correct.mean(axis=1), atol=1e-12)
+    np.testing.assert_allclose(
+        evaluators.best_of_n_accuracy(scores, correct, 1), correct.mean(axis=1), atol=1e-12
+    )
     top = correct[np.arange(30), scores.argmax(axis=1)]
-    np.testing.assert_allclose(ev.best_of_n_accuracy(scores, correct, 16), top, atol=1e-12)
+    np.testing.assert_allclose(evaluators.best_of_n_accuracy(scores, correct, 16), top, atol=1e-12)
     # sampled estimator at n=M also uses the full pool
-    np.testing.assert_allclose(ev.best_of_n_accuracy(scores, correct, 16, n_subsets=50, rng=0), top)
+    np.testing.assert_allclose(evaluators.best_of_n_accuracy(scores, correct, 16, n_subsets=50, rng=0), top)
 
 
 def test_bon_sampled_close_to_exact_and_deterministic():
     rng = np.random.default_rng(3)
     scores = rng.random((40, 32))
     correct = rng.integers(0, 2, size=(40, 32))
-    exact = ev.best_of_n_accuracy(scores, correct, 8)
-    a = ev.best_of_n_accuracy(scores, correct, 8, n_subsets=4000, rng=5)
-    b = ev.best_of_n_accuracy(scores, correct, 8, n_subsets=4000, rng=5)
+    exact = evaluators.best_of_n_accuracy(scores, correct, 8)
+    a = evaluators.best_of_n_accuracy(scores, correct, 8, n_subsets=4000, rng=5)
+    b = evaluators.best_of_n_accuracy(scores, correct, 8, n_subsets=4000, rng=5)
     np.testing.assert_array_equal(a, b)
     assert abs(a.mean() - exact.mean()) < 0.01
 
@@ -81,18 +84,18 @@ def test_perfect_and_inverted_scorer():
     correct = np.array([[0, 0, 1, 0, 1, 0]])
     good = correct + 0.01 * np.arange(6)
     for n in range(1, 7):
-        oracle = ev.oracle_accuracy(correct, n)
-        assert ev.best_of_n_accuracy(good, correct, n)[0] == pytest.approx(oracle[0])
-        assert ev.best_of_n_accuracy(-good, correct, n)[0] <= correct.mean() + 1e-12
+        oracle = evaluators.oracle_accuracy(correct, n)
+        assert evaluators.best_of_n_accuracy(good, correct, n)[0] == pytest.approx(oracle[0])
+        assert evaluators.best_of_n_accuracy(-good, correct, n)[0] <= correct.mean() + 1e-12
 
 
 # ----------------------------------------------------------------------------------------- baselines
 def test_random_pick_is_mean_correct_for_any_n_and_on_subsets():
     correct = np.array([[1, 0, 0, 1, 1], [0, 0, 0, 0, 1]])
     for n in range(1, 6):
-        np.testing.assert_allclose(ev.random_pick_accuracy(correct, n), [0.6, 0.2])
+        np.testing.assert_allclose(evaluators.random_pick_accuracy(correct, n), [0.6, 0.2])
         np.testing.assert_allclose(
-            ev.random_pick_accuracy(correct, subsets=enumerate_all(5, n, 2)), [0.6, 0.2]
+            evaluators.random_pick_accuracy(correct, subsets=enumerate_all(5, n, 2)), [0.6, 0.2]
         )
 
 
@@ -100,11 +103,13 @@ def test_oracle_exact_equals_enumeration_and_is_monotone():
     correct = np.array([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [0] * 6, [1] * 6])
     prev = np.zeros(4)
     for n in range(1, 7):
-        exact = ev.oracle_accuracy(correct, n)
-        np.testing.assert_allclose(exact, ev.oracle_accuracy(correct, n, subsets=enumerate_all(6, n, 4)))
+        exact = evaluators.oracle_accuracy(correct, n)
+        np.testing.assert_allclose(
+            exact, evaluators.oracle_accuracy(correct, n, subsets=enumerate_all(6, n, 4))
+        )
         assert np.all(exact >= prev - 1e-12)
         prev = exact
-    np.testing.assert_allclose(ev.oracle_accuracy(correct, 2), [1 - 10 / 15, 1 - 6 / 15, 0, 1])
+    np.testing.assert_allclose(evaluators.oracle_accuracy(correct, 2), [1 - 10 / 15, 1 - 6 / 15, 0, 1])
     np.testing.assert_allclose(prev, [1, 1, 0, 1])
 
 
@@ -116,16 +121,16 @@ MAJ_CORRECT = np.array([[1, 1, 0, 0, 0], [0] * 5])
 def test_majority_vote_ties_and_none(n, expected):
     # n=1: a,a right, b,b wrong, None -> wrong: 2/5.  n=2 (10 subsets): {aa}=1, 4x{ab} tie=.5, 2x{a,None}=1,
     # {bb}=0, 2x{b,None}=0 -> 5/10.  n=5: a vs b tie -> 0.5.  Second problem: only None answers -> 0.
-    got = ev.majority_vote_accuracy(MAJ_ANSWERS, MAJ_CORRECT, n, subsets=enumerate_all(5, n, 2))
+    got = evaluators.majority_vote_accuracy(MAJ_ANSWERS, MAJ_CORRECT, n, subsets=enumerate_all(5, n, 2))
     np.testing.assert_allclose(got, [expected, 0.0], atol=1e-12)
     # default path enumerates too (C(5, n) <= 200)
-    np.testing.assert_allclose(ev.majority_vote_accuracy(MAJ_ANSWERS, MAJ_CORRECT, n), got)
+    np.testing.assert_allclose(evaluators.majority_vote_accuracy(MAJ_ANSWERS, MAJ_CORRECT, n), got)
 
 
 def test_majority_none_never_wins_over_single_answer():
     answers = np.array([[None, None, None, "7"]], dtype=object)
     correct = np.array([[0, 0, 0, 1]])
-    assert ev.majority_vote_accuracy(answers, correct, 4)[0] == 1.0
+    assert evaluators.majority_vote_accuracy(answers, correct, 4)[0] == 1.0
 
 
 def test_weighted_vote_hand_computed():
@@ -133,22 +138,22 @@ def test_weighted_vote_hand_computed():
     correct = np.array([[1, 1, 0]])
     scores = np.array([[0.3, 0.3, 0.5]])
     # n=3: a has 0.6 > b 0.5 -> right, while best-of-3 picks b -> wrong
-    assert ev.weighted_vote_accuracy(answers, scores, correct, 3)[0] == pytest.approx(1.0)
-    assert ev.best_of_n_accuracy(scores, correct, 3)[0] == pytest.approx(0.0)
+    assert evaluators.weighted_vote_accuracy(answers, scores, correct, 3)[0] == pytest.approx(1.0)
+    assert evaluators.best_of_n_accuracy(scores, correct, 3)[0] == pytest.approx(0.0)
     # n=2: {01}: a; {02}: b (0.5 > 0.3); {12}: b -> 1/3
-    assert ev.weighted_vote_accuracy(answers, scores, correct, 2)[0] == pytest.approx(1 / 3)
+    assert evaluators.weighted_vote_accuracy(answers, scores, correct, 2)[0] == pytest.approx(1 / 3)
     # floating tie 0.1 + 0.2 vs 0.3 is split
     tie = np.array([[0.1, 0.2, 0.3]])
-    assert ev.weighted_vote_accuracy(answers, tie, correct, 3)[0] == pytest.approx(0.5)
+    assert evaluators.weighted_vote_accuracy(answers, tie, correct, 3)[0] == pytest.approx(0.5)
 
 
 def test_weighted_vote_with_constant_scores_equals_majority_on_shared_subsets():
     rng = np.random.default_rng(4)
     answers = rng.choice(np.array(["1", "2", "3", None], dtype=object), size=(25, 20))
     correct = (answers == "1").astype(int)
-    sub = ev.draw_subsets(25, 20, 6, 100, seed=9)
-    maj = ev.majority_vote_accuracy(answers, correct, 6, subsets=sub)
-    wv = ev.weighted_vote_accuracy(answers, np.full((25, 20), 0.7), correct, 6, subsets=sub)
+    sub = evaluators.draw_subsets(25, 20, 6, 100, seed=9)
+    maj = evaluators.majority_vote_accuracy(answers, correct, 6, subsets=sub)
+    wv = evaluators.weighted_vote_accuracy(answers, np.full((25, 20), 0.7), correct, 6, subsets=sub)
     np.testing.assert_array_equal(maj, wv)
 
 
@@ -156,38 +161,38 @@ def test_vote_blocks_do_not_change_results(monkeypatch):
     rng = np.random.default_rng(5)
     answers = rng.choice(np.array(["1", "2", None], dtype=object), size=(13, 10))
     correct = (answers == "2").astype(int)
-    sub = ev.draw_subsets(13, 10, 4, 50, seed=1)
-    full = ev.majority_vote_accuracy(answers, correct, 4, subsets=sub)
-    monkeypatch.setattr(ev, "_VOTE_BLOCK_CELLS", 1)
-    np.testing.assert_array_equal(ev.majority_vote_accuracy(answers, correct, 4, subsets=sub), full)
+    sub = evaluators.draw_subsets(13, 10, 4, 50, seed=1)
+    full = evaluators.majority_vote_accuracy(answers, correct, 4, subsets=sub)
+    monkeypatch.setattr(evaluators, "VOTE_BLOCK_CELLS", 1)
+    np.testing.assert_array_equal(evaluators.majority_vote_accuracy(answers, correct, 4, subsets=sub), full)
 
 
 # ----------------------------------------------------------------------------------------- subsets
 def test_draw_subsets_shapes_distinct_and_deterministic():
-    sub = ev.draw_subsets(5, 10, 3, 40, seed=1)
+    sub = evaluators.draw_subsets(5, 10, 3, 40, seed=1)
     assert sub.shape == (5, 40, 3)
     assert all(len(set(row)) == 3 for row in sub.reshape(-1, 3))
-    np.testing.assert_array_equal(sub, ev.draw_subsets(5, 10, 3, 40, seed=1))
-    assert not np.array_equal(sub, ev.draw_subsets(5, 10, 3, 40, seed=2))
+    np.testing.assert_array_equal(sub, evaluators.draw_subsets(5, 10, 3, 40, seed=1))
+    assert not np.array_equal(sub, evaluators.draw_subsets(5, 10, 3, 40, seed=2))
     # per-problem keys: a problem's subsets do not depend on the other problems
-    keys = ev.problem_keys(["p0", "p1", "p2"])
-    s3 = ev.draw_subsets(3, 10, 3, 40, seed=1, keys=keys)
-    s1 = ev.draw_subsets(1, 10, 3, 40, seed=1, keys=keys[2:])
+    keys = evaluators.problem_keys(["p0", "p1", "p2"])
+    s3 = evaluators.draw_subsets(3, 10, 3, 40, seed=1, keys=keys)
+    s1 = evaluators.draw_subsets(1, 10, 3, 40, seed=1, keys=keys[2:])
     np.testing.assert_array_equal(s3[2], s1[0])
     # enumeration when C(m, n) <= n_subsets; n == m -> the full pool
-    assert ev.draw_subsets(2, 10, 1, 40).shape == (2, 10, 1)
-    np.testing.assert_array_equal(ev.draw_subsets(2, 10, 10, 40)[1, 0], np.arange(10))
+    assert evaluators.draw_subsets(2, 10, 1, 40).shape == (2, 10, 1)
+    np.testing.assert_array_equal(evaluators.draw_subsets(2, 10, 10, 40)[1, 0], np.arange(10))
 
 
 def test_same_subsets_make_methods_paired():
     rng = np.random.default_rng(6)
     scores = rng.random((10, 12))
     correct = rng.integers(0, 2, size=(10, 12))
-    sub = ev.draw_subsets(10, 12, 4, 30, seed=3)
-    a = ev.best_of_n_accuracy(scores, correct, 4, subsets=sub)
-    b = ev.best_of_n_accuracy(scores.copy(), correct, 4, subsets=sub)
+    sub = evaluators.draw_subsets(10, 12, 4, 30, seed=3)
+    a = evaluators.best_of_n_accuracy(scores, correct, 4, subsets=sub)
+    b = evaluators.best_of_n_accuracy(scores.copy(), correct, 4, subsets=sub)
     np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(a, ev.best_of_n_accuracy(scores, correct, 4, n_subsets=30, rng=3))
+    np.testing.assert_array_equal(a, evaluators.best_of_n_accuracy(scores, correct, 4, n_subsets=30, rng=3))
 
 
 # ----------------------------------------------------------------------------------------- pass@k
@@ -197,88 +202,88 @@ def test_pass_at_k_matches_brute_force():
             vec = [1] * c + [0] * (m - c)
             for k in range(1, m + 1):
                 brute = np.mean([max(s) for s in itertools.combinations(vec, k)])
-                assert ev.pass_at_k(c, m, k) == pytest.approx(brute, abs=1e-12)
-    got = ev.pass_at_k(np.array([0, 1, 5, 64]), 64, 8)
+                assert evaluators.pass_at_k(c, m, k) == pytest.approx(brute, abs=1e-12)
+    got = evaluators.pass_at_k(np.array([0, 1, 5, 64]), 64, 8)
     assert got.shape == (4,)
     assert got[1] == pytest.approx(8 / 64)
-    assert ev.pass_at_k(3, 1000, 500) == pytest.approx(1 - math.comb(997, 500) / math.comb(1000, 500))
+    assert evaluators.pass_at_k(3, 1000, 500) == pytest.approx(1 - math.comb(997, 500) / math.comb(1000, 500))
     with pytest.raises(ValueError):
-        ev.pass_at_k(5, 4, 1)
+        evaluators.pass_at_k(5, 4, 1)
     with pytest.raises(ValueError):
-        ev.pass_at_k(1, 4, 5)
+        evaluators.pass_at_k(1, 4, 5)
 
 
 # ----------------------------------------------------------------------------------------- intervals
 def test_bootstrap_covers_known_mean_and_handles_constants():
     x = (np.random.default_rng(0).random(2000) < 0.3).astype(float)
-    mean, low, high = ev.bootstrap_ci(x, n_boot=2000, seed=0)
+    mean, low, high = stats.bootstrap_ci(x, n_boot=2000, seed=0)
     assert low < 0.3 < high
     assert low < mean < high and high - low < 0.06
-    assert ev.bootstrap_ci(x, n_boot=2000, seed=0) == (mean, low, high)
-    assert ev.bootstrap_ci([0.25] * 10) == (0.25, 0.25, 0.25)
-    assert ev.bootstrap_ci([1.0]) == (1.0, 1.0, 1.0)
+    assert stats.bootstrap_ci(x, n_boot=2000, seed=0) == (mean, low, high)
+    assert stats.bootstrap_ci([0.25] * 10) == (0.25, 0.25, 0.25)
+    assert stats.bootstrap_ci([1.0]) == (1.0, 1.0, 1.0)
     # one differing value: BCa may be undefined -> finite interval anyway
-    _, lo2, hi2 = ev.bootstrap_ci([0.0] * 49 + [1.0], n_boot=500)
+    _, lo2, hi2 = stats.bootstrap_ci([0.0] * 49 + [1.0], n_boot=500)
     assert np.isfinite(lo2) and np.isfinite(hi2) and lo2 <= 0.02 <= hi2
     with pytest.raises(ValueError):
-        ev.bootstrap_ci([])
+        stats.bootstrap_ci([])
     with pytest.raises(ValueError):
-        ev.bootstrap_ci([0.1, np.nan])
+        stats.bootstrap_ci([0.1, np.nan])
 
 
 def test_wilson_interval_known_value():
-    acc, low, high = ev.accuracy_ci([1] * 50 + [0] * 50)
+    acc, low, high = stats.accuracy_ci([1] * 50 + [0] * 50)
     assert acc == 0.5
     assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
-    acc, low, high = ev.accuracy_ci([0] * 10)
+    acc, low, high = stats.accuracy_ci([0] * 10)
     assert (acc, low) == (0.0, 0.0) and 0.25 < high < 0.35  # Wilson upper bound for 0/10 ~ 0.278
     with pytest.raises(ValueError):
-        ev.accuracy_ci([0.5])
+        stats.accuracy_ci([0.5])
 
 
 def test_paired_diff_sign_and_exact_permutation_p():
     rng = np.random.default_rng(7)
     b = rng.random(300)
     a = b + 0.05 + 0.02 * rng.standard_normal(300)
-    res = ev.paired_bootstrap_diff(a, b, n_boot=1000, seed=0)
+    res = stats.paired_bootstrap_diff(a, b, n_boot=1000, seed=0)
     assert res.diff > 0 and res.ci_low > 0 and res.p_value < 0.01
     assert res.n_a_better > res.n_b_better and res.n_problems == 300
-    rev = ev.paired_bootstrap_diff(b, a, n_boot=1000, seed=0)
+    rev = stats.paired_bootstrap_diff(b, a, n_boot=1000, seed=0)
     assert rev.diff == pytest.approx(-res.diff) and rev.ci_high < 0
     # five wins of 1: exact sign-flip two-sided p = 2 / 2^5
-    five = ev.paired_bootstrap_diff(np.ones(5), np.zeros(5))
+    five = stats.paired_bootstrap_diff(np.ones(5), np.zeros(5))
     assert five.p_value == pytest.approx(2 / 32)
-    same = ev.paired_bootstrap_diff(b, b)
+    same = stats.paired_bootstrap_diff(b, b)
     assert (same.diff, same.ci_low, same.ci_high, same.p_value) == (0.0, 0.0, 0.0, 1.0)
 
 
 # ----------------------------------------------------------------------------------------- calibration
 def test_auroc_hand_examples():
-    assert ev.auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
-    assert ev.auroc([0.5, 0.5], [0, 1]) == pytest.approx(0.5)
+    assert stats.auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert stats.auroc([0.5, 0.5], [0, 1]) == pytest.approx(0.5)
     # pairs (pos, neg): (.9,.2)=1, (.9,.9)=.5 tie, (.1,.2)=0, (.1,.9)=0 -> 1.5 / 4
-    assert ev.auroc([0.2, 0.9, 0.9, 0.1], [0, 1, 0, 1]) == pytest.approx(0.375)
-    assert ev.auroc([1, 2, 3], [0, 1, 1]) == 1.0
-    assert math.isnan(ev.auroc([0.1, 0.2], [1, 1]))
+    assert stats.auroc([0.2, 0.9, 0.9, 0.1], [0, 1, 0, 1]) == pytest.approx(0.375)
+    assert stats.auroc([1, 2, 3], [0, 1, 1]) == 1.0
+    assert math.isnan(stats.auroc([0.1, 0.2], [1, 1]))
     with pytest.raises(ValueError):
-        ev.auroc([0.1, 0.2], [0.3, 1])
+        stats.auroc([0.1, 0.2], [0.3, 1])
 
 
 def test_brier_and_calibration_bins():
     pred = np.array([0.0, 0.05, 0.15, 0.5, 0.95, 1.0])
     target = np.array([0, 0, 1, 0.5, 1, 1])
-    assert ev.brier_score(pred, target) == pytest.approx(np.mean((pred - target) ** 2))
-    bins = ev.calibration_bins(pred, target, n_bins=10)
+    assert stats.brier_score(pred, target) == pytest.approx(np.mean((pred - target) ** 2))
+    bins = stats.calibration_bins(pred, target, n_bins=10)
     assert list(bins.columns) == ["bin", "bin_low", "bin_high", "mean_pred", "mean_target", "count"]
     assert len(bins) == 10 and bins["count"].sum() == 6
     assert bins["count"].tolist() == [2, 1, 0, 0, 0, 1, 0, 0, 0, 2]
     assert bins.loc[0, "mean_pred"] == pytest.approx(0.025) and bins.loc[9, "mean_target"] == 1.0
     assert math.isnan(bins.loc[2, "mean_pred"])
-    assert ev.expected_calibration_error(pred, target) == pytest.approx(
+    assert stats.expected_calibration_error(pred, target) == pytest.approx(
         (2 * 0.025 + 1 * 0.85 + 0 + 2 * 0.025) / 6
     )
     with pytest.raises(ValueError):
-        ev.brier_score([0.5, np.nan], [1, 0])
+        stats.brier_score([0.5, np.nan], [1, 0])
 
 
 # ----------------------------------------------------------------------------------------- tables
@@ -306,35 +311,35 @@ def make_pool(p: int = 30, m: int = 8, seed: int = 0) -> pd.DataFrame:
 
 def test_pool_arrays_order_invariant_and_validated():
     df = make_pool()
-    a = ev.pool_arrays(df, ["good", "noise"])
-    b = ev.pool_arrays(df.sample(frac=1.0, random_state=1), ["good", "noise"])
+    a = bon_tables.pool_arrays(df, ["good", "noise"])
+    b = bon_tables.pool_arrays(df.sample(frac=1.0, random_state=1), ["good", "noise"])
     assert a.problem_ids == b.problem_ids and (a.n_problems, a.n_candidates) == (30, 8)
     np.testing.assert_array_equal(a.scores["good"], b.scores["good"])
     np.testing.assert_array_equal(a.codes, b.codes)
     with pytest.raises(ValueError, match="duplicated"):
-        ev.pool_arrays(pd.concat([df, df.iloc[:1]]), ["good"])
+        bon_tables.pool_arrays(pd.concat([df, df.iloc[:1]]), ["good"])
     with pytest.raises(ValueError, match="same number of candidates"):
-        ev.pool_arrays(df.iloc[1:], ["good"])
+        bon_tables.pool_arrays(df.iloc[1:], ["good"])
     bad = df.copy()
     bad.loc[3, "good"] = np.nan
     with pytest.raises(ValueError, match="'good'.*q0"):
-        ev.pool_arrays(bad, ["good"])
+        bon_tables.pool_arrays(bad, ["good"])
     with pytest.raises(ValueError, match="no score column"):
-        ev.pool_arrays(df, ["missing"])
+        bon_tables.pool_arrays(df, ["missing"])
 
 
 def test_best_of_n_table_schema_values_and_determinism():
     df = make_pool()
     kw = dict(methods=["good", "noise", "const"], ns=[1, 2, 4, 8], n_subsets=50, seed=3, n_boot=300)
-    t = ev.best_of_n_table(df, weighted=["good", "const"], **kw)
-    assert list(t.columns) == ev.TABLE_COLUMNS
+    t = bon_tables.best_of_n_table(df, weighted=["good", "const"], **kw)
+    assert list(t.columns) == bon_tables.TABLE_COLUMNS
     methods = ["good", "noise", "const", "weighted_good", "weighted_const", "random", "majority", "oracle"]
     assert t["method"].unique().tolist() == methods
     assert len(t) == len(methods) * 4
     assert (t["metric"] == "accuracy").all() and (t["n_problems"] == 30).all()
     assert ((t["ci_low"] <= t["value"] + 1e-12) & (t["value"] <= t["ci_high"] + 1e-12)).all()
     v = t.set_index(["method", "n"])["value"]
-    arrays = ev.pool_arrays(df, ["good"])
+    arrays = bon_tables.pool_arrays(df, ["good"])
     assert v["random", 4] == pytest.approx(arrays.correct.mean())
     for n in (1, 2, 4, 8):
         assert v["oracle", n] >= v["good", n] - 1e-12
@@ -346,18 +351,20 @@ def test_best_of_n_table_schema_values_and_determinism():
     assert (
         est["good", 4] == "exact" and est["majority", 1] == "enumerated" and est["majority", 4] == "sampled"
     )
-    pd.testing.assert_frame_equal(t, ev.best_of_n_table(df.iloc[::-1], weighted=["good", "const"], **kw))
+    pd.testing.assert_frame_equal(
+        t, bon_tables.best_of_n_table(df.iloc[::-1], weighted=["good", "const"], **kw)
+    )
     with pytest.raises(ValueError, match="n must be"):
-        ev.best_of_n_table(df, ["good"], [9])
+        bon_tables.best_of_n_table(df, ["good"], [9])
 
 
 def test_paired_comparisons_table():
     df = make_pool(p=60)
-    t = ev.paired_comparisons(
+    t = bon_tables.paired_comparisons(
         df, [("good", "noise"), ("noise", "good"), ("good", "majority")], n=8, n_boot=300
     )
     assert t.shape[0] == 3
     assert t.loc[0, "diff"] > 0 and t.loc[0, "p_value"] < 0.05
     assert t.loc[1, "diff"] == pytest.approx(-t.loc[0, "diff"])
-    assert t.loc[0, "acc_a"] == pytest.approx(ev.method_accuracy(df, "good", 8).mean())
+    assert t.loc[0, "acc_a"] == pytest.approx(bon_tables.method_accuracy(df, "good", 8).mean())
     assert set(t.columns) >= {"method_a", "method_b", "n", "diff", "ci_low", "ci_high", "p_value"}

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from erprm_core import grading
-from erprm_core.artifacts import repo_root
 from erprm_core.grading import extract_answer, is_correct, last_boxed, normalize_reference, numbers_equal
+from erprm_core.running.artifacts import repo_root
 
 DATA = repo_root().parent / "shared" / "data"
 GSM8K_TEST = DATA / "gsm8k" / "test.jsonl"
@@ -280,14 +280,14 @@ def test_math_in_threads_uses_guarded_helper(monkeypatch):
 
     # backstop: a helper that overruns is killed (-> False) and restarted for the next call
     monkeypatch.setattr(grading, "WORKER_TIMEOUT_S", 0.01)
-    grading._WORKER.close()
+    grading.MATH_WORKER.close()
     out: list[bool] = []
-    th = threading.Thread(target=lambda: out.append(grading._WORKER.equal(r"\sqrt{4}", "2")))
+    th = threading.Thread(target=lambda: out.append(grading.MATH_WORKER.equal(r"\sqrt{4}", "2")))
     th.start()
     th.join(timeout=30)
     assert out == [False]
     monkeypatch.setattr(grading, "WORKER_TIMEOUT_S", 60.0)
-    th = threading.Thread(target=lambda: out.append(grading._WORKER.equal(r"\sqrt{4}", "2")))
+    th = threading.Thread(target=lambda: out.append(grading.MATH_WORKER.equal(r"\sqrt{4}", "2")))
     th.start()
     th.join(timeout=60)
     assert out == [False, True]
@@ -330,7 +330,7 @@ def test_math500_answers_match_their_boxed_solutions():
         if not is_correct(row["solution"], row["answer"], "math"):
             fails.append((row["unique_id"], row["answer"], boxed))
         # math-verify alone (no text shortcut), gold = the answer field
-        if boxed is None or not grading._math_equal_here(boxed, row["answer"], 3, 3):
+        if boxed is None or not grading.math_equal_in_process(boxed, row["answer"], 3, 3):
             mv_fails.append((row["unique_id"], row["answer"], boxed))
     seconds = time.perf_counter() - start
     rate, mv_rate = 1 - len(fails) / len(rows), 1 - len(mv_fails) / len(rows)

@@ -8,15 +8,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from erprm_core.labels import (
+    BASELINES,
     er_label,
     er_label_from_fraction,
+    eta_text,
     hard_label,
+    method_name,
+    method_order,
     outcome_label,
+    parse_method,
     rule_eta,
     rule_name,
+    rule_sort_key,
     soft_label,
-    stepwise_labels,
 )
+from erprm_core.running.config import parse_eta_grid, parse_names
+from erprm_core.stages.labels import stepwise_labels
 
 rewards01 = st.lists(st.sampled_from([0.0, 1.0]), min_size=1, max_size=32)
 real_rewards = st.lists(st.floats(-5, 5, allow_nan=False), min_size=1, max_size=32)
@@ -134,9 +141,65 @@ def test_stepwise_labels_last_step_is_outcome():
 
 
 def test_parse_eta_grid():
-    from erprm_core.labels import parse_eta_grid
-
     assert parse_eta_grid("0, 0.1,1,inf") == [0.0, 0.1, 1.0, math.inf]
     for bad in ["0,x", "nan", "", "1,1"]:
         with pytest.raises(ValueError):
             parse_eta_grid(bad)
+
+
+def test_rule_eta_default_replaces_the_error():
+    assert rule_eta("orm", default=None) is None
+    assert math.isnan(rule_eta("majority", default=float("nan")))
+    assert math.isnan(rule_eta("er_x", default=float("nan")))
+    assert rule_eta("er_0.5", default=None) == 0.5 and rule_eta("hard", default=None) == math.inf
+    with pytest.raises(ValueError):
+        rule_eta("er_x")
+    assert eta_text("er_0.5") == "0.5" and eta_text("er_10") == "10"
+
+
+def test_parse_method_and_method_name_are_inverse():
+    cases = {
+        "er_1:min": ("er_1", "min", False),
+        "hard": ("hard", None, False),
+        "weighted_er_0.5:last": ("er_0.5", "last", True),
+        "weighted_orm": ("orm", None, True),
+        "majority": ("majority", None, False),
+    }
+    for method, parsed in cases.items():
+        assert parse_method(method) == parsed
+        assert method_name(*parsed) == method
+    assert set(BASELINES) == {"random", "majority", "oracle"}
+
+
+def test_method_and_rule_orders():
+    methods = [
+        "oracle",
+        "weighted_er_1:min",
+        "random",
+        "majority",
+        "orm:last",
+        "hard:min",
+        "er_1:min",
+        "soft:min",
+    ]
+    assert method_order([*methods, "er_1:min"]) == [
+        "soft:min",
+        "er_1:min",
+        "hard:min",
+        "orm:last",
+        "majority",
+        "random",
+        "weighted_er_1:min",
+        "oracle",
+    ]
+    rules = ["orm", "hard", "zzz", "er_10", "soft", "er_0.5"]
+    assert sorted(rules, key=rule_sort_key) == ["soft", "er_0.5", "er_10", "hard", "orm", "zzz"]
+
+
+def test_parse_names():
+    assert parse_names(" er_1, hard,,soft ") == ["er_1", "hard", "soft"]
+    assert parse_names(["er_1", 2]) == ["er_1", "2"]
+    assert parse_names(None) == [] and parse_names("") == []
+    assert parse_names("a,a") == ["a", "a"]
+    with pytest.raises(ValueError, match="reward_models lists a name twice"):
+        parse_names("a,b,a", unique=True, what="reward_models")

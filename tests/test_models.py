@@ -4,13 +4,14 @@ import pytest
 import torch
 
 from erprm_core import models
+from erprm_core.stages.policy import build_tiny_model, build_tokenizer
 from erprm_core.steps import BAD_TOKEN, GOOD_TOKEN, STEP_TAG, format_prm_input, policy_prompt, split_steps
 from erprm_core.tasks import arith
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return models.build_tokenizer(max_number=200)
+    return build_tokenizer(max_number=200)
 
 
 @pytest.fixture(scope="module")
@@ -70,22 +71,22 @@ def test_special_tokens(tok):
     assert len({tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, tok.unk_token_id}) == 4
     assert tok("Tom")["input_ids"][0] == tok.bos_token_id
     assert tok.decode(tok("Tom has 3 apples.")["input_ids"], skip_special_tokens=True) == "Tom has 3 apples."
-    assert models.build_tokenizer(max_number=200).get_vocab() == tok.get_vocab()  # deterministic
+    assert build_tokenizer(max_number=200).get_vocab() == tok.get_vocab()  # deterministic
 
 
 def test_build_model_deterministic(tok):
-    a = models.build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seed=1)
-    b = models.build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seed=1)
+    a = build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seed=1)
+    b = build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seed=1)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
     assert a.config.vocab_size == len(tok) and a.config.eos_token_id == tok.eos_token_id
     assert models.count_parameters(a) < sum(p.numel() for p in a.parameters()) + 1
     with pytest.raises(ValueError, match="multiple"):
-        models.build_tiny_model(tok, hidden_size=30, num_heads=4)
+        build_tiny_model(tok, hidden_size=30, num_heads=4)
 
 
 def test_save_load_round_trip_offline(tok, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model = models.build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    model = build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
     model.save_pretrained(tmp_path / "policy")
     tok.save_pretrained(tmp_path / "policy")
     loaded, tok2 = models.load_causal_lm(tmp_path / "policy", device="cpu", dtype="auto")

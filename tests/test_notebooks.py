@@ -8,7 +8,8 @@ import jupytext
 import pandas as pd
 import pytest
 
-from erprm_core import artifacts, pipeline
+from erprm_core.report import summary
+from erprm_core.running import artifacts, cli, config
 
 NOTEBOOKS = sorted(artifacts.notebooks_root().glob("[0-9][0-9]_*.ipynb"))
 
@@ -46,16 +47,16 @@ def test_one_parameters_cell_with_typed_literals(path: Path):
     nb = jupytext.read(path)
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1, f"{path.name}: expected exactly one cell tagged 'parameters'"
-    params = pipeline.notebook_parameters(path)
+    params = config.notebook_parameters(path)
     assert "profile" in params
     for name, info in params.items():
         assert info["inferred_type_name"] != "None", f"{path.name}: parameter {name} has no type annotation"
         assert info["help"], f"{path.name}: parameter {name} has no trailing comment"
 
 
-@pytest.mark.parametrize("profile", pipeline.profiles())
+@pytest.mark.parametrize("profile", config.profiles())
 def test_every_config_key_is_a_notebook_parameter(profile):
-    stages = pipeline.plan(profile)  # raises ConfigError on any unknown key or wrong type
+    stages = config.plan(profile)  # raises ConfigError on any unknown key or wrong type
     assert all(s.parameters["profile"] == profile for s in stages)
 
 
@@ -65,37 +66,37 @@ def test_misspelt_parameter_fails_naming_key_and_file(tmp_path, monkeypatch):
     target = sorted((configs / "smoke").glob("*.yaml"))[0]
     target.write_text(target.read_text() + "sede: 3\n")
     monkeypatch.setattr(artifacts, "configs_root", lambda: configs)
-    with pytest.raises(pipeline.ConfigError, match=rf"{target.name}.*unknown parameter 'sede'"):
-        pipeline.plan("smoke")
+    with pytest.raises(config.ConfigError, match=rf"{target.name}.*unknown parameter 'sede'"):
+        config.plan("smoke")
 
 
 def test_override_checks():
-    with pytest.raises(pipeline.ConfigError, match="match no parameter"):
-        pipeline.plan("smoke", overrides=["no_such_knob=1"])
-    with pytest.raises(pipeline.ConfigError, match="key=value"):
-        pipeline.plan("smoke", overrides=["seed"])
-    with pytest.raises(pipeline.ConfigError, match="unknown profile"):
-        pipeline.plan("no-such-profile")
-    stages = pipeline.plan("smoke", "00", "00", overrides=["seed=7"])
+    with pytest.raises(config.ConfigError, match="match no parameter"):
+        config.plan("smoke", overrides=["no_such_knob=1"])
+    with pytest.raises(config.ConfigError, match="key=value"):
+        config.plan("smoke", overrides=["seed"])
+    with pytest.raises(config.ConfigError, match="unknown profile"):
+        config.plan("no-such-profile")
+    stages = config.plan("smoke", "00", "00", overrides=["seed=7"])
     assert [s.name for s in stages] == ["00_policy"] and stages[0].parameters["seed"] == 7
 
 
 def test_parse_override_types():
-    assert pipeline.parse_override("a=3") == ("a", 3)
-    assert pipeline.parse_override("a=0.5") == ("a", 0.5)
-    assert pipeline.parse_override("a=true") == ("a", True)
-    assert pipeline.parse_override("a=0,1,inf") == ("a", "0,1,inf")
+    assert config.parse_override("a=3") == ("a", 3)
+    assert config.parse_override("a=0.5") == ("a", 0.5)
+    assert config.parse_override("a=true") == ("a", True)
+    assert config.parse_override("a=0,1,inf") == ("a", "0,1,inf")
 
 
 def test_readme_summary_matches_committed_results():
-    from erprm_core import report
-
     readme = (artifacts.repo_root() / "README.md").read_text()
-    summary = artifacts.repo_root() / "results" / "tiny" / "summary.md"
-    if not summary.is_file():
+    summary_md = artifacts.repo_root() / "results" / "tiny" / "summary.md"
+    if not summary_md.is_file():
         pytest.skip("results/tiny has not been produced yet")
-    block = readme.split(report.README_START, 1)[1].split(report.README_END, 1)[0]
-    assert block.strip() == summary.read_text().strip(), "README summary differs from results/tiny/summary.md"
+    block = readme.split(summary.README_START, 1)[1].split(summary.README_END, 1)[0]
+    assert block.strip() == summary_md.read_text().strip(), (
+        "README summary differs from results/tiny/summary.md"
+    )
     assert "results/tiny/figures/fig2_best_of_n.png" in readme
     assert (artifacts.repo_root() / "results" / "tiny" / "figures" / "fig2_best_of_n.png").is_file()
 
@@ -104,18 +105,14 @@ def test_readme_prose_quotes_no_result_numbers():
     """Result numbers live only in the synced summary block: prose outside it quotes no percentages."""
     import re
 
-    from erprm_core import report
-
     readme = (artifacts.repo_root() / "README.md").read_text()
-    head, rest = readme.split(report.README_START, 1)
-    tail = rest.split(report.README_END, 1)[1]
-    found = re.findall(r"\d+(?:\.\d+)?\s?%", head + tail)
+    head, rest = readme.split(summary.README_START, 1)
+    tail = rest.split(summary.README_END, 1)[1]
+    found = re.findall(r"\d+(?:\.\d+)?\s?%(?! (?:interval|confidence|CI))", head + tail)  # not "95% interval"
     assert not found, f"README prose quotes result numbers {found}; put them in the summary block"
 
 
 def test_summary_facts_from_tables():
-    from erprm_core import report
-
     policy_eval = pd.DataFrame(
         {
             "metric": ["greedy_accuracy", "pass_at_k", "pass_at_k"],
@@ -140,7 +137,7 @@ def test_summary_facts_from_tables():
             "value": [0.156, 0.145, 0.101],
         }
     )
-    text = report.summary_facts(
+    text = summary.summary_facts(
         policy_eval, by_steps, rollouts, sweep, n_problems_pool=200, aggregation="min"
     )
     lines = text.splitlines()
@@ -151,7 +148,7 @@ def test_summary_facts_from_tables():
         "- Best-of-64 accuracy % along the eta sweep on 200 problems, min aggregation:"
     )
     assert "soft 15.6, η=1 14.5, hard 10.1" in lines[2]
-    assert report.summary_facts(None, None, None, None) == ""
+    assert summary.summary_facts(None, None, None, None) == ""
 
 
 def test_ctrl_c_during_a_stage_says_how_to_resume(tmp_roots, monkeypatch, caplog):
@@ -164,7 +161,7 @@ def test_ctrl_c_during_a_stage_says_how_to_resume(tmp_roots, monkeypatch, caplog
 
     monkeypatch.setattr(papermill, "execute_notebook", interrupted)
     with caplog.at_level("ERROR"):
-        assert pipeline.main(["reproduce", "--profile", "smoke", "--from", "02", "--to", "02"]) == 130
+        assert cli.main(["reproduce", "--profile", "smoke", "--from", "02", "--to", "02"]) == 130
     assert "interrupted during stage 02_labels" in caplog.text and "resume" in caplog.text
     state = tmp_roots / "runs" / "smoke" / "pipeline_state.json"
     assert "02_labels" not in (json.loads(state.read_text()) if state.is_file() else {})
@@ -173,4 +170,17 @@ def test_ctrl_c_during_a_stage_says_how_to_resume(tmp_roots, monkeypatch, caplog
         raise papermill.PapermillExecutionError(3, 1, "KeyboardInterrupt", "KeyboardInterrupt", "", [])
 
     monkeypatch.setattr(papermill, "execute_notebook", kernel_interrupted)
-    assert pipeline.main(["reproduce", "--profile", "smoke", "--from", "02", "--to", "02"]) == 130
+    assert cli.main(["reproduce", "--profile", "smoke", "--from", "02", "--to", "02"]) == 130
+
+
+def test_sync_readme_copies_the_summary_between_the_markers(tmp_path):
+    md = summary.write_summary(tmp_path / "results" / "summary.md", "| a |\n|---|\n| 1 |\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{summary.README_START}\nold\n{summary.README_END}\nrest\n")
+    assert summary.sync_readme(md, readme)
+    assert (
+        readme.read_text()
+        == f"intro\n{summary.README_START}\n| a |\n|---|\n| 1 |\n{summary.README_END}\nrest\n"
+    )
+    assert not summary.sync_readme(md, readme)  # unchanged the second time
+    assert not summary.sync_readme(tmp_path / "absent.md", readme)

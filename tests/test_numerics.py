@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from erprm_core import numerics, pipeline
+from erprm_core.running import numerics, pipeline
 
 
 def test_avx2_level_pins_all_three_libraries():
@@ -37,7 +37,7 @@ def test_configure_pins_a_fresh_process_and_records_it():
     proc = _run(
         """
         import json
-        from erprm_core import numerics
+        from erprm_core.running import numerics
         info = numerics.configure("avx2", 1)
         print(json.dumps(info))
         """
@@ -57,7 +57,7 @@ def test_configure_too_late_fails_loudly():
         """
         import torch
         torch.ones(3).sum()
-        from erprm_core import numerics
+        from erprm_core.running import numerics
         numerics.configure("avx2", 1)
         """
     )
@@ -67,3 +67,16 @@ def test_configure_too_late_fails_loudly():
 def test_cpu_host_facts_are_recorded():
     facts = numerics.host()
     assert facts["cpu_model"] and isinstance(facts["cpu_flags"], list)
+
+
+def test_set_cpu_threads_uses_a_requested_count_and_rejects_negative_ones():
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert numerics.set_cpu_threads(1) == 1 and torch.get_num_threads() == 1
+        assert 1 <= numerics.set_cpu_threads(0, window_s=0.05) <= (os.cpu_count() or 1)
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="torch_threads must be >= 0"):
+        numerics.set_cpu_threads(-1)

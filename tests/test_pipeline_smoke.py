@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from erprm_core import artifacts, pipeline, reproducibility
+from erprm_core.running import artifacts, config, pipeline, reproducibility
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def smoke_run(tmp_path_factory):
 
 def test_every_stage_ran_then_was_up_to_date(smoke_run):
     _, summary, again = smoke_run
-    stages = list(pipeline.stage_notebooks())
+    stages = list(config.stage_notebooks())
     assert [s["stage"] for s in summary] == stages
     assert all(s["status"] == "ran" for s in summary)
     assert all(s["status"] == "skipped" for s in again)
@@ -73,14 +73,16 @@ def test_manifest_records_every_stage(smoke_run):
     manifest = json.loads((root / "results" / "smoke" / "manifest.json").read_text())
     assert manifest["profile"] == "smoke"
     assert manifest["environment"]["packages"]["torch"]
-    for stage in pipeline.stage_notebooks():
+    for stage in config.stage_notebooks():
         entry = manifest["stages"][stage]
         assert entry["wall_s"] >= 0 and entry["parameters"]["profile"] == "smoke"
         assert entry["git_commit"] == manifest["environment"]["git_commit"]  # the commit each stage ran at
     assert manifest["environment"]["cpu"]["cpu_model"]
     for stage in ("00_policy", "01_rollouts", "03_train_prm", "04_best_of_n", "05_rlhf_raft"):
-        assert manifest["stages"][stage]["torch_threads"] >= 1
-        ran_with = manifest["stages"][stage]["numerics"]
+        ran_with = manifest["stages"][stage][
+            "numerics"
+        ]  # the thread count it ran with, not the knob (0 = auto)
+        assert ran_with["torch_threads"] >= 1
         assert ran_with["cpu_numerics"] == "avx2" and ran_with["aten_capability"] == "AVX2"
         assert ran_with["pins"]["MKL_CBWR"] == "AVX2,STRICT"
 
@@ -88,7 +90,7 @@ def test_manifest_records_every_stage(smoke_run):
 def test_nbval_on_executed_notebooks(smoke_run):
     root, _, _ = smoke_run
     executed = sorted((root / "results" / "smoke" / "notebooks").glob("*.ipynb"))
-    assert len(executed) == len(pipeline.stage_notebooks())
+    assert len(executed) == len(config.stage_notebooks())
     sanitize = Path(__file__).with_name("nbval_sanitize.cfg")
     cmd = [
         sys.executable,

@@ -215,7 +215,7 @@ def test_token_resolution_in_context():
 
 
 def test_token_resolution_with_kit_tokenizer():
-    from erprm_core.models import build_tokenizer
+    from erprm_core.stages.policy import build_tokenizer
 
     tok = build_tokenizer(texts=["Tom has 3 apples."], max_number=10)
     ids = prm.resolve_prm_token_ids(tok)
@@ -280,7 +280,6 @@ def test_audit_counts_every_sample():
     assert len(feats) == 2 and feats[0]["targets"] == [0.5, 0.5, 1.0]
     frame = audit.to_frame()
     assert set(frame["reason"]) == set(counts) and (frame["example"] != "").all()
-    assert dict(prm.audit_prm_dataset(tok, recs, 40, "soft").counts) == counts
     with pytest.raises(KeyError, match="hard"):
         prm.prm_training_features(tok, recs, "hard", 40)
 
@@ -306,86 +305,3 @@ def test_aggregate():
         prm.aggregate(s, "max")
     with pytest.raises(ValueError, match="NaN"):
         prm.aggregate([float("nan")], "min")
-
-
-# ---------------------------------------------------------------------------------------------------
-# 03_train_prm helpers: rules, held-out split, held-out metrics, the command line
-# ---------------------------------------------------------------------------------------------------
-
-
-def _labelled(pid, outcome, n=3, **extra):
-    labels = {"soft": [0.5] * (n - 1) + [float(outcome)], "er_1": [0.6] * (n - 1) + [float(outcome)]}
-    labels["hard"] = [1.0] * (n - 1) + [float(outcome)]
-    labels["orm"] = [None] * (n - 1) + [float(outcome)]
-    return {"problem_id": pid, "question": "Tom has 3 apples .", "steps": ["3 + 2 = 5"] * n, "outcome": outcome,
-            "labels": labels, **extra}  # fmt: skip
-
-
-def test_select_rules():
-    recs = [_labelled("a", 1), _labelled("b", 0)]
-    assert prm.select_rules(recs, "all") == ["soft", "er_1", "hard", "orm"]
-    assert prm.select_rules(recs, "orm, er_1") == ["orm", "er_1"]
-    with pytest.raises(ValueError, match="er_2"):
-        prm.select_rules(recs, "er_1,er_2")
-    with pytest.raises(ValueError, match="twice"):
-        prm.select_rules(recs, "soft,soft")
-
-
-def test_split_heldout_is_by_problem_and_deterministic():
-    recs = [_labelled(f"p{i}", i % 2, sample_index=j) for i in range(40) for j in range(3)]
-    train, held = prm.split_heldout(recs, 0.25)
-    assert len(train) + len(held) == len(recs)
-    assert not {r["problem_id"] for r in train} & {r["problem_id"] for r in held}
-    assert 3 <= len({r["problem_id"] for r in held}) <= 20
-    train2, held2 = prm.split_heldout(list(reversed(recs)), 0.25)
-    assert {id(r) for r in held2} == {id(r) for r in held}
-    assert prm.split_heldout(recs, 0.0)[1] == []
-    small = [_labelled("x", 1), _labelled("y", 0)]
-    t, h = prm.split_heldout(small, 0.01)  # always something on both sides
-    assert len(t) == 1 and len(h) == 1
-    with pytest.raises(ValueError):
-        prm.split_heldout(recs, 1.0)
-
-
-def test_heldout_metrics_on_known_scores():
-    import pandas as pd
-
-    rows = []
-    # solution A (correct): scores 0.9, 0.8, 0.95; solution B (incorrect): 0.7, 0.2, 0.4, first dead step 1
-    for sol, outcome, scores, hard in (
-        ("A", 1, [0.9, 0.8, 0.95], [1, 1, 1]),
-        ("B", 0, [0.7, 0.2, 0.4], [1, 0, 0]),
-    ):
-        for i, s in enumerate(scores):
-            rows.append({"rule": "soft", "problem_id": sol, "sample_index": 0, "step": i, "n_steps": 3, "score": s,
-                         "label": float(hard[i]), "hard_label": float(hard[i]), "outcome": outcome})  # fmt: skip
-    out = prm.heldout_metrics(pd.DataFrame(rows), n_bins=2, position_bins=2)
-    m = dict(zip(out["metrics"]["metric"], out["metrics"]["value"], strict=True))
-    sq = [(0.9 - 1) ** 2, (0.8 - 1) ** 2, (0.95 - 1) ** 2, (0.7 - 1) ** 2, 0.2**2, 0.4**2]
-    assert m["brier"] == pytest.approx(np.mean(sq))
-    assert m["auroc_last"] == 1.0 and m["auroc_min"] == 1.0
-    assert m["argmin_at_first_dead_step"] == 1.0
-    pos = out["min_position"]
-    assert pos[(pos["outcome"] == 0) & (pos["bin"] == 1)]["count"].item() == 1  # B's min at step 1 of 0..2
-    assert pos[(pos["outcome"] == 1) & (pos["bin"] == 1)]["count"].item() == 1  # A's min at step 1 of 0..2
-    assert out["calibration"]["count"].sum() == 6
-
-
-def test_evaluate_prm_rules_and_score_cli(prm_folder, tmp_path):
-    recs = [_labelled("a", 1), _labelled("b", 0, n=2)]
-    ev = prm.evaluate_prm_rules({"soft": prm_folder, "orm": prm_folder}, recs, device="cpu")
-    assert set(ev["metrics"]["rule"]) == {"soft", "orm"} and (ev["metrics"]["scoring"] == "two_token").all()
-    orm_brier = ev["metrics"].query("rule == 'orm' and metric == 'brier'")
-    assert orm_brier["n"].item() == 2  # the ORM has one label per solution
-    assert (ev["scoring"]["forward_passes"] == 1).all()
-
-    from erprm_core import artifacts
-
-    artifacts.atomic_write_jsonl(tmp_path / "in.jsonl", [{"question": q, "steps": s} for q, s in SOLUTIONS])
-    assert prm.main(["score", "--model", str(prm_folder), "--input", str(tmp_path / "in.jsonl"),
-                     "--output", str(tmp_path / "out.jsonl"), "--device", "cpu"]) == 0  # fmt: skip
-    out = artifacts.read_jsonl(tmp_path / "out.jsonl")
-    model = prm.ProcessRewardModel.from_pretrained(prm_folder, device="cpu")
-    for rec, (q, s) in zip(out, SOLUTIONS, strict=True):
-        np.testing.assert_allclose(rec["step_scores"], model.score(q, s), atol=1e-6)
-        assert rec["prm_info"]["scoring"] == "two_token" and rec["prm_info"]["good_token"] == "+"

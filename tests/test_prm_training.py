@@ -1,4 +1,4 @@
-"""Tests of the PRM section of erprm_core.training: the soft-label loss (hand-computed values, hard labels =
+"""Tests of PRM training: the soft-label loss of erprm_core.prm (hand-computed values, hard labels =
 ordinary cross-entropy, masking, float targets), the collator, and a tiny end-to-end train/save/load/score
 run through the Hugging Face Trainer (resume, determinism, the +/- direction)."""
 
@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from erprm_core import prm, training
+from erprm_core.stages.train_prm import prm_checkpoint_complete, train_prm_rules
 
 
 def _log_sigmoid(x: float) -> float:
@@ -28,16 +29,16 @@ def test_loss_equals_hand_computed_value():
     logits[1, 0, :] = 7.0  # padding entry (position 0, masked)
     positions = torch.tensor([[1, 3], [2, 0]])
     targets = torch.tensor([[0.7, float("nan")], [0.2, float("nan")]])
-    loss = training.soft_label_prm_loss(logits, positions, targets, good_id=good, bad_id=bad)
+    loss = prm.soft_label_prm_loss(logits, positions, targets, good_id=good, bad_id=bad)
     ce1 = -(0.7 * _log_sigmoid(2.0 - 0.5) + 0.3 * _log_sigmoid(0.5 - 2.0))
     ce2 = -(0.2 * _log_sigmoid(0.0 - 3.0) + 0.8 * _log_sigmoid(3.0 - 0.0))
     assert loss.item() == pytest.approx((ce1 + ce2) / 2, abs=1e-6)
     assert loss.dtype == torch.float32
     # the same from logits already taken at the tags, and from bf16 logits (computed in float32)
     at_tags = logits.gather(1, positions.unsqueeze(-1).expand(2, 2, 5))
-    again = training.soft_label_prm_loss(at_tags, None, targets, good_id=good, bad_id=bad)
+    again = prm.soft_label_prm_loss(at_tags, None, targets, good_id=good, bad_id=bad)
     assert again.item() == pytest.approx(loss.item(), abs=1e-7)
-    half = training.soft_label_prm_loss(logits.bfloat16(), positions, targets, good_id=good, bad_id=bad)
+    half = prm.soft_label_prm_loss(logits.bfloat16(), positions, targets, good_id=good, bad_id=bad)
     assert half.dtype == torch.float32 and half.item() == pytest.approx(loss.item(), abs=2e-2)
 
 
@@ -46,7 +47,7 @@ def test_hard_labels_give_ordinary_cross_entropy():
     logits = torch.randn(3, 6, 10, requires_grad=True)
     positions = torch.tensor([[1, 4, 5], [0, 2, 2], [5, 3, 1]])
     hard = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
-    loss = training.soft_label_prm_loss(logits, positions, hard, good_id=7, bad_id=2)
+    loss = prm.soft_label_prm_loss(logits, positions, hard, good_id=7, bad_id=2)
     pairs = logits[..., [7, 2]].gather(1, positions.unsqueeze(-1).expand(3, 3, 2)).reshape(-1, 2)
     classes = (1 - hard).long().reshape(-1)  # class 0 = good (label 1), class 1 = bad (label 0)
     expected = F.cross_entropy(pairs, classes)
@@ -59,19 +60,17 @@ def test_masked_targets_are_ignored_and_checked():
     logits = torch.randn(1, 3, 4, requires_grad=True)
     positions = torch.tensor([[0, 1, 2]])
     with_nan = torch.tensor([[0.3, float("nan"), 1.0]])
-    only = training.soft_label_prm_loss(
+    only = prm.soft_label_prm_loss(
         logits[:, [0, 2]], torch.tensor([[0, 1]]), torch.tensor([[0.3, 1.0]]), good_id=0, bad_id=1
     )
-    loss = training.soft_label_prm_loss(logits, positions, with_nan, good_id=0, bad_id=1)
+    loss = prm.soft_label_prm_loss(logits, positions, with_nan, good_id=0, bad_id=1)
     assert loss.item() == pytest.approx(only.item(), abs=1e-7)
     loss.backward()
     assert torch.isfinite(logits.grad).all() and logits.grad[0, 1].abs().sum() == 0
-    none = training.soft_label_prm_loss(
-        logits, positions, torch.full((1, 3), float("nan")), good_id=0, bad_id=1
-    )
+    none = prm.soft_label_prm_loss(logits, positions, torch.full((1, 3), float("nan")), good_id=0, bad_id=1)
     assert none.item() == 0.0
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        training.soft_label_prm_loss(logits, positions, torch.tensor([[0.3, 1.2, 1.0]]), good_id=0, bad_id=1)
+        prm.soft_label_prm_loss(logits, positions, torch.tensor([[0.3, 1.2, 1.0]]), good_id=0, bad_id=1)
 
 
 def test_collator_keeps_float_targets():
@@ -127,7 +126,7 @@ def _records():
 
 @pytest.fixture(scope="module")
 def base_folder(tmp_path_factory):
-    from erprm_core.models import build_tiny_model, build_tokenizer
+    from erprm_core.stages.policy import build_tiny_model, build_tokenizer
 
     folder = tmp_path_factory.mktemp("base")
     tok = build_tokenizer(texts=QUESTIONS + ["The answer is: 9"], max_number=12, model_max_length=128)
@@ -159,15 +158,13 @@ def test_train_save_load_direction_and_resume(base_folder, tmp_path):
     recs = _records()
     base_mean = _mean_score(base_folder, recs)
     folders = {rule: tmp_path / rule for rule in ("ones", "zeros", "orm")}
-    log, audit, runs = training.train_prm_rules(
-        base_folder, recs, list(folders), folders.__getitem__, **RECIPE
-    )
+    log, audit, runs = train_prm_rules(base_folder, recs, list(folders), folders.__getitem__, **RECIPE)
     assert set(log["rule"]) == set(folders) and list(log.columns[:4]) == ["rule", "step", "epoch", "loss"]
     assert log.groupby("rule")["step"].max().tolist() == [9, 9, 9]  # 12 samples / 4 x 3 epochs
     assert runs["trained"].all() and (runs["n_examples"] == len(recs)).all()
     assert (audit[audit["reason"] == "kept"]["count"] == len(recs)).all()
     for rule in folders:
-        assert training.prm_checkpoint_complete(folders[rule])
+        assert prm_checkpoint_complete(folders[rule])
     ones, zeros = (
         log[log["rule"] == "ones"]["loss"].to_numpy(),
         log[log["rule"] == "zeros"]["loss"].to_numpy(),
@@ -178,15 +175,11 @@ def test_train_save_load_direction_and_resume(base_folder, tmp_path):
     assert _mean_score(folders["zeros"], recs) < base_mean - 0.2
 
     # resume: complete checkpoints are skipped and give the same tables; retrain gives the same numbers
-    log2, audit2, runs2 = training.train_prm_rules(
-        base_folder, recs, list(folders), folders.__getitem__, **RECIPE
-    )
+    log2, audit2, runs2 = train_prm_rules(base_folder, recs, list(folders), folders.__getitem__, **RECIPE)
     assert not runs2["trained"].any()
     pd.testing.assert_frame_equal(log2, log, check_dtype=False, atol=1e-6)
     pd.testing.assert_frame_equal(audit2, audit, check_dtype=False)
-    log3, _, runs3 = training.train_prm_rules(
-        base_folder, recs, ["orm"], folders.__getitem__, retrain=True, **RECIPE
-    )
+    log3, _, runs3 = train_prm_rules(base_folder, recs, ["orm"], folders.__getitem__, retrain=True, **RECIPE)
     assert runs3["trained"].all()
     np.testing.assert_allclose(log3["loss"], log[log["rule"] == "orm"]["loss"], rtol=1e-5)
 

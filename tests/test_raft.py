@@ -1,4 +1,5 @@
-"""RAFT (erprm_core.raft): selection with ties, lr schedule, scoring statuses, resume, failures, the stage."""
+"""RAFT (erprm_core.raft, erprm_core.stages.raft): selection with ties, lr schedule, scoring statuses, resume,
+failures, the stage."""
 
 import json
 import math
@@ -7,7 +8,12 @@ import shutil
 import numpy as np
 import pytest
 
-from erprm_core import artifacts, raft, sampling, training
+from erprm_core import io, raft, rollouts, training
+from erprm_core.report import figures
+from erprm_core.running import artifacts
+from erprm_core.stages import raft as raft_stage
+from erprm_core.stages import raft_tables
+from erprm_core.stages.policy import build_tiny_model, build_tokenizer
 from erprm_core.tasks import arith
 
 SETTINGS = raft.RaftSettings(
@@ -44,10 +50,8 @@ class StubReward:
 
 
 def _save_tiny(path, seed=0):
-    from erprm_core import models
-
-    tok = models.build_tokenizer()
-    model = models.build_tiny_model(
+    tok = build_tokenizer()
+    model = build_tiny_model(
         tok,
         hidden_size=32,
         num_layers=1,
@@ -73,7 +77,7 @@ def problems():
 
 def _run(root, policy, problems, reward=None, iterations=2):
     prompts, test = problems
-    return raft.run_raft(
+    return raft_stage.run_raft(
         "er_1",
         reward if reward is not None else StubReward(),
         start_policy=policy,
@@ -125,19 +129,19 @@ def _cands(pid, scores, outcomes=None):
     ]
 
 
-def test_checkpoint_id_follows_content_not_location(tmp_path, tiny_policy):
+def test_fingerprint_follows_content_not_location(tmp_path, tiny_policy):
     copy = tmp_path / "copy"
     shutil.copytree(tiny_policy, copy)
-    assert raft.checkpoint_id(copy) == raft.checkpoint_id(tiny_policy)
+    assert artifacts.fingerprint(copy) == artifacts.fingerprint(tiny_policy)
     (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
-    assert raft.checkpoint_id(copy) != raft.checkpoint_id(tiny_policy)
+    assert artifacts.fingerprint(copy) != artifacts.fingerprint(tiny_policy)
     with pytest.raises(FileNotFoundError):
-        raft.checkpoint_id(tmp_path / "missing")
+        artifacts.fingerprint(tmp_path / "missing")
 
 
 def test_select_best_picks_the_max_and_breaks_ties_by_seeded_rng():
     cands = _cands("p1", [0.2, 0.9, 0.9, 0.5]) + _cands("p2", [None, None]) + _cands("p3", [0.1, 0.7, None])
-    audit = artifacts.Audit("t")
+    audit = io.Audit("t")
     picked = raft.select_best(cands, seed=3, audit=audit)
     assert [c["problem_id"] for c in picked] == [
         "p1",
@@ -172,13 +176,13 @@ def test_score_candidates_statuses_and_aggregation():
             return [[0.8, 0.3] for _ in list_of_steps]
 
     st = raft.RaftSettings(exclude_truncated=True)
-    out = raft._score_candidates(Fixed(), "er_1", problems, samples, "min", st)
+    out = raft.score_candidates(Fixed(), "er_1", problems, samples, "min", st)
     assert [o["status"] for o in out] == ["candidate_eligible", "candidate_empty", "candidate_truncated"]
     assert out[0]["score"] == 0.3 and out[1]["score"] is None and out[2]["score"] is None
-    assert raft._score_candidates(Fixed(), "orm", problems, samples, "last", st)[0]["score"] == 0.3
+    assert raft.score_candidates(Fixed(), "orm", problems, samples, "last", st)[0]["score"] == 0.3
     # truncated allowed: one step but two scores -> a count mismatch, never silently aggregated
     st2 = raft.RaftSettings(exclude_truncated=False)
-    out2 = raft._score_candidates(Fixed(), "er_1", problems, samples, "mean", st2)
+    out2 = raft.score_candidates(Fixed(), "er_1", problems, samples, "mean", st2)
     assert out2[0]["score"] == pytest.approx(0.55)
     assert out2[2]["status"] == "candidate_score_count_mismatch" and out2[2]["score"] is None
 
@@ -187,17 +191,17 @@ def test_score_candidates_statuses_and_aggregation():
             return [[math.nan] * len(s) for s in list_of_steps]
 
     assert (
-        raft._score_candidates(AllNan(), "er_1", problems, samples, "min", st)[0]["status"]
+        raft.score_candidates(AllNan(), "er_1", problems, samples, "min", st)[0]["status"]
         == "candidate_unscored"
     )
-    oracle = raft._score_candidates(None, "oracle", problems, samples, "min", st)
+    oracle = raft.score_candidates(None, "oracle", problems, samples, "min", st)
     assert [o["score"] for o in oracle] == [1.0, None, None]
     wrong = [{**samples[0], "outcome": 0}]
     assert (
-        raft._score_candidates(None, "oracle", problems, wrong, "min", st)[0]["status"]
+        raft.score_candidates(None, "oracle", problems, wrong, "min", st)[0]["status"]
         == "candidate_wrong_answer"
     )
-    assert raft._score_candidates(None, "random", problems, wrong, "min", st)[0]["score"] == 0.0
+    assert raft.score_candidates(None, "random", problems, wrong, "min", st)[0]["score"] == 0.0
 
 
 def test_settings_are_checked():
@@ -232,7 +236,7 @@ def test_run_raft_records_and_checkpoints(finished_run):
 def test_resume_after_interruption_equals_uninterrupted_run(
     tmp_path, tiny_policy, problems, finished_run, monkeypatch
 ):
-    real_sft, real_sample = training.train_policy_sft, sampling.sample_solutions
+    real_sft, real_sample = training.train_policy_sft, rollouts.sample_solutions
     calls = {"sft": 0, "sample_t1": 0}
 
     def interrupted_sft(*args, **kwargs):
@@ -260,7 +264,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(
 
     calls.update(sft=0, sample_t1=0)
     monkeypatch.setattr(training, "train_policy_sft", counting_sft)
-    monkeypatch.setattr(sampling, "sample_solutions", counting_sample)
+    monkeypatch.setattr(rollouts, "sample_solutions", counting_sample)
     records = _run(tmp_path, tiny_policy, problems)
     assert calls == {"sft": 1, "sample_t1": 0}  # iteration 1 reused; iteration 2 reuses its sample shards
     assert it1.stat().st_mtime_ns == stamp
@@ -271,7 +275,9 @@ def test_resume_after_interruption_equals_uninterrupted_run(
 @pytest.mark.slow
 def test_failing_iteration_names_reward_model_and_iteration(finished_run, tiny_policy, problems):
     root, expected = finished_run
-    with pytest.raises(raft.RaftError, match=r"'er_1' failed at iteration 3 of 3.*stub reward exploded"):
+    with pytest.raises(
+        raft_stage.RaftError, match=r"'er_1' failed at iteration 3 of 3.*stub reward exploded"
+    ):
         _run(root, tiny_policy, problems, reward=StubReward(fail=True), iterations=3)
     assert not (root / "er_1" / "iter_03" / "record.json").exists()
     assert [
@@ -291,34 +297,39 @@ def _write_profile(profile, tiny_policy, problems):
     return P
 
 
+def _config(**kw):
+    return raft_stage.RaftConfig(profile="t", cpu_numerics="default", torch_threads=1, **kw)
+
+
 def test_stage_names_the_missing_stage(tmp_roots, tiny_policy, problems):
-    with pytest.raises(artifacts.ArtifactError, match="00_policy"):
-        raft.run_raft_stage("t", reward_models="er_1")
+    with pytest.raises(io.ArtifactError, match="00_policy"):
+        raft_stage.run(_config(reward_models="er_1"))
     _write_profile("t", tiny_policy, problems)
-    with pytest.raises(artifacts.ArtifactError, match="03_train_prm"):
-        raft.run_raft_stage("t", reward_models="er_1,hard")
+    with pytest.raises(io.ArtifactError, match="03_train_prm"):
+        raft_stage.run(_config(reward_models="er_1,hard"))
     with pytest.raises(ValueError, match="n_prompts"):
-        raft.run_raft_stage("t", reward_models="random", n_prompts=10)
-    with pytest.raises(TypeError, match="unknown RAFT setting"):
-        raft.run_raft_stage("t", reward_models="random", n_prompts=3, n_test=3, mm=3)
+        raft_stage.run(_config(reward_models="random", n_prompts=10))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'mm'"):
+        _config(reward_models="random", n_prompts=3, n_test=3, mm=3)
 
 
 @pytest.mark.slow
 def test_stage_table_audit_manifest_and_plot(tmp_roots, tiny_policy, problems):
     P = _write_profile("t", tiny_policy, problems)
     _save_tiny(P.prm("er_1"), seed=1)  # any causal LM with the tag tokens in its vocabulary scores as a PRM
-    kw = {k: v for k, v in SETTINGS.__dict__.items() if k != "device"}
-    table = raft.run_raft_stage(
-        "t", reward_models="er_1,random", iterations=1, n_prompts=3, n_test=3, progress=False, **kw
-    )
-    assert list(table.columns) == raft.TABLE_COLUMNS
+    kw = {k: v for k, v in SETTINGS.__dict__.items() if k not in ("device", "shard_size")}  # not stage knobs
+    config = _config(reward_models="er_1,random", iterations=1, n_prompts=3, n_test=3, **kw)
+    res = raft_stage.run(config, progress=False)
+    table = res.table
+    assert list(table.columns) == raft_tables.TABLE_COLUMNS
     assert set(table["reward_model"]) == {"baseline", "er_1", "random"}
     assert len(table) == 1 + 2 * 5
     gain = table.query("metric == 'greedy_gain'").set_index("reward_model")["value"]
     acc = table.query("metric == 'greedy_accuracy'").set_index("reward_model")["value"]
     assert gain["er_1"] == pytest.approx(acc["er_1"] - acc["baseline"])
-    paired = raft.raft_paired_table(raft.load_records("t", "er_1,random", 1))
-    assert list(paired.columns) == raft.PAIRED_COLUMNS
+    paired = raft_tables.raft_paired_table(raft_tables.load_records("t", "er_1,random", 1))
+    assert list(paired.columns) == raft_tables.PAIRED_COLUMNS
+    assert paired.equals(res.paired)
     assert paired[["reward_model", "versus", "iteration"]].values.tolist() == [["er_1", "random", 1]]
     row = paired.iloc[0]
     random_acc = table.query("metric == 'greedy_accuracy' and reward_model == 'random'")["value"].iloc[0]
@@ -329,7 +340,8 @@ def test_stage_table_audit_manifest_and_plot(tmp_roots, tiny_policy, problems):
     ).all()
     # iteration 1 of every reward model shares one candidate pool (same policy, same seed)
     assert len(list((P.raft / "samples").iterdir())) == 1
-    info = raft.manifest_info("t", "er_1,random", 1)
+    info = raft_tables.manifest_info("t", "er_1,random", 1)
+    assert info == res.info
     rec = json.loads((P.raft / "er_1" / "iter_01" / "record.json").read_text())
     base = json.loads((P.raft / "baseline" / "record.json").read_text())
     random_rec = json.loads((P.raft / "random" / "iter_01" / "record.json").read_text())
@@ -338,13 +350,11 @@ def test_stage_table_audit_manifest_and_plot(tmp_roots, tiny_policy, problems):
         info["generated_tokens"]
         == rec["sample_tokens"] + base["eval_tokens"] + rec["eval_tokens"] + random_rec["eval_tokens"]
     )
-    audit = raft.raft_audit("t", "er_1,random", 1)
+    audit = raft_tables.raft_audit("t", "er_1,random", 1)
     assert set(audit["reward_model"]) == {"er_1", "random"} and (audit["count"] > 0).all()
     # a rerun is all reused and gives the same table
-    again = raft.run_raft_stage(
-        "t", reward_models="er_1,random", iterations=1, n_prompts=3, n_test=3, progress=False, **kw
-    )
-    assert again.equals(table)
+    again = raft_stage.run(config, progress=False)
+    assert again.table.equals(table)
     # a retrained PRM redoes its own run only
     er_rec, rnd_rec = (
         P.raft / "er_1" / "iter_01" / "record.json",
@@ -353,10 +363,8 @@ def test_stage_table_audit_manifest_and_plot(tmp_roots, tiny_policy, problems):
     stamps = er_rec.stat().st_mtime_ns, rnd_rec.stat().st_mtime_ns
     shutil.rmtree(P.prm("er_1"))
     _save_tiny(P.prm("er_1"), seed=2)
-    raft.run_raft_stage(
-        "t", reward_models="er_1,random", iterations=1, n_prompts=3, n_test=3, progress=False, **kw
-    )
+    raft_stage.run(config, progress=False)
     assert er_rec.stat().st_mtime_ns != stamps[0] and rnd_rec.stat().st_mtime_ns == stamps[1]
-    fig = raft.plot_raft(table)
+    fig = figures.figure_raft(table)
     assert len(fig.axes[0].lines) >= 1
     assert np.isfinite(table["value"]).all()

@@ -1,9 +1,10 @@
-"""Table digests (the golden check) and the table-by-table comparison behind `erprm compare`."""
+"""Table digests (the golden check) and the table-by-table comparison behind `erprm compare`, and the two
+commands `erprm compare` and `erprm golden`."""
 
 import pandas as pd
 import pytest
 
-from erprm_core import reproducibility
+from erprm_core.running import artifacts, cli, pipeline, reproducibility
 
 
 def _tables(folder, bon_values, extra=None):
@@ -55,3 +56,27 @@ def test_compare_names_missing_and_new_tables(tmp_path):
     b = _tables(tmp_path / "b", [0.5, 0.3], extra="only_b.csv")
     status = {d.table: d.status for d in reproducibility.compare_tables(a, b)}
     assert status["only_a.csv"] == "missing" and status["only_b.csv"] == "new"
+
+
+def test_compare_command_exit_status(tmp_roots, capsys):
+    mine = _tables(artifacts.paths("smoke").tables, [0.5, 0.3])
+    assert mine.parent.name == "smoke"
+    same = _tables(tmp_roots / "other" / "smoke" / "tables", [0.5, 0.3])
+    moved = _tables(tmp_roots / "moved" / "tables", [0.55, 0.45])
+    assert cli.main(["compare", "--profile", "smoke", str(same.parent.parent)]) == 0  # <run>/<profile>/tables
+    assert "2 of 2 tables identical" in capsys.readouterr().out
+    assert cli.main(["compare", "--profile", "smoke", str(moved.parent)]) == 1  # <folder>/tables
+    assert "1 row(s) of B lie outside" in capsys.readouterr().out
+    assert cli.main(["compare", "--profile", "smoke", str(tmp_roots / "absent")]) == 2
+
+
+def test_golden_command_writes_the_digests_of_the_smoke_tables(tmp_path, monkeypatch):
+    def fake_run(profile, **kwargs):  # the smoke chain, reduced to writing its tables
+        assert profile == "smoke" and kwargs == {"force": True}
+        _tables(artifacts.paths("smoke").tables, [0.5, 0.3])
+
+    monkeypatch.setattr(pipeline, "run", fake_run)
+    monkeypatch.setattr(artifacts, "repo_root", lambda start=None: tmp_path)
+    assert cli.main(["golden"]) == 0
+    digests = reproducibility.read_digests(tmp_path / reproducibility.GOLDEN_FILE)
+    assert sorted(digests) == ["bon.csv", "summary.csv"]

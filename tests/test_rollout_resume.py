@@ -1,4 +1,4 @@
-"""The 01_rollouts stage (sampling.run_rollouts): shards, kill-and-resume, corrupt files, the audit.
+"""The 01_rollouts stage (stages.rollouts.run_rollouts): shards, kill-and-resume, corrupt files, the audit.
 
 Uses the scripted test policy of test_sampling (deterministic, fast). The kill test runs the stage in a real
 subprocess, kills it with SIGKILL once some shards are on disk, reruns it, and checks that the finished
@@ -19,7 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from erprm_core import artifacts, models, sampling
+from erprm_core import generation, rollouts
+from erprm_core.io import ArtifactError
+from erprm_core.running import artifacts
+from erprm_core.stages import labels as label_stage
+from erprm_core.stages import rollouts as rollout_stage
+from erprm_core.stages.policy import build_tokenizer
 from erprm_core.tasks import arith
 
 TESTS = Path(__file__).resolve().parent
@@ -36,14 +41,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def setup():
     problems = arith.generate_problems(N_PROBLEMS, seed=3, max_steps=4)
-    tok = models.build_tokenizer()
+    tok = build_tokenizer()
     return problems, tok, ScriptedLM(tok, problems)
 
 
 def _run(setup, computed=None, profile="resume", **overrides):
     problems, tok, lm = setup
     hook = computed.append if computed is not None else None
-    return sampling.run_rollouts(profile, lm, tok, problems, **(RUN | overrides), on_shard=hook)
+    run = RUN | overrides
+    policy = generation.make_sampler(lm, tok, "hf", run["batch_size"])
+    return rollout_stage.run_rollouts(profile, policy, problems, **run, on_shard=hook)
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int, bytes]]:
@@ -58,11 +65,11 @@ def test_records_schema_and_audit(setup, tmp_roots):
     res = _run(setup)
     P = artifacts.paths("resume")
     assert artifacts.shard_status(P.rollouts) == [f"shard-{i:05d}.jsonl" for i in range(N_PROBLEMS)]
-    on_disk = sampling.read_rollouts(P.rollouts_file)
+    on_disk = label_stage.read_rollouts(P.rollouts_file)
     assert on_disk == res.records and len(on_disk) == N_PROBLEMS * 3
     problems = {p["id"]: p for p in setup[0]}
     for rec in on_disk:
-        assert set(sampling.ROLLOUT_COLUMNS) <= set(rec)
+        assert set(rollouts.ROLLOUT_COLUMNS) <= set(rec)
         p = problems[rec["problem_id"]]
         assert (rec["question"], rec["answer"], rec["task"]) == (p["question"], p["answer"], "arith")
         assert len(rec["completion_rewards"]) == len(rec["steps"]) - 1
@@ -84,7 +91,7 @@ def test_audit_counts_problems(tmp_roots):
         {"problem_id": "c", "sample_index": 1, "steps": ["x", "y", "z"], "pred": None, "truncated": True,
          "completion_rewards": [[0, 1], [1, 1]], "completions_truncated": 3},
     ]  # fmt: skip
-    frame = sampling.rollout_audit(recs).to_frame()
+    frame = rollout_stage.rollout_audit(recs).to_frame()
     counts = dict(zip(frame["reason"], frame["count"], strict=True))
     assert counts == {
         "solutions": 3, "solution_no_answer": 2, "solution_truncated": 2, "solution_empty": 1,
@@ -104,7 +111,7 @@ def test_rerun_reuses_every_shard_and_param_change_discards(setup, tmp_roots):
     _run(setup, computed, k=2)  # another k: old shards are stale and must not be mixed in
     assert computed == list(range(N_PROBLEMS))
     assert all(
-        len(r) == 2 for rec in sampling.read_rollouts(P.rollouts_file) for r in rec["completion_rewards"]
+        len(r) == 2 for rec in label_stage.read_rollouts(P.rollouts_file) for r in rec["completion_rewards"]
     )
 
 
@@ -123,7 +130,7 @@ def test_corrupt_shard_is_named_and_only_it_recomputed(setup, tmp_roots, caplog,
         where = f"{victim}:1"
     before = {k: v for k, v in _snapshot(P.rollouts).items() if k != victim.name}
     computed: list[int] = []
-    with caplog.at_level(logging.WARNING, logger="erprm_core.artifacts"):
+    with caplog.at_level(logging.WARNING, logger="erprm_core.running.artifacts"):
         _run(setup, computed)
     assert computed == [2]
     assert any(where in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
@@ -151,10 +158,10 @@ def test_corrupt_rollouts_file_error_names_file_and_line(setup, tmp_roots, damag
     else:
         lines[2] = lines[2].replace('"steps": [', '"steps": ["extra step", ', 1)
     P.rollouts_file.write_text("".join(lines))
-    with pytest.raises(artifacts.ArtifactError, match=str(P.rollouts_file).replace(".", r"\.") + message):
-        sampling.read_rollouts(P.rollouts_file)
-    with pytest.raises(artifacts.ArtifactError, match=message):
-        sampling.run_labels("resume", [0.0, 1.0])
+    with pytest.raises(ArtifactError, match=str(P.rollouts_file).replace(".", r"\.") + message):
+        label_stage.read_rollouts(P.rollouts_file)
+    with pytest.raises(ArtifactError, match=message):
+        label_stage.run_labels("resume", [0.0, 1.0])
 
 
 SCRIPT = """
@@ -162,13 +169,16 @@ import sys, time
 sys.path.insert(0, {tests!r})
 import torch
 torch.set_num_threads(1)
-from erprm_core import models, sampling
+from erprm_core import generation
+from erprm_core.stages.policy import build_tokenizer
+from erprm_core.stages.rollouts import run_rollouts
 from erprm_core.tasks import arith
+from erprm_core.stages.policy import build_tokenizer
 from test_sampling import ScriptedLM
 problems = arith.generate_problems({n}, seed=3, max_steps=4)
-tok = models.build_tokenizer()
-sampling.run_rollouts("resume", ScriptedLM(tok, problems), tok, problems, on_shard=lambda i: time.sleep({delay}),
-                      **{run!r})
+tok = build_tokenizer()
+policy = generation.make_sampler(ScriptedLM(tok, problems), tok, "hf", {run!r}["batch_size"])
+run_rollouts("resume", policy, problems, on_shard=lambda i: time.sleep({delay}), **{run!r})
 """
 
 

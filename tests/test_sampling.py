@@ -1,7 +1,7 @@
-"""Tests of erprm_core.sampling: the decoding loop (padding, cache, prefix sharing, stops), seeds, grading.
+"""Tests of sampling: the HF decoding loop (padding, cache, prefix sharing, stops), seeds, rollouts, grading.
 
 Two test models, both fast on a CPU:
-- a random tiny LlamaForCausalLM (models.build_tiny_model) for the mechanics: left padding, position ids,
+- a random tiny LlamaForCausalLM (erprm_core.stages.policy.build_tiny_model) for the mechanics: left padding, position ids,
   the shared-prompt KV cache and batch-size independence, checked against a plain full forward pass;
 - ``ScriptedLM``, a deterministic "noisy oracle" policy with the causal-LM interface. It keeps its token
   history in the KV cache (so the sampler's cache copies and row drops are exercised) and continues the
@@ -19,7 +19,11 @@ import re
 import pytest
 import torch
 
-from erprm_core import grading, models, sampling
+from erprm_core import grading, rollouts
+from erprm_core.generation import HFSampler, make_sampler
+from erprm_core.generation.hf import sample_next
+from erprm_core.sampler import cut_at_answer_line, row_seed
+from erprm_core.stages.policy import build_tiny_model, build_tokenizer
 from erprm_core.steps import policy_prompt, split_steps
 from erprm_core.tasks import arith
 
@@ -86,7 +90,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="session")
 def tok():
-    return models.build_tokenizer()
+    return build_tokenizer()
 
 
 @pytest.fixture(scope="session")
@@ -101,9 +105,7 @@ def scripted(tok, problems):
 
 @pytest.fixture(scope="session")
 def random_llama(tok):
-    return models.build_tiny_model(
-        tok, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64
-    ).eval()
+    return build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64).eval()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -112,12 +114,12 @@ def random_llama(tok):
 
 
 def test_row_seed_is_stable_and_distinct():
-    assert sampling.row_seed(0, "solution", "a", 1) == sampling.row_seed(0, "solution", "a", 1)
-    assert sampling.row_seed(0, "solution", "a", 1) != sampling.row_seed(1, "solution", "a", 1)
-    assert sampling.row_seed(0, "solution", "a", 1) != sampling.row_seed(0, "solution", "a", 2)
-    assert 0 <= sampling.row_seed(5, "x") < 2**63
+    assert row_seed(0, "solution", "a", 1) == row_seed(0, "solution", "a", 1)
+    assert row_seed(0, "solution", "a", 1) != row_seed(1, "solution", "a", 1)
+    assert row_seed(0, "solution", "a", 1) != row_seed(0, "solution", "a", 2)
+    assert 0 <= row_seed(5, "x") < 2**63
     # pinned: the seed must not change between Python processes or versions
-    assert sampling.row_seed(0, "solution", "p1", 0) == 3628508281957783165
+    assert row_seed(0, "solution", "p1", 0) == 3628508281957783165
 
 
 @pytest.mark.parametrize(
@@ -131,20 +133,20 @@ def test_row_seed_is_stable_and_distinct():
     ],
 )
 def test_cut_at_answer_line(text, cut):
-    pos = sampling._cut_at_answer_line(text)
+    pos = cut_at_answer_line(text)
     assert (None if pos is None else text[:pos]) == cut
 
 
 def test_sample_next_inverse_cdf_greedy_and_top_p():
     logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]] * 5))
     u = torch.tensor([0.0, 0.099, 0.1, 0.65, 0.9999])
-    assert sampling._sample_next(logits, u, 1.0, 1.0).tolist() == [0, 0, 1, 3, 3]
-    assert sampling._sample_next(logits, u, 0.0, 1.0).tolist() == [3] * 5
+    assert sample_next(logits, u, 1.0, 1.0).tolist() == [0, 0, 1, 3, 3]
+    assert sample_next(logits, u, 0.0, 1.0).tolist() == [3] * 5
     # top_p=0.5 keeps {3, 2} (0.4 + 0.3 >= 0.5), renormalised: 4/7 and 3/7
-    assert sampling._sample_next(logits, u, 1.0, 0.5).tolist() == [3, 3, 3, 2, 2]
+    assert sample_next(logits, u, 1.0, 0.5).tolist() == [3, 3, 3, 2, 2]
     # zero-probability tokens are never picked, even with u close to 1
     masked = torch.tensor([[0.0, 0.0, -math.inf, -math.inf]])
-    assert sampling._sample_next(masked, torch.tensor([0.99999994]), 1.0, 1.0).tolist() == [1]
+    assert sample_next(masked, torch.tensor([0.99999994]), 1.0, 1.0).tolist() == [1]
 
 
 @pytest.mark.parametrize(
@@ -154,12 +156,12 @@ def test_sample_next_inverse_cdf_greedy_and_top_p():
 def test_bad_parameters_are_rejected(scripted, tok, problems, kwargs):
     args = dict(n=1) | kwargs
     with pytest.raises(ValueError):
-        sampling.sample_solutions(scripted, tok, problems[:1], **args)
+        rollouts.sample_solutions(make_sampler(scripted, tok), problems[:1], **args)
 
 
 def test_unknown_backend_and_missing_vllm(scripted, tok, problems):
     with pytest.raises(ValueError, match="backend"):
-        sampling.sample_solutions(scripted, tok, problems[:1], n=1, backend="tgi")
+        rollouts.sample_solutions(make_sampler(scripted, tok, backend="tgi"), problems[:1], n=1)
     try:
         import vllm  # noqa: F401
 
@@ -167,7 +169,7 @@ def test_unknown_backend_and_missing_vllm(scripted, tok, problems):
     except ImportError:
         pass
     with pytest.raises(ImportError, match=r"pip install -e \.\[vllm\]"):
-        sampling.sample_solutions("some/model", None, problems[:1], n=1, backend="vllm")
+        rollouts.sample_solutions(make_sampler("some/model", None, backend="vllm"), problems[:1], n=1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -193,7 +195,7 @@ def test_left_padding_and_cache_match_unbatched_full_forward(random_llama, tok, 
     # each row identical to decoding it alone without any cache
     short = {"id": "short", "question": "Ana has 3 .", "answer": "3", "task": "arith"}
     probs = [problems[0], short, problems[1]]
-    sampler = sampling.HFSampler(random_llama, tok, batch_size=64)
+    sampler = HFSampler(random_llama, tok, batch_size=64)
     gens = sampler.generate([policy_prompt(p["question"]) for p in probs], 2, [(p["id"],) for p in probs],
                             temperature=0.0, max_new_tokens=12)  # fmt: skip
     for p, per in zip(probs, gens, strict=True):
@@ -224,8 +226,8 @@ def test_shared_prefix_attention_equals_expanded_cache(request, which, tok, prob
     model = request.getfixturevalue(which)
     prompts = [policy_prompt(p["question"]) for p in problems] + ["Ana has 3 .\n"]
     keys = [(i,) for i in range(len(prompts))]
-    shared = sampling.HFSampler(model, tok, batch_size=16)
-    plain = sampling.HFSampler(model, tok, batch_size=16, shared_prefix=False)
+    shared = HFSampler(model, tok, batch_size=16)
+    plain = HFSampler(model, tok, batch_size=16, shared_prefix=False)
     assert shared.shared_prefix and not plain.shared_prefix
     before = model.config._attn_implementation
     for temperature in (0.0, 1.0):
@@ -247,7 +249,7 @@ def test_shared_prefix_attention_equals_expanded_cache(request, which, tok, prob
 
 
 def test_prompt_runs_once_per_batch_and_is_shared(random_llama, tok, problems):
-    sampler = sampling.HFSampler(random_llama, tok, batch_size=64)
+    sampler = HFSampler(random_llama, tok, batch_size=64)
     prompts = [policy_prompt(p["question"]) for p in problems[:3]]
     sampler.generate(prompts, 8, [(i,) for i in range(3)], max_new_tokens=4)
     # 3 distinct prompts x 8 samples = 24 rows in ONE batch: the prompt tokens are counted once each
@@ -257,13 +259,15 @@ def test_prompt_runs_once_per_batch_and_is_shared(random_llama, tok, problems):
 
 def test_same_seed_same_records_any_batch_size(random_llama, tok, problems):
     kw = dict(n=3, max_new_tokens=16, seed=7)
-    big = sampling.sample_solutions(random_llama, tok, problems, batch_size=64, **kw)
-    small = sampling.sample_solutions(random_llama, tok, problems, batch_size=2, **kw)
+    big = rollouts.sample_solutions(make_sampler(random_llama, tok, batch_size=64), problems, **kw)
+    small = rollouts.sample_solutions(make_sampler(random_llama, tok, batch_size=2), problems, **kw)
     assert big == small
-    other = sampling.sample_solutions(random_llama, tok, problems, batch_size=64, **(kw | {"seed": 8}))
+    other = rollouts.sample_solutions(
+        make_sampler(random_llama, tok, batch_size=64), problems, **(kw | {"seed": 8})
+    )
     assert [r["text"] for r in other] != [r["text"] for r in big]
     # one problem alone gives the same samples as inside a batch of problems (seeds per problem id)
-    alone = sampling.sample_solutions(random_llama, tok, problems[2:3], batch_size=5, **kw)
+    alone = rollouts.sample_solutions(make_sampler(random_llama, tok, batch_size=5), problems[2:3], **kw)
     assert alone == big[6:9]
 
 
@@ -273,7 +277,9 @@ def test_same_seed_same_records_any_batch_size(random_llama, tok, problems):
 
 
 def test_sample_solutions_records_stop_and_grade(scripted, tok, problems):
-    recs = sampling.sample_solutions(scripted, tok, problems, n=8, max_new_tokens=120, seed=0, batch_size=16)
+    recs = rollouts.sample_solutions(
+        make_sampler(scripted, tok, batch_size=16), problems, n=8, max_new_tokens=120, seed=0
+    )
     assert len(recs) == 48
     assert [(r["problem_id"], r["sample_index"]) for r in recs] == [
         (p["id"], j) for p in problems for j in range(8)
@@ -295,23 +301,23 @@ def test_sample_solutions_records_stop_and_grade(scripted, tok, problems):
 
 
 def test_greedy_is_the_reference_solution(scripted, tok, problems):
-    recs = sampling.sample_solutions(scripted, tok, problems, n=2, temperature=0.0, seed=0)
+    recs = rollouts.sample_solutions(make_sampler(scripted, tok), problems, n=2, temperature=0.0, seed=0)
     assert all(r["text"] == p["solution"] for r, p in zip(recs[::2], problems, strict=True))
     assert all(r["outcome"] == 1 for r in recs)
 
 
 def test_truncation_is_flagged(scripted, tok, problems):
-    recs = sampling.sample_solutions(scripted, tok, problems[:2], n=2, max_new_tokens=5, seed=0)
+    recs = rollouts.sample_solutions(make_sampler(scripted, tok), problems[:2], n=2, max_new_tokens=5, seed=0)
     assert all(r["truncated"] and r["finish"] == "length" and r["n_tokens"] == 5 for r in recs)
     assert all(r["pred"] is None and r["outcome"] == 0 for r in recs)
 
 
 def test_rollout_completions_grade_prefix_plus_completion(scripted, tok, problems):
-    sols = sampling.sample_solutions(scripted, tok, problems, n=4, seed=1)
+    sols = rollouts.sample_solutions(make_sampler(scripted, tok), problems, n=4, seed=1)
     by_id = {p["id"]: p for p in problems}
     for s in sols:
         s.update({k: by_id[s["problem_id"]][k] for k in ("question", "answer", "task")})
-    out = sampling.rollout_completions(scripted, tok, sols, k=6, seed=1, batch_size=32)
+    out = rollouts.rollout_completions(make_sampler(scripted, tok, batch_size=32), sols, k=6, seed=1)
     assert len(out) == len(sols)
     n_wrong_prefix = 0
     for s, o in zip(sols, out, strict=True):
@@ -325,12 +331,12 @@ def test_rollout_completions_grade_prefix_plus_completion(scripted, tok, problem
         assert o["completions_truncated"] == 0 and o["completion_tokens"] > 0
     assert n_wrong_prefix > 0
     # the completions of a prefix do not depend on the other solutions in the batch (seeds per row)
-    again = sampling.rollout_completions(scripted, tok, sols[3:5], k=6, seed=1, batch_size=7)
+    again = rollouts.rollout_completions(make_sampler(scripted, tok, batch_size=7), sols[3:5], k=6, seed=1)
     assert again == out[3:5]
 
 
 def test_completion_prefix_format():
-    text = sampling.completion_prefix("Q?", ["a", "b", "c"], 1)
+    text = rollouts.completion_prefix("Q?", ["a", "b", "c"], 1)
     assert text == "Q?\na\nb\n"
 
 
@@ -338,11 +344,11 @@ def test_vllm_backend_runs_when_installed(tok, problems, tmp_path):
     pytest.importorskip("vllm")
     if not torch.cuda.is_available():
         pytest.skip("vLLM needs a GPU")
-    model = models.build_tiny_model(tok, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
+    model = build_tiny_model(tok, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
-    recs = sampling.sample_solutions(
-        str(tmp_path / "m"), None, problems[:2], n=3, max_new_tokens=16, backend="vllm"
+    recs = rollouts.sample_solutions(
+        make_sampler(str(tmp_path / "m"), None, backend="vllm"), problems[:2], n=3, max_new_tokens=16
     )
     assert [(r["problem_id"], r["sample_index"]) for r in recs] == [
         (p["id"], j) for p in problems[:2] for j in range(3)

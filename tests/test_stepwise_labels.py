@@ -15,7 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from erprm_core import artifacts, labels, models, sampling
+from erprm_core import generation, io, labels
+from erprm_core.running import artifacts
+from erprm_core.running.config import parse_eta_grid
+from erprm_core.stages import labels as label_stage
+from erprm_core.stages import rollouts as rollout_stage
+from erprm_core.stages.policy import build_tokenizer
 from erprm_core.tasks import arith
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,10 +39,11 @@ def staged(tmp_path_factory):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     problems = arith.generate_problems(6, seed=11, max_steps=5)
-    tok = models.build_tokenizer()
+    tok = build_tokenizer()
     lm = ScriptedLM(tok, problems, p_err=0.1)
-    ro = sampling.run_rollouts("lab", lm, tok, problems, n_solutions=4, k=8, shard_size=3, seed=2)
-    lab = sampling.run_labels("lab", labels.parse_eta_grid(GRID))
+    policy = generation.make_sampler(lm, tok, "hf", 64)
+    ro = rollout_stage.run_rollouts("lab", policy, problems, n_solutions=4, k=8, shard_size=3, seed=2)
+    lab = label_stage.run_labels("lab", parse_eta_grid(GRID))
     yield ro.records, lab, artifacts.paths("lab")
     torch.set_num_threads(before)
     mp.undo()
@@ -45,7 +51,7 @@ def staged(tmp_path_factory):
 
 def test_one_label_per_step_nothing_dropped(staged):
     rollouts, lab, P = staged
-    on_disk = artifacts.read_jsonl(P.labels_file, sampling.LABEL_COLUMNS)
+    on_disk = artifacts.read_jsonl(P.labels_file, label_stage.LABEL_COLUMNS)
     assert on_disk == lab.records
     assert len(on_disk) == len(rollouts)  # every solution has steps here: none skipped
     assert lab.rules == ["soft", "er_0.1", "er_0.5", "er_1", "er_2", "er_5", "er_10", "hard", "orm"]
@@ -66,7 +72,7 @@ def test_one_label_per_step_nothing_dropped(staged):
 
 def test_paper_section_1_on_every_step(staged):
     rollouts, lab, _ = staged
-    etas = labels.parse_eta_grid(GRID)
+    etas = parse_eta_grid(GRID)
     rules = [labels.rule_name(e) for e in etas]  # ascending eta: soft ... hard
     n_mixed = 0
     for ro, rec in zip(rollouts, lab.records, strict=True):
@@ -87,26 +93,26 @@ def test_paper_section_1_on_every_step(staged):
 
 
 def test_skips_solutions_without_steps_and_counts_them():
-    audit = artifacts.Audit("02_labels")
+    audit = io.Audit("02_labels")
     recs = [
         {"problem_id": "a", "sample_index": 0, "question": "q", "steps": [], "outcome": 0, "completion_rewards": []},
         {"problem_id": "b", "sample_index": 0, "question": "q", "steps": ["s1", "The answer is: 1"], "outcome": 1,
          "completion_rewards": [[1, 0, 1, 1]]},
     ]  # fmt: skip
-    out = sampling.label_records(recs, [0.0, 1.0, math.inf], audit)
+    out = label_stage.label_records(recs, [0.0, 1.0, math.inf], audit)
     assert [r["problem_id"] for r in out] == ["b"]
     assert out[0]["labels"]["er_1"][0] == pytest.approx(math.log(0.25 + 0.75 * math.e))
     counts = dict(zip(audit.to_frame()["reason"], audit.to_frame()["count"], strict=True))
     assert counts["skipped_no_steps"] == 1
     bad = dict(recs[1], completion_rewards=[])
     with pytest.raises(ValueError, match="b#0"):
-        sampling.label_records([bad], [1.0])
+        label_stage.label_records([bad], [1.0])
 
 
 def test_check_values_k16_eta1(paper_k16_eta1_labels):
     # the same check values through the labelling of stage records
     rewards = [[1] * j + [0] * (16 - j) for j in range(1, 16)]
-    out = sampling.label_records(
+    out = label_stage.label_records(
         [
             {
                 "problem_id": "x",
@@ -123,7 +129,7 @@ def test_check_values_k16_eta1(paper_k16_eta1_labels):
 
 def test_statistics_distribution_and_worked_example(staged):
     rollouts, lab, _ = staged
-    stats = sampling.label_statistics(lab.records)
+    stats = label_stage.label_statistics(lab.records)
     assert list(stats.columns) == ["rule", "eta", "metric", "value"]
     wide = stats.pivot(index="rule", columns="metric", values="value")
     assert wide.loc["soft", "mean"] <= wide.loc["er_1", "mean"] <= wide.loc["hard", "mean"]
@@ -133,13 +139,13 @@ def test_statistics_distribution_and_worked_example(staged):
         row = wide.loc[rule]
         assert row["share_zero"] + row["share_one"] + row["share_between"] == pytest.approx(1.0)
     assert wide.loc["hard", "share_between"] == 0
-    dist = sampling.label_distribution(lab.records, bins=5)
+    dist = label_stage.label_distribution(lab.records, bins=5)
     assert dist.groupby("rule")["count"].sum().to_dict() == wide["n_labels"].astype(int).to_dict()
     assert dist.groupby("rule")["share"].sum().round(9).eq(1).all()
 
-    example = sampling.pick_worked_example(rollouts)
+    example = label_stage.pick_worked_example(rollouts)
     assert len(example["steps"]) >= 3 and any(0 < sum(r) < len(r) for r in example["completion_rewards"])
-    table = sampling.worked_example_table(example, labels.parse_eta_grid(GRID))
+    table = label_stage.worked_example_table(example, parse_eta_grid(GRID))
     assert list(table["step"]) == list(range(1, len(example["steps"]) + 1))
     assert list(table.columns[:4]) == ["step", "text", "completions", "p"]
     assert table["orm"].iloc[-1] == example["outcome"] and table["orm"].iloc[:-1].isna().all()

@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from erprm_core.artifacts import ArtifactError, Audit, repo_root
 from erprm_core.grading import is_correct
+from erprm_core.io import ArtifactError, Audit
+from erprm_core.running.artifacts import repo_root
 from erprm_core.steps import split_steps
 from erprm_core.tasks import _io, gsm8k, math500, math_train
 

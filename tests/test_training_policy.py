@@ -4,13 +4,15 @@ import pytest
 import torch
 
 from erprm_core import models, training
+from erprm_core.stages import policy
+from erprm_core.stages.policy import build_tiny_model, build_tokenizer
 from erprm_core.steps import policy_prompt
 from erprm_core.tasks import arith
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return models.build_tokenizer(max_number=99)
+    return build_tokenizer(max_number=99)
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +56,12 @@ def test_collator_right_pads(tok, problems):
 
 
 def test_records_and_pairs_accepted(tok, problems):
-    pairs = training._as_pairs(problems[:2], "plain")
+    pairs = training.sft_pairs(problems[:2], "plain")
     assert pairs[0] == (problems[0]["question"] + "\n", problems[0]["solution"])
     steps_record = {"question": "Q?", "steps": ["a", "b"]}
-    assert training._as_pairs([steps_record, ("P\n", "S")], "plain") == [("Q?\n", "a\nb"), ("P\n", "S")]
+    assert training.sft_pairs([steps_record, ("P\n", "S")], "plain") == [("Q?\n", "a\nb"), ("P\n", "S")]
     with pytest.raises(ValueError, match=r"examples\[0\]"):
-        training._as_pairs([{"solution": "x"}], "plain")
+        training.sft_pairs([{"solution": "x"}], "plain")
 
 
 def _solution_loss(model, tok, problems):
@@ -72,9 +74,7 @@ def _solution_loss(model, tok, problems):
 
 @pytest.mark.slow
 def test_few_steps_reduce_loss(tok, problems, tmp_path):
-    model = models.build_tiny_model(
-        tok, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seed=0
-    )
+    model = build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seed=0)
     before = _solution_loss(model, tok, problems[:16])
     log = training.train_policy_sft(
         model, tok, problems, tmp_path / "out", max_steps=12, lr=1e-2, batch_size=16, logging_steps=4,
@@ -96,22 +96,22 @@ def test_prepare_policy_trains_saves_and_reloads(problems, tmp_path, monkeypatch
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     kw = dict(max_number=99, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_steps=4,
               batch_size=8, logging_steps=2, device="cpu")  # fmt: skip
-    res = training.prepare_policy("t", problems, seed=1, **kw)
+    res = policy.prepare_policy("t", problems, seed=1, **kw)
     assert res.trained and res.source.endswith("policy") and res.info["train_steps"] == 4
     assert res.info["n_parameters"] == models.count_parameters(res.model)
-    again = training.prepare_policy("t", problems, seed=1, **kw)  # rerun overwrites, same numbers
+    again = policy.prepare_policy("t", problems, seed=1, **kw)  # rerun overwrites, same numbers
     assert all(
         torch.equal(a, b) for a, b in zip(res.model.parameters(), again.model.parameters(), strict=True)
     )
-    hub = training.prepare_policy("t", policy_name=res.source, device="cpu")
+    hub = policy.prepare_policy("t", policy_name=res.source, device="cpu")
     assert not hub.trained and hub.log.empty and hub.info["policy"] == res.source
-    ev = training.evaluate_policy(
+    ev = policy.evaluate_policy(
         res.model, res.tokenizer, problems[:4], n_samples=4, ks=(1, 4, 16), max_new_tokens=8
     )
     assert set(ev.table["metric"]) >= {"greedy_accuracy", "pass_at_k", "sample_accuracy"}
     assert sorted(ev.table.loc[ev.table.metric == "pass_at_k", "k"]) == [1, 4]
     assert ev.by_steps["n_problems"].sum() == 4 and len(ev.samples) == 16
-    ev2 = training.evaluate_policy(
+    ev2 = policy.evaluate_policy(
         res.model, res.tokenizer, problems[:4], n_samples=4, ks=(1, 4), max_new_tokens=8
     )
     assert [r["text"] for r in ev.samples] == [r["text"] for r in ev2.samples]  # reproducible sampling

@@ -1,7 +1,7 @@
 """Shared plumbing of the benchmark loaders (gsm8k, math500, math_train): local JSONL, hub datasets, checksums.
 
 Local records are yielded with their ``"file:line"`` location so that a bad record is reported where it is;
-hub failures (e.g. no network) become an :class:`~erprm_core.artifacts.ArtifactError` that says to pass
+hub failures (e.g. no network) become an :class:`~erprm_core.io.ArtifactError` that says to pass
 ``source=<local jsonl>`` instead. Used only inside ``erprm_core.tasks``.
 """
 
@@ -14,9 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from erprm_core.artifacts import ArtifactError, Audit
-
-__all__ = ["file_sha256", "resolve_source", "iter_local", "iter_hub", "check_limit", "load_dataset_problems"]
+from erprm_core.io import ArtifactError, Audit
 
 log = logging.getLogger(__name__)
 

@@ -14,13 +14,13 @@ restating the change first (a copy, which small transformers learn early) gave ~
 on a random day (every day name seen at every step position) gave ~50%.
 
 Every number (operands, intermediates, answers) stays in ``0..max_value`` (at most 999), so a word-level
-tokenizer (:func:`erprm_core.models.build_tokenizer`) holds every number as one token.
+tokenizer (:func:`erprm_core.stages.policy.build_tokenizer`) holds every number as one token.
 
 Train and test never overlap: a problem's side is decided by a hash of its arithmetic skeleton (start value,
 operations and operands), so the same computation can never appear on both sides, whatever the seed.
 
-Used by 00_policy (problem files) through :func:`erprm_core.tasks.load_problems`, and by models.py (the
-word list the tokenizer is fitted on).
+Used through :func:`erprm_core.tasks.load_problems`; the tiny policy's tokenizer is fitted on its word lists
+(``erprm_core.stages.policy.vocabulary_words``).
 """
 
 from __future__ import annotations
@@ -37,50 +37,17 @@ TEST_PERCENT = 20  # share of skeleton-hash space that belongs to the test side
 
 # (name, subject pronoun, object pronoun)
 PEOPLE = [
-    ("Tom", "he", "him"),
-    ("Sam", "he", "him"),
-    ("Ben", "he", "him"),
-    ("Leo", "he", "him"),
-    ("Max", "he", "him"),
-    ("Jack", "he", "him"),
-    ("Noah", "he", "him"),
-    ("Omar", "he", "him"),
-    ("Ravi", "he", "him"),
-    ("Carlos", "he", "him"),
-    ("Mia", "she", "her"),
-    ("Ana", "she", "her"),
-    ("Emma", "she", "her"),
-    ("Lily", "she", "her"),
-    ("Sara", "she", "her"),
-    ("Zoe", "she", "her"),
-    ("Nina", "she", "her"),
-    ("Aisha", "she", "her"),
-    ("Mei", "she", "her"),
-    ("Julia", "she", "her"),
-]
+    ("Tom", "he", "him"), ("Sam", "he", "him"), ("Ben", "he", "him"), ("Leo", "he", "him"),
+    ("Max", "he", "him"), ("Jack", "he", "him"), ("Noah", "he", "him"), ("Omar", "he", "him"),
+    ("Ravi", "he", "him"), ("Carlos", "he", "him"), ("Mia", "she", "her"), ("Ana", "she", "her"),
+    ("Emma", "she", "her"), ("Lily", "she", "her"), ("Sara", "she", "her"), ("Zoe", "she", "her"),
+    ("Nina", "she", "her"), ("Aisha", "she", "her"), ("Mei", "she", "her"), ("Julia", "she", "her"),
+]  # fmt: skip
 
 OBJECTS = [
-    "apples",
-    "pears",
-    "oranges",
-    "cookies",
-    "cupcakes",
-    "marbles",
-    "stickers",
-    "pencils",
-    "books",
-    "cards",
-    "coins",
-    "shells",
-    "stamps",
-    "toy cars",
-    "balloons",
-    "beads",
-    "eggs",
-    "candies",
-    "flowers",
-    "blocks",
-]
+    "apples", "pears", "oranges", "cookies", "cupcakes", "marbles", "stickers", "pencils", "books", "cards",
+    "coins", "shells", "stamps", "toy cars", "balloons", "beads", "eggs", "candies", "flowers", "blocks",
+]  # fmt: skip
 
 # Question sentences. Fields: {N} name, {p} subject pronoun, {O} object pronoun, {F} another person,
 # {o} object, {n} the operand. Each change happens on a named day ("On Monday, he buys 5 more apples."), and
@@ -89,46 +56,21 @@ OBJECTS = [
 START_TEMPLATES = ["{N} has {n} {o}.", "{N} starts with {n} {o}.", "{N} owns {n} {o}."]
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 OP_TEMPLATES = {
-    "+": [
-        "{p} buys {n} more {o}.",
-        "{p} finds {n} more {o}.",
-        "{F} gives {O} {n} more {o}.",
-        "{p} gets {n} more {o} from {F}.",
-    ],
-    "-": [
-        "{p} gives {n} {o} to {F}.",
-        "{p} sells {n} {o}.",
-        "{p} loses {n} {o}.",
-        "{p} uses {n} {o}.",
-    ],
-    "*": [
-        "{p} ends up with {n} times as many {o}.",
-        "the number of {o} grows {n} times.",
-    ],
-    "/": [
-        "{p} splits the {o} into {n} equal groups and keeps one.",
-        "{p} keeps only one of {n} equal shares.",
-    ],
-}
+    "+": ["{p} buys {n} more {o}.", "{p} finds {n} more {o}.", "{F} gives {O} {n} more {o}.",
+          "{p} gets {n} more {o} from {F}."],
+    "-": ["{p} gives {n} {o} to {F}.", "{p} sells {n} {o}.", "{p} loses {n} {o}.", "{p} uses {n} {o}."],
+    "*": ["{p} ends up with {n} times as many {o}.", "the number of {o} grows {n} times."],
+    "/": ["{p} splits the {o} into {n} equal groups and keeps one.",
+          "{p} keeps only one of {n} equal shares."],
+}  # fmt: skip
 OP_PREFIX = "On {day}, "
 QUESTION_TEMPLATES = [
-    "How many {o} does {N} have now?",
-    "How many {o} does {N} have at the end?",
+    "How many {o} does {N} have now?", "How many {o} does {N} have at the end?",
     "How many {o} does {N} have left?",
-]
+]  # fmt: skip
 # Reference solution line of one step: "On Monday, he buys 5 more apples, so Tom has 12 + 5 = 17 apples."
 STEP_TEMPLATE = "{event}, so {N} has {a} {op} {n} = {r} {o}."
 ANSWER_TEMPLATE = "The answer is: {r}"
-
-__all__ = [
-    "MAX_NUMBER",
-    "generate_problems",
-    "iter_problems",
-    "problem_side",
-    "skeleton_key",
-    "recompute_answer",
-    "vocabulary_words",
-]
 
 
 def _check_knobs(min_steps: int, max_steps: int, max_value: int, max_operand: int, max_factor: int) -> None:
@@ -287,46 +229,3 @@ def generate_problems(
         start_max=start_max,
     )
     return [next(it) for _ in range(n)]
-
-
-def recompute_answer(solution: str) -> int:
-    """Re-check a reference solution: every ``a op b = c`` line must be right and chain into the next line.
-
-    Returns the final value; raises ValueError naming the first wrong line. Used by the tests.
-    """
-    import re
-
-    pattern = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
-    lines = [line for line in solution.splitlines() if line.strip()]
-    value: int | None = None
-    for i, line in enumerate(lines[:-1], start=1):
-        m = pattern.search(line)
-        if m is None:
-            raise ValueError(f"line {i}: no arithmetic in {line!r}")
-        a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
-        if value is not None and a != value:
-            raise ValueError(f"line {i}: starts from {a}, previous result was {value}")
-        if _apply(a, op, b) != c:
-            raise ValueError(f"line {i}: {a} {op} {b} != {c}")
-        value = c
-    m = re.fullmatch(r"The answer is: (\d+)", lines[-1].strip()) if lines else None
-    if m is None or value is None or int(m[1]) != value:
-        raise ValueError(f"last line {lines[-1] if lines else ''!r} does not state the final value {value}")
-    return value
-
-
-def vocabulary_words() -> list[str]:
-    """Every template string and word list entry the generator can emit (the tokenizer is fitted on these)."""
-    texts: list[str] = []
-    for name, subj, obj_pron in PEOPLE:
-        texts += [name, subj, subj.capitalize(), obj_pron]
-    texts += (
-        OBJECTS
-        + DAYS
-        + START_TEMPLATES
-        + QUESTION_TEMPLATES
-        + [OP_PREFIX, STEP_TEMPLATE, ANSWER_TEMPLATE, ", so"]
-    )
-    for templates in OP_TEMPLATES.values():
-        texts += templates
-    return texts

@@ -4,7 +4,6 @@ Raw records are ``{"question", "answer"}`` where ``answer`` is the worked soluti
 ``<<48/2=24>>`` and a final line ``#### N``. They become problem records ``{"id", "question", "answer",
 "solution", "task": "gsm8k", "n_steps"}``: ``answer`` is the normalised number (``"1,450,000"`` ->
 ``"1450000"``), ``solution`` the worked steps one per line without annotations, ending ``The answer is: N``.
-Used by the paper profiles (problem sets of 00_policy, evaluation of 04/05) and by the tests.
 """
 
 from __future__ import annotations
@@ -13,8 +12,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from erprm_core.artifacts import Audit
 from erprm_core.grading import normalize_reference
+from erprm_core.io import Audit
 from erprm_core.steps import join_steps, split_steps
 from erprm_core.tasks._io import file_sha256, load_dataset_problems
 

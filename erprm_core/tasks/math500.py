@@ -4,8 +4,7 @@ Hub: ``HuggingFaceH4/MATH-500`` (split "test"); local files have the same fields
 "answer", "subject", "level", "unique_id"}``. Records become ``{"id" (the unique_id), "question", "answer"
 (normalised LaTeX), "solution", "task": "math", "subject", "level", "n_steps"}``. MATH solutions are
 paragraphs; :func:`format_math_solution` makes each paragraph one step (one line) and appends
-``The answer is: <answer>`` so that every task's reference solutions end the same way. Used by the
-paper-math profile (best-of-N evaluation) and by the tests; math_train reuses the formatting.
+``The answer is: <answer>`` so that every task's reference solutions end the same way (math_train reuses it).
 """
 
 from __future__ import annotations
@@ -14,8 +13,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from erprm_core.artifacts import Audit
 from erprm_core.grading import normalize_reference
+from erprm_core.io import Audit
 from erprm_core.steps import join_steps, split_steps
 from erprm_core.tasks._io import file_sha256, load_dataset_problems
 

@@ -17,8 +17,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from erprm_core.artifacts import Audit
 from erprm_core.grading import last_boxed, normalize_reference
+from erprm_core.io import Audit
 from erprm_core.steps import split_steps
 from erprm_core.tasks._io import check_limit, file_sha256, iter_hub, iter_local, resolve_source
 from erprm_core.tasks.math500 import format_math_solution
@@ -28,18 +28,11 @@ log = logging.getLogger(__name__)
 TASK = "math"
 HUB_NAME = "EleutherAI/hendrycks_math"
 SUBJECTS = (
-    "algebra",
-    "counting_and_probability",
-    "geometry",
-    "intermediate_algebra",
-    "number_theory",
-    "prealgebra",
-    "precalculus",
-)
+    "algebra", "counting_and_probability", "geometry", "intermediate_algebra",
+    "number_theory", "prealgebra", "precalculus",
+)  # fmt: skip
 SPLITS = ("train", "test")
 REQUIRED = ("problem", "solution")
-
-__all__ = ["HUB_NAME", "SUBJECTS", "load_problems", "to_problem", "file_sha256"]
 
 
 def to_problem(raw: dict[str, Any], problem_id: str) -> dict[str, Any] | None:

@@ -1,4 +1,4 @@
-"""Where every artifact lives, how it is written, and how stages check and resume.
+"""Where every artifact of a profile lives, how stages check and resume, and the manifest.
 
 Paths are resolved from the repository root (the folder holding pyproject.toml), never from the current
 directory, because papermill runs kernels in the caller's folder and nbval in the notebook's. Two
@@ -6,17 +6,18 @@ environment variables redirect the roots (tests use them to run the pipeline in 
 ``ERPRM_RUNS_ROOT`` (heavy artifacts, default ``<repo>/runs``) and ``ERPRM_RESULTS_ROOT`` (committed
 tables/figures/notebooks/manifest, default ``<repo>/results``).
 
-Files are written atomically (temp file + rename). JSONL readers name the file and line of any bad record.
-Used by every stage and by the pipeline.
+Generic file I/O (atomic writes, :class:`~erprm_core.io.Audit`) is :mod:`erprm_core.io`; this module adds
+JSONL files (written atomically, read with the file and line of any bad record), the profile layout, sharded
+resumable work, tables, the manifest, and the one model/checkpoint :func:`fingerprint` and JSON
+:func:`digest` used to notice stale work on resume. Used by every stage and by the pipeline.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
-import tempfile
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from erprm_core.io import ArtifactError, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +41,41 @@ STAGES = [
 ]
 
 
-class ArtifactError(RuntimeError):
-    """A stage's input is missing or malformed; the message names the file (and line) and the fix."""
+def atomic_write_jsonl(path: Path | str, records: Iterable[dict[str, Any]]) -> Path:
+    """Write one JSON object per line, atomically."""
+    lines = [json.dumps(rec, ensure_ascii=False, sort_keys=True) for rec in records]
+    return atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def iter_jsonl(path: Path | str, required: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
+    """Yield records of a JSONL file; a bad line raises :class:`ArtifactError` naming file and line.
+
+    ``required`` lists keys every record must have (a "wrong columns" check).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: file not found")
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ArtifactError(
+                    f"{path}:{lineno}: not valid JSON ({exc.msg}); the file is corrupt"
+                ) from exc
+            if not isinstance(rec, dict):
+                raise ArtifactError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            missing = [k for k in required if k not in rec]
+            if missing:
+                raise ArtifactError(f"{path}:{lineno}: missing column(s) {missing}; has {sorted(rec)}")
+            yield rec
+
+
+def read_jsonl(path: Path | str, required: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """All records of a JSONL file (see :func:`iter_jsonl`)."""
+    return list(iter_jsonl(path, required))
 
 
 def repo_root(start: Path | None = None) -> Path:
@@ -186,70 +222,6 @@ def paths(profile: str) -> ProfilePaths:
     return ProfilePaths(profile)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Atomic writes and checked reads
-# ----------------------------------------------------------------------------------------------------
-
-
-def atomic_write_text(path: Path | str, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temp file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_jsonl(path: Path | str, records: Iterable[dict[str, Any]]) -> Path:
-    """Write one JSON object per line, atomically."""
-    lines = [json.dumps(rec, ensure_ascii=False, sort_keys=True) for rec in records]
-    return atomic_write_text(path, "".join(line + "\n" for line in lines))
-
-
-def atomic_write_json(path: Path | str, obj: Any) -> Path:
-    """Write pretty, key-sorted JSON atomically (stable diffs)."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-
-
-def iter_jsonl(path: Path | str, required: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
-    """Yield records of a JSONL file; a bad line raises :class:`ArtifactError` naming file and line.
-
-    ``required`` lists keys every record must have (a "wrong columns" check).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ArtifactError(
-                    f"{path}:{lineno}: not valid JSON ({exc.msg}); the file is corrupt"
-                ) from exc
-            if not isinstance(rec, dict):
-                raise ArtifactError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            missing = [k for k in required if k not in rec]
-            if missing:
-                raise ArtifactError(f"{path}:{lineno}: missing column(s) {missing}; has {sorted(rec)}")
-            yield rec
-
-
-def read_jsonl(path: Path | str, required: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """All records of a JSONL file (see :func:`iter_jsonl`)."""
-    return list(iter_jsonl(path, required))
-
-
 def require(path: Path | str, stage: str, profile: str, what: str = "") -> Path:
     """Return ``path`` if it exists, else raise an error naming the stage (and command) that makes it."""
     path = Path(path)
@@ -341,31 +313,8 @@ def shard_status(folder: Path | str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Audit (nothing dropped silently), tables, manifest
+# Tables, manifest, fingerprints
 # ----------------------------------------------------------------------------------------------------
-
-
-class Audit:
-    """Counts of kept and skipped samples by reason, for a stage's audit table."""
-
-    def __init__(self, stage: str):
-        self.stage = stage
-        self.counts: Counter[str] = Counter()
-        self.examples: dict[str, str] = {}
-
-    def count(self, reason: str, n: int = 1, example: str | None = None) -> None:
-        """Add ``n`` samples under ``reason`` (e.g. "kept", "no_answer", "truncated")."""
-        self.counts[reason] += n
-        if example is not None and reason not in self.examples:
-            self.examples[reason] = example[:200]
-
-    def to_frame(self) -> pd.DataFrame:
-        """One row per reason: stage, reason, count, an example."""
-        rows = [
-            {"stage": self.stage, "reason": r, "count": c, "example": self.examples.get(r, "")}
-            for r, c in sorted(self.counts.items())
-        ]
-        return pd.DataFrame(rows, columns=["stage", "reason", "count", "example"])
 
 
 def write_table(df: pd.DataFrame, profile: str, name: str) -> Path:
@@ -394,3 +343,57 @@ def update_manifest(profile: str, stage: str, **info: Any) -> dict[str, Any]:
     manifest.setdefault("stages", {}).setdefault(stage, {}).update(info)
     atomic_write_json(paths(profile).manifest, manifest)
     return manifest
+
+
+def digest(obj: Any, n: int = 16, **dumps_kwargs: Any) -> str:
+    """The first ``n`` hex digits of the sha256 of ``json.dumps(obj, sort_keys=True, **dumps_kwargs)``.
+
+    Each caller passes the exact ``json.dumps`` options its digests were made with (``ensure_ascii=False``,
+    ``default=str`` or none), because they change the bytes hashed and so which finished work is reused.
+    """
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, **dumps_kwargs).encode()).hexdigest()[:n]
+
+
+def fingerprint(source: Any) -> str:
+    """A short digest naming a model, to notice a retrained policy or PRM between runs.
+
+    - a folder (``str`` or ``Path``): names, sizes and the first/last MiB of every file (cheap for any model
+      size, unchanged by copying, changed by retraining); a ``Path`` that is not a folder raises
+      ``FileNotFoundError``;
+    - any other ``str``: ``"hub:<name>"``;
+    - an in-memory model (or a ``(model, tokenizer)`` tuple, or an object with ``.model``): its config and the
+      sum of each weight tensor; an object without parameters: its ``name_or_path``.
+    """
+    if isinstance(source, str | Path):
+        path = Path(source).expanduser()
+        if path.is_dir() or isinstance(source, Path):
+            return _folder_fingerprint(path)
+        return f"hub:{source}"
+    model = source[0] if isinstance(source, tuple) else getattr(source, "model", source)
+    return _model_fingerprint(model)
+
+
+def _folder_fingerprint(path: Path) -> str:
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {path} not found")
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(path).as_posix()}|{size}|".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), os.SEEK_END)
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def _model_fingerprint(model: Any) -> str:
+    if not hasattr(model, "parameters"):
+        return str(getattr(model, "name_or_path", type(model).__name__))
+    import torch
+
+    with torch.no_grad():
+        sums = [float(p.detach().float().sum()) for p in model.parameters()]
+    config = model.config.to_json_string() if hasattr(model, "config") else ""
+    return hashlib.sha256((config + json.dumps(sums)).encode()).hexdigest()[:16]

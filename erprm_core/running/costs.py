@@ -25,11 +25,15 @@ hub access.
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from erprm_core.running import artifacts, config
 
 __all__ = [
     "Assumptions",
@@ -110,13 +114,11 @@ def _literal(text: str) -> Any:
 def stage_parameters(profile: str, overrides: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """Every stage's full parameters for ``profile``: notebook defaults, then the config, then ``overrides``.
 
-    Validated by :func:`erprm_core.pipeline.plan` (unknown keys and wrong types are errors).
+    Validated by :func:`erprm_core.running.config.plan` (unknown keys and wrong types are errors).
     """
-    from erprm_core import pipeline
-
     out = {}
-    for stage in pipeline.plan(profile, overrides=overrides):
-        declared = pipeline.notebook_parameters(stage.notebook)
+    for stage in config.plan(profile, overrides=overrides):
+        declared = config.notebook_parameters(stage.notebook)
         params = {name: _literal(info["default"]) for name, info in declared.items()}
         params.update(stage.parameters)
         out[stage.name] = params
@@ -170,16 +172,224 @@ def _training(stage, work, model, sequences, tokens, epochs, a: Assumptions) -> 
     )
 
 
-def _names(text: str) -> list[str]:
-    return [x.strip() for x in str(text).split(",") if x.strip()]
-
-
-def _prm_rules(labels: Mapping[str, Any], train: Mapping[str, Any]) -> int:
-    from erprm_core.labels import parse_eta_grid
-
+def _prm_rules(label_params: Mapping[str, Any], train: Mapping[str, Any]) -> int:
     if str(train.get("rules", "all")).strip() == "all":
-        return len(parse_eta_grid(labels.get("etas", "0,inf"))) + 1  # + the ORM
-    return len(_names(train["rules"]))
+        return len(config.parse_eta_grid(label_params.get("etas", "0,inf"))) + 1  # + the ORM
+    return len(config.parse_names(str(train["rules"])))
+
+
+@dataclass(frozen=True)
+class _Shapes:
+    """The sizes every stage's rows share: token lengths of the task, throughputs and the policy's name."""
+
+    a: Assumptions
+    p0: Mapping[str, Any]
+    sol: float
+    steps: float
+    prompt: float  # what the policy reads
+    prm_seq: float  # what a PRM reads (no template)
+    rate_of: dict[str, float]
+    policy: str
+
+    @staticmethod
+    def cap(n_tokens: float, limit: Any) -> float:
+        """``n_tokens`` capped at a token limit (a limit of 0 or None means no cap)."""
+        return min(n_tokens, float(limit)) if limit else n_tokens
+
+
+def _shapes(p0: Mapping[str, Any], a: Assumptions) -> _Shapes:
+    task = p0.get("task", "arith")
+    sol, steps, question = a.for_task(task)
+    return _Shapes(
+        a=a,
+        p0=p0,
+        sol=sol,
+        steps=steps,
+        prompt=question + a.template_tokens,
+        prm_seq=question + sol + a.tag_tokens_per_step * steps,
+        rate_of={"hf": a.hf_tokens_per_s, "vllm": a.vllm_tokens_per_s},
+        policy=p0.get("policy_name") or "tiny policy",
+    )
+
+
+def _policy_rows(params: Mapping[str, Mapping[str, Any]], s: _Shapes) -> list[dict[str, Any]]:
+    a, p0, policy, prompt = s.a, s.p0, s.policy, s.prompt
+    rows = []
+    new = s.cap(s.sol, p0.get("max_new_tokens"))
+    n_test = p0.get("n_test", 0)
+    rows.append(
+        _generation("00_policy", "greedy test solutions", policy, n_test, new, prompt, a.hf_tokens_per_s)
+    )
+    n_pass = min(p0.get("n_passk_problems", 0), n_test) if n_test >= 0 else p0.get("n_passk_problems", 0)
+    rows.append(
+        _generation(
+            "00_policy",
+            "pass@k samples",
+            policy,
+            n_pass * p0.get("n_samples", 0),
+            new,
+            prompt,
+            a.hf_tokens_per_s,
+        )
+    )
+    return rows
+
+
+def _rollout_rows(params: Mapping[str, Mapping[str, Any]], s: _Shapes) -> list[dict[str, Any]]:
+    a, p0, policy, prompt, sol, steps = s.a, s.p0, s.policy, s.prompt, s.sol, s.steps
+    rows = []
+    p1 = params["01_rollouts"]
+    rate = s.rate_of[p1.get("backend", "hf")]
+    n_problems = p1.get("n_problems", 0) or p0.get("n_train_prm", 0)
+    solutions = n_problems * p1.get("n_solutions", 1)
+    new = s.cap(sol, p1.get("max_new_tokens"))
+    rows.append(_generation("01_rollouts", "solutions", policy, solutions, new, prompt, rate))
+    prefixes = solutions * max(steps - 1.0, 0.0)
+    completer = p1.get("completer_name") or policy
+    comp = s.cap(sol * a.completion_fraction, p1.get("max_new_tokens"))
+    row = _generation(
+        "01_rollouts",
+        "completions (k per step prefix)",
+        completer,
+        prefixes * p1.get("k", 1),
+        comp,
+        0.0,
+        rate,
+    )
+    row["processed_tokens"] = prefixes * (prompt + sol * 0.5)  # each prefix read once (prefix caching)
+    rows.append(row)
+    return rows
+
+
+def _label_rows(params: Mapping[str, Mapping[str, Any]], s: _Shapes) -> list[dict[str, Any]]:
+    return [_row("02_labels", "label arithmetic (CPU, seconds)", "-")]
+
+
+def _prm_rows(params: Mapping[str, Mapping[str, Any]], s: _Shapes) -> list[dict[str, Any]]:
+    a, p0, policy = s.a, s.p0, s.policy
+    rows = []
+    p3 = params["03_train_prm"]
+    n_rules = _prm_rules(params.get("02_labels", {}), p3)
+    solutions = (params.get("01_rollouts", {}).get("n_problems", 0) or p0.get("n_train_prm", 0)) * params.get(
+        "01_rollouts", {}
+    ).get("n_solutions", 1)
+    held = p3.get("heldout_fraction", 0.0)
+    seq = s.cap(s.prm_seq, p3.get("max_length"))
+    base = p3.get("base_model") or policy
+    rows.append(
+        _training(
+            "03_train_prm",
+            f"train {n_rules} PRMs",
+            base,
+            n_rules * solutions * (1 - held),
+            seq,
+            p3.get("epochs", 1.0),
+            a,
+        )
+    )
+    rows.append(_scoring("03_train_prm", "score held-out steps", base, n_rules * solutions * held, seq, a))
+    return rows
+
+
+def _bon_rows(params: Mapping[str, Mapping[str, Any]], s: _Shapes) -> list[dict[str, Any]]:
+    a, p0, policy = s.a, s.p0, s.policy
+    rows = []
+    p4 = params["04_best_of_n"]
+    n_test = p4.get("n_test", 0) or p0.get("n_test", 0)
+    candidates = n_test * p4.get("n_max", 1)
+    new = s.cap(s.sol, p4.get("max_new_tokens"))
+    rows.append(
+        _generation(
+            "04_best_of_n",
+            "candidate pool",
+            policy,
+            candidates,
+            new,
+            s.prompt,
+            s.rate_of[p4.get("backend", "hf")],
+        )
+    )
+    n_rules = (
+        len(config.parse_names(str(p4["rules"])))
+        if p4.get("rules")
+        else _prm_rules(params.get("02_labels", {}), params.get("03_train_prm", {}))
+    )
+    base = params.get("03_train_prm", {}).get("base_model") or policy
+    rows.append(
+        _scoring(
+            "04_best_of_n", f"score the pool with {n_rules} PRMs", base, n_rules * candidates, s.prm_seq, a
+        )
+    )
+    return rows
+
+
+def _raft_rows(params: Mapping[str, Mapping[str, Any]], s: _Shapes) -> list[dict[str, Any]]:
+    a, p0, policy, prompt, sol = s.a, s.p0, s.policy, s.prompt, s.sol
+    rows = []
+    p5 = params["05_rlhf_raft"]
+    rewards = config.parse_names(str(p5.get("reward_models", "")))
+    scored = [r for r in rewards if r not in ("random", "oracle")]
+    iters = p5.get("iterations", 1)
+    prompts = p5.get("n_prompts", 0) or p0.get("n_raft", 0)
+    n_test = p5.get("n_test", 0) or p0.get("n_test", 0)
+    m = p5.get("m", 1)
+    new = s.cap(sol, p5.get("max_new_tokens"))
+    rate = s.rate_of[p5.get("backend", "hf")]
+    # iteration 1 samples the same starting policy for every reward model: sampled once, shared
+    sample_runs = (1 + len(rewards) * (iters - 1)) if rewards else 0
+    rows.append(
+        _generation(
+            "05_rlhf_raft",
+            "candidates (m per prompt)",
+            policy,
+            sample_runs * prompts * m,
+            new,
+            prompt,
+            rate,
+        )
+    )
+    base = params.get("03_train_prm", {}).get("base_model") or policy
+    rows.append(
+        _scoring("05_rlhf_raft", "score candidates", base, len(scored) * iters * prompts * m, s.prm_seq, a)
+    )
+    rows.append(
+        _training(
+            "05_rlhf_raft",
+            "fine-tune on the picks",
+            policy,
+            len(rewards) * iters * prompts,
+            prompt + sol,
+            p5.get("epochs", 1.0),
+            a,
+        )
+    )
+    rows.append(
+        _generation(
+            "05_rlhf_raft",
+            "greedy evaluation",
+            policy,
+            (1 + len(rewards) * iters) * n_test,
+            new,
+            prompt,
+            rate,
+        )
+    )
+    return rows
+
+
+def _figure_rows(params: Mapping[str, Mapping[str, Any]], s: _Shapes) -> list[dict[str, Any]]:
+    return [_row("06_figures", "figures from tables (CPU, seconds)", "-")]
+
+
+_STAGE_ROWS = {
+    "00_policy": _policy_rows,
+    "01_rollouts": _rollout_rows,
+    "02_labels": _label_rows,
+    "03_train_prm": _prm_rows,
+    "04_best_of_n": _bon_rows,
+    "05_rlhf_raft": _raft_rows,
+    "06_figures": _figure_rows,
+}
 
 
 def cost_table_from_parameters(
@@ -190,160 +400,11 @@ def cost_table_from_parameters(
     Sizes of 0 ("all") resolve to the split sizes of 00_policy. A missing stage contributes nothing.
     """
     a = assumptions or Assumptions()
-    p0 = params.get("00_policy", {})
-    task = p0.get("task", "arith")
-    sol, steps, question = a.for_task(task)
-    prompt = question + a.template_tokens  # what the policy reads
-    prm_seq = question + sol + a.tag_tokens_per_step * steps  # what a PRM reads (no template)
-    rate_of = {"hf": a.hf_tokens_per_s, "vllm": a.vllm_tokens_per_s}
-    policy = p0.get("policy_name") or "tiny policy"
+    shapes = _shapes(params.get("00_policy", {}), a)
     rows: list[dict[str, Any]] = []
-
-    def cap(n_tokens: float, limit: Any) -> float:
-        return min(n_tokens, float(limit)) if limit else n_tokens
-
-    if "00_policy" in params:
-        new = cap(sol, p0.get("max_new_tokens"))
-        n_test = p0.get("n_test", 0)
-        rows.append(
-            _generation("00_policy", "greedy test solutions", policy, n_test, new, prompt, a.hf_tokens_per_s)
-        )
-        n_pass = min(p0.get("n_passk_problems", 0), n_test) if n_test >= 0 else p0.get("n_passk_problems", 0)
-        rows.append(
-            _generation(
-                "00_policy",
-                "pass@k samples",
-                policy,
-                n_pass * p0.get("n_samples", 0),
-                new,
-                prompt,
-                a.hf_tokens_per_s,
-            )
-        )
-    if "01_rollouts" in params:
-        p1 = params["01_rollouts"]
-        rate = rate_of[p1.get("backend", "hf")]
-        n_problems = p1.get("n_problems", 0) or p0.get("n_train_prm", 0)
-        solutions = n_problems * p1.get("n_solutions", 1)
-        new = cap(sol, p1.get("max_new_tokens"))
-        rows.append(_generation("01_rollouts", "solutions", policy, solutions, new, prompt, rate))
-        prefixes = solutions * max(steps - 1.0, 0.0)
-        completer = p1.get("completer_name") or policy
-        comp = cap(sol * a.completion_fraction, p1.get("max_new_tokens"))
-        row = _generation(
-            "01_rollouts",
-            "completions (k per step prefix)",
-            completer,
-            prefixes * p1.get("k", 1),
-            comp,
-            0.0,
-            rate,
-        )
-        row["processed_tokens"] = prefixes * (prompt + sol * 0.5)  # each prefix read once (prefix caching)
-        rows.append(row)
-    if "02_labels" in params:
-        rows.append(_row("02_labels", "label arithmetic (CPU, seconds)", "-"))
-    if "03_train_prm" in params:
-        p3 = params["03_train_prm"]
-        n_rules = _prm_rules(params.get("02_labels", {}), p3)
-        solutions = (
-            params.get("01_rollouts", {}).get("n_problems", 0) or p0.get("n_train_prm", 0)
-        ) * params.get("01_rollouts", {}).get("n_solutions", 1)
-        held = p3.get("heldout_fraction", 0.0)
-        seq = cap(prm_seq, p3.get("max_length"))
-        base = p3.get("base_model") or policy
-        rows.append(
-            _training(
-                "03_train_prm",
-                f"train {n_rules} PRMs",
-                base,
-                n_rules * solutions * (1 - held),
-                seq,
-                p3.get("epochs", 1.0),
-                a,
-            )
-        )
-        rows.append(
-            _scoring("03_train_prm", "score held-out steps", base, n_rules * solutions * held, seq, a)
-        )
-    if "04_best_of_n" in params:
-        p4 = params["04_best_of_n"]
-        n_test = p4.get("n_test", 0) or p0.get("n_test", 0)
-        candidates = n_test * p4.get("n_max", 1)
-        new = cap(sol, p4.get("max_new_tokens"))
-        rows.append(
-            _generation(
-                "04_best_of_n",
-                "candidate pool",
-                policy,
-                candidates,
-                new,
-                prompt,
-                rate_of[p4.get("backend", "hf")],
-            )
-        )
-        n_rules = (
-            len(_names(p4["rules"]))
-            if p4.get("rules")
-            else _prm_rules(params.get("02_labels", {}), params.get("03_train_prm", {}))
-        )
-        base = params.get("03_train_prm", {}).get("base_model") or policy
-        rows.append(
-            _scoring(
-                "04_best_of_n", f"score the pool with {n_rules} PRMs", base, n_rules * candidates, prm_seq, a
-            )
-        )
-    if "05_rlhf_raft" in params:
-        p5 = params["05_rlhf_raft"]
-        rewards = _names(p5.get("reward_models", ""))
-        scored = [r for r in rewards if r not in ("random", "oracle")]
-        iters = p5.get("iterations", 1)
-        prompts = p5.get("n_prompts", 0) or p0.get("n_raft", 0)
-        n_test = p5.get("n_test", 0) or p0.get("n_test", 0)
-        m = p5.get("m", 1)
-        new = cap(sol, p5.get("max_new_tokens"))
-        rate = rate_of[p5.get("backend", "hf")]
-        # iteration 1 samples the same starting policy for every reward model: sampled once, shared
-        sample_runs = (1 + len(rewards) * (iters - 1)) if rewards else 0
-        rows.append(
-            _generation(
-                "05_rlhf_raft",
-                "candidates (m per prompt)",
-                policy,
-                sample_runs * prompts * m,
-                new,
-                prompt,
-                rate,
-            )
-        )
-        base = params.get("03_train_prm", {}).get("base_model") or policy
-        rows.append(
-            _scoring("05_rlhf_raft", "score candidates", base, len(scored) * iters * prompts * m, prm_seq, a)
-        )
-        rows.append(
-            _training(
-                "05_rlhf_raft",
-                "fine-tune on the picks",
-                policy,
-                len(rewards) * iters * prompts,
-                prompt + sol,
-                p5.get("epochs", 1.0),
-                a,
-            )
-        )
-        rows.append(
-            _generation(
-                "05_rlhf_raft",
-                "greedy evaluation",
-                policy,
-                (1 + len(rewards) * iters) * n_test,
-                new,
-                prompt,
-                rate,
-            )
-        )
-    if "06_figures" in params:
-        rows.append(_row("06_figures", "figures from tables (CPU, seconds)", "-"))
+    for stage, stage_rows in _STAGE_ROWS.items():
+        if stage in params:
+            rows.extend(stage_rows(params, shapes))
     df = pd.DataFrame(rows, columns=COLUMNS)
     if len(df):
         total = {c: df[c].sum() for c in COLUMNS[3:]}
@@ -418,11 +479,6 @@ def sync_reproducing_md(path: Any = None) -> bool:
     NAME is a profile (its :func:`cost_markdown`) or ``assumptions`` (:func:`assumptions_markdown`).
     Returns True when the file changed. tests/test_costs.py checks that the file is in sync.
     """
-    import re
-    from pathlib import Path
-
-    from erprm_core import artifacts
-
     path = Path(path or artifacts.repo_root() / "REPRODUCING.md")
     text = path.read_text(encoding="utf-8")
 

@@ -1,7 +1,7 @@
 """Do two runs agree? Table digests for the golden check, and a table-by-table comparison of two results.
 
-With pinned CPU numerics (:mod:`erprm_core.numerics`) the CPU profiles give the same bits on every x86-64
-machine, so their tables can be checked byte for byte:
+With pinned CPU numerics (:mod:`erprm_core.running.numerics`) the CPU profiles give the same bits on every
+x86-64 machine, so their tables can be checked byte for byte:
 
 - the golden check: ``tests/golden/smoke_tables.sha256`` holds the sha256 of every table of the smoke chain
   (``sha256sum`` format). ``make test`` reruns the smoke chain and fails naming each table that moved.

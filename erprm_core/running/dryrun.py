@@ -12,9 +12,9 @@ GPU-scale profile is wired, on a laptop, without the hub and without a GPU. It
 2. builds the models of the paper's architecture families with :func:`build_tiny_models`: the policy
    (Mistral-MetaMath-7b -> ``MistralForCausalLM``), the completer (deepseek-math-7b-rl ->
    ``LlamaForCausalLM``) and the PRM base (Llama-3.1-8B -> ``LlamaForCausalLM`` with llama3 RoPE scaling),
-   all with the word-level tokenizer of :func:`erprm_core.models.build_tokenizer` fitted on the problems'
+   all with the word-level tokenizer of :func:`erprm_core.stages.policy.build_tokenizer` fitted on the problems'
    text (it holds "ки", "+", "-" as single tokens; unseen words map to ``<unk>``);
-3. runs :func:`erprm_core.pipeline.run` with the profile's own configs plus the overrides of
+3. runs :func:`erprm_core.running.pipeline.run` with the profile's own configs plus the overrides of
    ``configs/<profile>/dry-run.yaml`` (applied like ``-p key=value`` to every stage that declares the key;
    ``{models}`` and ``{data}`` in a value are replaced by the folders above), so the paper configuration is
    validated and executed, only smaller, on the CPU, with the HF backend.
@@ -23,7 +23,7 @@ Random weights never write "The answer is", so every outcome is 0: a dry run che
 To make solutions several steps long and let them stop before the token limit, the models get a fixed bias
 towards the newline and end-of-sequence tokens (:func:`bias_tokens`); nothing else is tuned.
 
-Used by :mod:`erprm_core.pipeline` (``--dry-run``) and tests/test_dryrun.py.
+Used by :mod:`erprm_core.running.cli` (``--dry-run``) and tests/test_dryrun.py.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from erprm_core import artifacts
+from erprm_core import io, steps
+from erprm_core.running import artifacts, config, pipeline
+from erprm_core.stages.policy import build_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,7 @@ __all__ = [
     "prepare",
     "reuse",
     "run",
+    "texts_of",
     "write_dry_run_data",
 ]
 
@@ -122,22 +125,18 @@ def default_base() -> Path:
 
 def load_dry_run_file(profile: str) -> dict[str, Any]:
     """The overrides of ``configs/<profile>/dry-run.yaml`` (flat ``key: value``); ConfigError if missing."""
-    from erprm_core.pipeline import ConfigError, load_config
-
     path = artifacts.configs_root() / profile / DRY_RUN_FILE
     if not path.is_file():
-        raise ConfigError(
+        raise config.ConfigError(
             f"profile {profile!r} has no dry-run overrides: {path} is missing "
             "(only the paper profiles define a dry run)"
         )
-    return load_config(path)
+    return config.load_config(path)
 
 
 def _profile_value(profile: str, stage: str, key: str, default: Any = None) -> Any:
-    from erprm_core.pipeline import load_config
-
     path = artifacts.configs_root() / profile / f"{stage}.yaml"
-    return load_config(path).get(key, default) if path.is_file() else default
+    return config.load_config(path).get(key, default) if path.is_file() else default
 
 
 def _substitute(value: Any, folders: dict[str, Path], where: str) -> Any:
@@ -152,7 +151,7 @@ def _substitute(value: Any, folders: dict[str, Path], where: str) -> Any:
 
 
 def dry_run_overrides(profile: str, models_dir: Path, data_dir: Path) -> list[str]:
-    """The dry-run overrides of ``profile`` as ``key=value`` strings for :func:`erprm_core.pipeline.plan`.
+    """The dry-run overrides of ``profile`` as ``key=value`` strings for :func:`erprm_core.running.config.plan`.
 
     Values are JSON-encoded (read back as YAML, so types survive: ``1e-4`` stays a float, a path a string);
     ``{models}`` / ``{data}`` are replaced by ``models_dir`` / ``data_dir``.
@@ -201,12 +200,13 @@ def write_dry_run_data(task: str, folder: Path, n_train: int, n_test: int) -> di
         lines = _first_records(src, n)
         if len(lines) < n:
             raise ValueError(f"{src} holds {len(lines)} records; the dry run needs {n} for {name}")
-        artifacts.atomic_write_text(folder / name, "\n".join(lines) + "\n")
+        io.atomic_write_text(folder / name, "\n".join(lines) + "\n")
         sources[name] = str(src)
     return sources
 
 
-def _texts_of(folder: Path) -> list[str]:
+def texts_of(folder: Path) -> list[str]:
+    """Every string value of every record of the ``*.jsonl`` files in ``folder`` (the tokenizer's corpus)."""
     texts = []
     for path in sorted(folder.glob("*.jsonl")):
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -226,11 +226,8 @@ def build_dry_run_tokenizer(texts: list[str], model_max_length: int = 4096):
     Holds the step tag "ки" and "+" / "-" as single tokens (with and without a leading space), every number
     0..999 and every ASCII symbol; words it has not seen become ``<unk>``.
     """
-    from erprm_core import models
-    from erprm_core.steps import PROMPT_TEMPLATES
-
-    extra = [t.format(question="") for t in PROMPT_TEMPLATES.values()] + ["The answer is: 1"]
-    return models.build_tokenizer(list(texts) + extra, max_number=999, model_max_length=model_max_length)
+    extra = [t.format(question="") for t in steps.PROMPT_TEMPLATES.values()] + ["The answer is: 1"]
+    return build_tokenizer(list(texts) + extra, max_number=999, model_max_length=model_max_length)
 
 
 def _config(family: str, tokenizer, hidden_size: int, num_layers: int):
@@ -320,10 +317,10 @@ def build_tiny_models(
     out = {}
     probe = "Tom has 3 apples.\nHe buys 4 more.\nThe answer is: 7"
     for index, (role, (hub_name, family)) in enumerate(MODEL_FAMILIES.items()):
-        config = _config(family, tokenizer, hidden_size, num_layers)
+        model_config = _config(family, tokenizer, hidden_size, num_layers)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + index)
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(model_config)
         model.eval()
         if role != "prm_base":
             bias_tokens(model, tokenizer, {"\n": newline_p, tokenizer.eos_token: eos_p}, probe)
@@ -333,7 +330,7 @@ def build_tiny_models(
         path = folder / role
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
-        artifacts.atomic_write_json(
+        io.atomic_write_json(
             path / "dry_run.json", {"stands_in_for": hub_name, "family": family, "seed": seed + index}
         )
         log.info("dry run: %s (%s, stands in for %s) -> %s", role, type(model).__name__, hub_name, path)
@@ -347,18 +344,16 @@ def build_tiny_models(
 
 
 def _fresh_folder(root: Path) -> None:
-    from erprm_core.pipeline import ConfigError
-
     if root.exists():
         if not (root / MARKER).is_file():
             if any(root.iterdir()):
-                raise ConfigError(
+                raise config.ConfigError(
                     f"{root} exists and is not a dry-run folder (no {MARKER}); choose another base folder"
                 )
         else:
             shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
-    (root / MARKER).write_text("made by erprm_core.dryrun; deleted and rebuilt by every dry run\n")
+    (root / MARKER).write_text("made by erprm_core.running.dryrun; deleted and rebuilt by every dry run\n")
 
 
 def prepare(profile: str, base: Path | str | None = None, seed: int = 0) -> DryRun:
@@ -379,11 +374,11 @@ def prepare(profile: str, base: Path | str | None = None, seed: int = 0) -> DryR
         n_test = int(dry.get("n_test", 0))
         prepared.data_sources = write_dry_run_data(task, data_dir, n_train, n_test)
         prepared.data = data_dir
-    texts = _texts_of(data_dir) if prepared.data else []
+    texts = texts_of(data_dir) if prepared.data else []
     tokenizer = build_dry_run_tokenizer(texts)
     prepared.models = build_tiny_models(root / "models", tokenizer, seed=seed)
     prepared.overrides = dry_run_overrides(profile, root / "models", data_dir)
-    artifacts.atomic_write_json(
+    io.atomic_write_json(
         root / "dry_run.json",
         {
             "profile": profile,
@@ -398,12 +393,10 @@ def prepare(profile: str, base: Path | str | None = None, seed: int = 0) -> DryR
 
 def reuse(profile: str, base: Path | str | None = None) -> DryRun:
     """The folder of a previous :func:`prepare` (for a partial rerun); ConfigError when there is none."""
-    from erprm_core.pipeline import ConfigError
-
     root = Path(base or default_base()).expanduser().resolve() / profile
     info_path = root / "dry_run.json"
     if not (root / MARKER).is_file() or not info_path.is_file():
-        raise ConfigError(
+        raise config.ConfigError(
             f"no previous dry run of {profile} in {root}: run the whole chain first "
             f"(erprm reproduce --profile {profile} --dry-run)"
         )
@@ -429,13 +422,11 @@ def redirected_roots(run: DryRun) -> Iterator[None]:
 
 def _for_stages(profile: str, start: str | None, stop: str | None, dry: list[str]) -> list[str]:
     """The dry-run overrides that a stage from ``start`` to ``stop`` declares (all, for the full chain)."""
-    from erprm_core import pipeline
-
     if start is None and stop is None:
         return dry  # the full chain: a key no stage declares is an error in plan()
     declared: set[str] = set()
-    for stage in pipeline.plan(profile, start, stop):
-        declared.update(pipeline.notebook_parameters(stage.notebook))
+    for stage in config.plan(profile, start, stop):
+        declared.update(config.notebook_parameters(stage.notebook))
     return [o for o in dry if o.split("=", 1)[0] in declared]
 
 
@@ -446,15 +437,13 @@ def plan(
     overrides: list[str] | None = None,
     base: Path | str | None = None,
 ):
-    """The stages a dry run would execute, validated (:func:`erprm_core.pipeline.plan`); builds nothing.
+    """The stages a dry run would execute, validated (:func:`erprm_core.running.config.plan`); builds nothing.
 
     Model and data paths point where :func:`prepare` would put them.
     """
-    from erprm_core import pipeline
-
     root = Path(base or default_base()).expanduser().resolve() / profile
     dry = _for_stages(profile, start, stop, dry_run_overrides(profile, root / "models", root / "data"))
-    return pipeline.plan(profile, start, stop, dry + list(overrides or []))
+    return config.plan(profile, start, stop, dry + list(overrides or []))
 
 
 def run(
@@ -472,8 +461,6 @@ def run(
     upstream artifacts are there. ``overrides`` (``key=value``) apply after the dry-run file's. The
     selected stages always rerun.
     """
-    from erprm_core import pipeline
-
     plan(profile, start, stop, overrides, base)  # fail on a bad config before building anything
     if start is None:
         prepared = prepare(profile, base)

@@ -1,0 +1,65 @@
+"""Generic file I/O for every layer: the artifact error, atomic writes, the audit of skipped samples.
+
+Files are written atomically (temp file + rename). Nothing here knows about profiles or paths;
+``erprm_core.running.artifacts`` builds those (and the checked JSONL files) on top.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+
+class ArtifactError(RuntimeError):
+    """A stage's input is missing or malformed; the message names the file (and line) and the fix."""
+
+
+def atomic_write_text(path: Path | str, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temp file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: Path | str, obj: Any) -> Path:
+    """Write pretty, key-sorted JSON atomically (stable diffs)."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+class Audit:
+    """Counts of kept and skipped samples by reason, for a stage's audit table."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, str] = {}
+
+    def count(self, reason: str, n: int = 1, example: str | None = None) -> None:
+        """Add ``n`` samples under ``reason`` (e.g. "kept", "no_answer", "truncated")."""
+        self.counts[reason] += n
+        if example is not None and reason not in self.examples:
+            self.examples[reason] = example[:200]
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per reason: stage, reason, count, an example."""
+        rows = [
+            {"stage": self.stage, "reason": r, "count": c, "example": self.examples.get(r, "")}
+            for r, c in sorted(self.counts.items())
+        ]
+        return pd.DataFrame(rows, columns=["stage", "reason", "count", "example"])

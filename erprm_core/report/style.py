@@ -1,0 +1,108 @@
+"""One plotting style for every figure: fixed method colours, legend labels and line styles, PNG + PDF
+without timestamps.
+
+Methods are named as in the tables: label rules (``soft``, ``er_<eta>``, ``hard``, ``orm``), optionally with
+an aggregation suffix (``er_1:min``), and best-of-N baselines (``random``, ``majority``, ``oracle``,
+``weighted_<method>``); :func:`erprm_core.labels.parse_method` reads them and
+:func:`erprm_core.labels.method_order` orders them. Used by :mod:`erprm_core.report.figures` and the
+notebooks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless; notebooks still display figures returned to them
+import matplotlib.pyplot as plt  # noqa: E402
+
+from erprm_core import labels  # noqa: E402
+
+BASE_COLOURS = {
+    "soft": "#1f77b4",
+    "hard": "#d62728",
+    "orm": "#7f7f7f",
+    "er": "#2ca02c",
+    "random": "#000000",
+    "majority": "#9467bd",
+    "oracle": "#bcbd22",
+}
+_ER_CMAP = "viridis"
+
+
+def set_style() -> None:
+    """Apply the kit's matplotlib style (called on import of this module)."""
+    plt.rcParams.update(
+        {
+            "figure.dpi": 110,
+            "savefig.dpi": 150,
+            "axes.grid": True,
+            "grid.alpha": 0.3,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+            "legend.frameon": False,
+            "font.size": 10,
+            "svg.hashsalt": "erprm",
+        }
+    )
+
+
+set_style()
+
+
+def method_label(method: str) -> str:
+    """Human-readable legend label: ``er_1`` -> ``ER-PRM (η=1)``, ``hard`` -> ``Hard-label PRM``."""
+    rule, agg, weighted = labels.parse_method(method)
+    names = {
+        "soft": "Soft-label PRM",
+        "hard": "Hard-label PRM",
+        "orm": "ORM",
+        "random": "Random pick",
+        "majority": "Majority vote",
+        "oracle": "Oracle pass@N",
+        "baseline": "No RLHF",
+    }
+    if rule in names:
+        text = names[rule]
+    elif rule.startswith("er_"):
+        text = f"ER-PRM (η={labels.eta_text(rule)})"
+    else:
+        text = rule
+    if weighted:
+        text = f"{text}, weighted vote"
+    return f"{text} [{agg}]" if agg else text
+
+
+def method_colour(method: str, etas: Sequence[float] = (0.1, 0.5, 1, 2, 5, 10)) -> str:
+    """Fixed colour per method; ER rules take a viridis shade by log(eta) so sweeps read left to right."""
+    rule, _, _ = labels.parse_method(method)
+    if rule in BASE_COLOURS:
+        return BASE_COLOURS[rule]
+    eta = labels.rule_eta(rule, default=None)
+    if eta is not None and math.isfinite(eta) and eta > 0:
+        lo, hi = math.log(min(etas)), math.log(max(etas))
+        frac = 0.5 if hi == lo else (math.log(eta) - lo) / (hi - lo)
+        return matplotlib.colors.to_hex(plt.get_cmap(_ER_CMAP)(0.15 + 0.7 * min(max(frac, 0.0), 1.0)))
+    return "#17becf"
+
+
+def method_linestyle(method: str) -> str:
+    """Dashed for baselines and votes, dotted for the oracle, solid for reward models."""
+    rule, _, weighted = labels.parse_method(method)
+    if rule == "oracle" and not weighted:
+        return ":"
+    if rule in ("random", "majority") or weighted:
+        return "--"
+    return "-"
+
+
+def save_figure(fig: plt.Figure, folder: Path | str, name: str) -> list[Path]:
+    """Save ``fig`` as ``folder/name.png`` and ``.pdf`` with no timestamps or software versions inside."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    png, pdf = folder / f"{name}.png", folder / f"{name}.pdf"
+    fig.savefig(png, bbox_inches="tight", metadata={"Software": None})
+    fig.savefig(pdf, bbox_inches="tight", metadata={"CreationDate": None, "Producer": None, "Creator": None})
+    return [png, pdf]

@@ -1,0 +1,262 @@
+"""Stage 02_labels: step labels for every rule (ER for an eta grid, soft, hard, ORM) from ONE rollouts file.
+
+:func:`run_labels` reads the rollouts (:func:`read_rollouts`, checked record by record), labels every step
+with :func:`stepwise_labels` and writes ``labels.jsonl``. :func:`run` is the notebook's
+entry: it also writes the tables ``labels_audit``, ``label_stats`` and ``label_distribution``, picks a worked
+example and records the stage in the manifest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from erprm_core import io, labels, rollouts
+from erprm_core.running import artifacts
+from erprm_core.running.config import parse_eta_grid
+from erprm_core.stages._common import StageConfig, record
+
+STAGE = "02_labels"
+LABEL_COLUMNS = ("problem_id", "question", "steps", "outcome", "labels")
+
+
+@dataclass(frozen=True)
+class LabelsConfig(StageConfig):
+    """The knobs of 02_labels (the notebook's parameters cell)."""
+
+    profile: str = "smoke"
+    """results/<profile> and runs/<profile> folders to use"""
+    etas: str = "0,0.1,0.5,1,2,5,10,inf"
+    """eta grid, comma-separated (0 is the soft label, inf the hard label)"""
+    rollouts_file: str = ""
+    """rollouts file to label (empty: this profile's runs/<profile>/rollouts.jsonl)"""
+
+
+@dataclass
+class LabelResult:
+    """What :func:`run_labels` returns: the stepwise label records, their audit and the rule names; :func:`run`
+    adds the tables it writes (``stats``, ``distribution``), the eta grid and the worked example."""
+
+    records: list[dict[str, Any]]
+    audit: io.Audit
+    rules: list[str]
+    rollouts: list[dict[str, Any]] = field(default_factory=list)
+    eta_grid: list[float] = field(default_factory=list)
+    stats: pd.DataFrame | None = None
+    distribution: pd.DataFrame | None = None
+    example: dict[str, Any] | None = None
+    example_table: pd.DataFrame | None = None
+
+
+def stepwise_labels(
+    completion_rewards: list[list[float]], outcome: float, etas: list[float]
+) -> dict[str, list[float | None]]:
+    """Labels of every step of one solution, for each eta in ``etas`` plus the ORM rule.
+
+    ``completion_rewards[i]`` holds the k graded completions of the prefix ending at step i, for every step
+    but the last; the last step gets the solution's true ``outcome`` under every rule. The ORM rule labels
+    only the last step (earlier entries are None, i.e. no training target).
+    """
+    n_steps = len(completion_rewards) + 1
+    out: dict[str, list[float | None]] = {}
+    for eta in etas:
+        vals: list[float | None] = [labels.er_label(r, eta) for r in completion_rewards]
+        out[labels.rule_name(eta)] = [*vals, float(outcome)]
+    out["orm"] = [None] * (n_steps - 1) + [float(outcome)]
+    return out
+
+
+def read_rollouts(path: Path | str) -> list[dict[str, Any]]:
+    """Read a rollouts file, checking every record's columns and shapes (errors name file and line)."""
+    path = Path(path)
+    records = artifacts.read_jsonl(path, rollouts.ROLLOUT_COLUMNS)
+    with path.open(encoding="utf-8") as fh:
+        line_numbers = [n for n, line in enumerate(fh, start=1) if line.strip()]
+    for lineno, rec in zip(line_numbers, records, strict=True):
+        steps, rewards = rec["steps"], rec["completion_rewards"]
+        if not isinstance(steps, list) or not isinstance(rewards, list):
+            raise io.ArtifactError(f"{path}:{lineno}: 'steps' and 'completion_rewards' must be lists")
+        if steps and len(rewards) != len(steps) - 1:
+            raise io.ArtifactError(
+                f"{path}:{lineno}: {len(steps)} steps need {len(steps) - 1} completion lists, got {len(rewards)}"
+            )
+        if rec["outcome"] not in (0, 1):
+            raise io.ArtifactError(f"{path}:{lineno}: outcome must be 0 or 1, got {rec['outcome']!r}")
+    return records
+
+
+def label_records(
+    rollouts: Sequence[dict[str, Any]], etas: Sequence[float], audit: io.Audit | None = None
+) -> list[dict[str, Any]]:
+    """Stepwise labels of every rollout for every eta (plus ``orm``), with :func:`stepwise_labels`.
+
+    One output record per rollout with at least one step: ``problem_id, sample_index, question, answer,
+    task, steps, outcome, labels: {rule: [label per step]}`` (one label per step, the last = the outcome;
+    the ORM rule labels only the last step, others are None). Rollouts without any step cannot be labelled:
+    they are counted in ``audit`` as ``skipped_no_steps``; a rollout whose completion lists do not match its
+    steps raises ValueError naming it.
+    """
+    audit = audit if audit is not None else io.Audit(STAGE)
+    out = []
+    for rec in rollouts:
+        where = f"{rec['problem_id']}#{rec.get('sample_index')}"
+        if not rec["steps"]:
+            audit.count("skipped_no_steps", example=where)
+            continue
+        if len(rec["completion_rewards"]) != len(rec["steps"]) - 1:
+            raise ValueError(
+                f"rollout {where}: {len(rec['steps'])} steps but {len(rec['completion_rewards'])} completion lists"
+            )
+        audit.count("labelled_solutions")
+        audit.count("labelled_steps", len(rec["steps"]))
+        out.append(
+            {
+                "problem_id": rec["problem_id"],
+                "sample_index": rec.get("sample_index"),
+                "question": rec["question"],
+                "answer": rec.get("answer"),
+                "task": rec.get("task"),
+                "steps": rec["steps"],
+                "outcome": int(rec["outcome"]),
+                "labels": stepwise_labels(rec["completion_rewards"], rec["outcome"], list(etas)),
+            }
+        )
+    return out
+
+
+def run_labels(
+    out: artifacts.ProfilePaths | str, etas: Sequence[float], rollouts_file: Path | str | None = None
+) -> LabelResult:
+    """Read ONE rollouts file, label every step for every rule, write the labels file.
+
+    ``rollouts_file`` defaults to the profile's ``rollouts.jsonl`` (an error names 01_rollouts when missing);
+    the output goes atomically to the profile's ``labels.jsonl``. Every rule comes from the same rollouts:
+    only the label rule changes.
+    """
+    paths = artifacts.paths(out) if isinstance(out, str) else out
+    source = Path(rollouts_file) if rollouts_file else paths.rollouts_file
+    artifacts.require(source, "01_rollouts", paths.profile, "rollouts")
+    audit = io.Audit(STAGE)
+    rollout_records = read_rollouts(source)
+    records = label_records(rollout_records, etas, audit)
+    artifacts.atomic_write_jsonl(paths.labels_file, records)
+    rules = list(records[0]["labels"]) if records else []
+    return LabelResult(records, audit, rules, rollout_records)
+
+
+def label_statistics(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Tidy table of label statistics per rule: ``rule, eta, metric, value``.
+
+    Metrics over the labelled steps of each rule (the ORM: last steps only): ``n_labels``, ``mean``, ``std``,
+    ``share_zero`` (label 0), ``share_one`` (label 1), ``share_between`` (strictly inside (0, 1)),
+    ``mean_first_step`` (label of the first step), and ``mean_gap_to_soft`` (mean label minus the soft label
+    on the same steps: how far a rule moves labels up from the Monte Carlo mean).
+    """
+    rules = list(records[0]["labels"]) if records else []
+    soft = np.array([v for r in records for v in r["labels"].get("soft", [])], dtype=float)
+    rows = []
+    for rule in rules:
+        vals = [v for r in records for v in r["labels"][rule] if v is not None]
+        arr = np.array(vals, dtype=float)
+        first = np.array(
+            [r["labels"][rule][0] for r in records if r["labels"][rule][0] is not None], dtype=float
+        )
+        metrics = {
+            "n_labels": float(arr.size),
+            "mean": arr.mean() if arr.size else np.nan,
+            "std": arr.std() if arr.size else np.nan,
+            "share_zero": (arr == 0).mean() if arr.size else np.nan,
+            "share_one": (arr == 1).mean() if arr.size else np.nan,
+            "share_between": ((arr > 0) & (arr < 1)).mean() if arr.size else np.nan,
+            "mean_first_step": first.mean() if first.size else np.nan,
+        }
+        if rule != "orm" and soft.size == arr.size and soft.size:
+            metrics["mean_gap_to_soft"] = float((arr - soft).mean())
+        eta = labels.rule_eta(rule, default=float("nan"))
+        rows += [{"rule": rule, "eta": eta, "metric": m, "value": float(v)} for m, v in metrics.items()]
+    return pd.DataFrame(rows, columns=["rule", "eta", "metric", "value"])
+
+
+def label_distribution(records: Sequence[dict[str, Any]], bins: int = 10) -> pd.DataFrame:
+    """Tidy histogram of step labels per rule: ``rule, bin, lo, hi, count, share`` (bins of [0, 1]).
+
+    0 and 1 get bins of their own (``bin`` "0" and "1"), the open interval (0, 1) is split in ``bins``
+    equal bins, so the soft rule's spread and the hard rule's all-or-nothing labels are both visible.
+    """
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    rules = list(records[0]["labels"]) if records else []
+    rows = []
+    for rule in rules:
+        arr = np.array([v for r in records for v in r["labels"][rule] if v is not None], dtype=float)
+        total = max(arr.size, 1)
+        rows.append({"rule": rule, "bin": "0", "lo": 0.0, "hi": 0.0, "count": int((arr == 0).sum())})
+        inner = arr[(arr > 0) & (arr < 1)]
+        counts, _ = np.histogram(inner, bins=edges)
+        for lo, hi, c in zip(edges[:-1], edges[1:], counts, strict=True):
+            rows.append({"rule": rule, "bin": f"({lo:.1f},{hi:.1f})", "lo": lo, "hi": hi, "count": int(c)})
+        rows.append({"rule": rule, "bin": "1", "lo": 1.0, "hi": 1.0, "count": int((arr == 1).sum())})
+        for row in rows[-(bins + 2) :]:
+            row["share"] = row["count"] / total
+    return pd.DataFrame(rows, columns=["rule", "bin", "lo", "hi", "count", "share"])
+
+
+def pick_worked_example(rollouts: Sequence[dict[str, Any]], min_steps: int = 3) -> dict[str, Any]:
+    """A rollout that shows the rules disagreeing: the first (in file order) with >= ``min_steps`` steps and a
+    prefix whose completions are mixed (0 < p < 1); failing that, the one with the most steps."""
+    if not rollouts:
+        raise ValueError("no rollouts to pick a worked example from")
+    for rec in rollouts:
+        mixed = any(0 < sum(r) < len(r) for r in rec["completion_rewards"])
+        if len(rec["steps"]) >= min_steps and mixed:
+            return rec
+    return max(rollouts, key=lambda r: len(r["steps"]))
+
+
+def worked_example_table(rollout: dict[str, Any], etas: Sequence[float], digits: int = 3) -> pd.DataFrame:
+    """One solution step by step: the step, its completions' outcomes, p and the label each rule gives.
+
+    Columns: ``step`` (1-based), ``text``, ``completions`` (e.g. "1 0 1 1"; the last step shows the
+    solution's outcome), ``p`` (fraction correct), then one column per rule (rounded to ``digits``).
+    """
+    table = stepwise_labels(rollout["completion_rewards"], rollout["outcome"], list(etas))
+    rows = []
+    for i, step in enumerate(rollout["steps"]):
+        last = i == len(rollout["steps"]) - 1
+        rewards = [rollout["outcome"]] if last else rollout["completion_rewards"][i]
+        row = {
+            "step": i + 1,
+            "text": step,
+            "completions": "outcome " + str(rollout["outcome"]) if last else " ".join(map(str, rewards)),
+            "p": round(sum(rewards) / len(rewards), digits),
+        }
+        for rule, vals in table.items():
+            row[rule] = None if vals[i] is None else round(vals[i], digits)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def run(config: LabelsConfig) -> LabelResult:
+    """Stage 02_labels: label the rollouts for every rule; write the tables and the manifest entry."""
+    c = config
+    P = artifacts.paths(c.profile)
+    eta_grid = parse_eta_grid(c.etas)
+    source = artifacts.require(c.rollouts_file or P.rollouts_file, "01_rollouts", c.profile, "rollouts")
+    res = run_labels(P, eta_grid, source)
+    res.eta_grid = list(eta_grid)
+    artifacts.write_table(res.audit.to_frame(), c.profile, "labels_audit")
+    res.stats = label_statistics(res.records)
+    artifacts.write_table(res.stats, c.profile, "label_stats")
+    res.distribution = label_distribution(res.records, bins=10)
+    artifacts.write_table(res.distribution, c.profile, "label_distribution")
+    res.example = pick_worked_example(res.rollouts)
+    res.example_table = worked_example_table(res.example, eta_grid)
+    record(
+        c.profile, STAGE, c, rules=res.rules, rollouts=source.name, labelled_solutions=len(res.records),
+        labelled_steps=sum(len(r["steps"]) for r in res.records),
+    )  # fmt: skip
+    return res

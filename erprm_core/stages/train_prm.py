@@ -1,0 +1,454 @@
+"""Stage 03_train_prm: one PRM per label rule from the same base model and recipe, and held-out checks.
+
+:func:`train` is the training half (also what ``erprm train-prm`` runs, under ``accelerate launch`` too):
+read the labels file, pick the rules (:func:`select_rules`), split problems into train / held-out
+(:func:`split_heldout`) and train one PRM per rule (:func:`train_prm_rules`; finished checkpoints are
+skipped). :func:`run` is the notebook's entry: training, then the held-out evaluation
+(:func:`evaluate_prm_rules`), the tables ``prm_training``, ``prm_audit``, ``prm_eval``,
+``prm_calibration``, ``prm_min_position`` and the manifest entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from erprm_core import labels, stats, training
+from erprm_core.prm import ProcessRewardModel
+from erprm_core.running import artifacts, numerics
+from erprm_core.running.config import parse_names
+from erprm_core.stages._common import StageConfig, record
+
+log = logging.getLogger(__name__)
+
+STAGE = "03_train_prm"
+LABEL_RECORD_COLUMNS = ["problem_id", "question", "steps", "outcome", "labels"]
+
+
+@dataclass(frozen=True)
+class TrainPRMConfig(StageConfig):
+    """The knobs of 03_train_prm (the notebook's parameters cell)."""
+
+    profile: str = "smoke"
+    """results/<profile> and runs/<profile> folders to use"""
+    seed: int = 0
+    """training seed, the same for every rule"""
+    rules: str = "all"
+    """label rules to train: "all" (every rule in the labels file) or a comma list, e.g. "er_1,soft,hard,orm\""""
+    base_model: str = ""
+    """base of every PRM: empty for the 00_policy checkpoint, else a hub name or local folder"""
+    heldout_fraction: float = 0.2
+    """share of problems (by id hash) kept out of training for the held-out checks"""
+    epochs: float = 2.0
+    """training epochs per PRM (the paper: 1)"""
+    lr: float = 1e-3
+    """peak learning rate (the paper: 5e-7 for an 8B model)"""
+    batch_size: int = 8
+    """sequences per device per optimizer step"""
+    grad_accum: int = 1
+    """gradient accumulation steps (global batch: batch_size x grad_accum x devices)"""
+    max_length: int = 256
+    """token limit of a formatted solution; tags beyond it lose their label (audited)"""
+    lr_scheduler: str = "cosine"
+    """learning-rate schedule (transformers name)"""
+    warmup_ratio: float = 0.0
+    """share of the steps used for linear warm-up"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    gradient_checkpointing: bool = False
+    """recompute activations to save memory (multi-GPU runs)"""
+    dtype: str = "float32"
+    """weights dtype of the base model during training"""
+    retrain: bool = False
+    """retrain rules whose checkpoint is already complete"""
+    scoring: str = "two_token"
+    """held-out step score: two_token (softmax over " +"/" -") or full_vocab"""
+    score_batch_size: int = 32
+    """solutions per scoring forward pass"""
+    device: str = "auto"
+    """device for held-out scoring: auto, cpu or cuda (training: the Trainer's choice)"""
+    torch_threads: int = 0
+    """CPU threads for torch (0: auto, the cores idle at the start)"""
+    cpu_numerics: str = "avx2"
+    """CPU kernel paths: avx2 (pinned, same bits on any x86-64) or default"""
+
+    def recipe(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`erprm_core.training.train_prm` (the same for every rule)."""
+        return dict(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, grad_accum=self.grad_accum,
+                    max_length=self.max_length, seed=self.seed, lr_scheduler=self.lr_scheduler,
+                    warmup_ratio=self.warmup_ratio, weight_decay=self.weight_decay,
+                    gradient_checkpointing=self.gradient_checkpointing, dtype=self.dtype)  # fmt: skip
+
+
+@dataclass
+class TrainPRMResult:
+    """What :func:`train` returns (rules, records, training tables); :func:`run` adds the held-out tables."""
+
+    rules: list[str]
+    train: list[dict[str, Any]]
+    heldout: list[dict[str, Any]]
+    log: pd.DataFrame
+    audit: pd.DataFrame
+    runs: pd.DataFrame
+    base_model: str
+    metrics: pd.DataFrame | None = None
+    calibration: pd.DataFrame | None = None
+    min_position: pd.DataFrame | None = None
+    scores: pd.DataFrame | None = None
+    scoring: pd.DataFrame | None = None
+    numerics: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rules and the held-out split
+# ----------------------------------------------------------------------------------------------------
+
+
+def select_rules(records: Sequence[dict[str, Any]], rules: str | Sequence[str] = "all") -> list[str]:
+    """The label rules to train: ``"all"`` = every rule in the labels file (soft, ER by eta, hard, ORM
+    order), or a comma list / sequence, each checked against the file (unknown -> ValueError naming them)."""
+    if not records:
+        raise ValueError("no labelled records: nothing to choose rules from")
+    available = set(records[0].get("labels") or {})
+    for rec in records[1:]:
+        available &= set(rec.get("labels") or {})
+    names = parse_names(rules)
+    if names == ["all"]:
+        return labels.method_order(available)
+    unknown = [r for r in names if r not in available]
+    if unknown or not names:
+        raise ValueError(
+            f"rules {unknown or names} not in the labels file; available: {labels.method_order(available)}"
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(f"rules lists a rule twice: {names}")
+    return names
+
+
+def heldout_fraction_of(problem_id: str, salt: str = "erprm-heldout") -> float:
+    """A number in [0, 1) fixed by the problem id (SHA-256; the same in every process and Python version)."""
+    digest = hashlib.sha256(f"{salt}|{problem_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2.0**64
+
+
+def split_heldout(
+    records: Sequence[dict[str, Any]], heldout_fraction: float, salt: str = "erprm-heldout"
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, held-out) by problem id: a problem's rollouts all go to held-out when
+    ``heldout_fraction_of(problem_id) < heldout_fraction``; deterministic, independent of record order.
+
+    With ``heldout_fraction > 0`` and at least two problems, both sides get at least one problem (the one
+    with the smallest / largest hash value moves over), so small profiles always have something to check.
+    """
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    u = {str(r["problem_id"]): heldout_fraction_of(str(r["problem_id"]), salt) for r in records}
+    held_ids = {pid for pid, v in u.items() if v < heldout_fraction}
+    if heldout_fraction > 0 and len(u) >= 2:
+        if not held_ids:
+            held_ids = {min(u, key=u.get)}
+        elif len(held_ids) == len(u):
+            held_ids.discard(max(u, key=u.get))
+    train = [r for r in records if str(r["problem_id"]) not in held_ids]
+    held = [r for r in records if str(r["problem_id"]) in held_ids]
+    return train, held
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training, one PRM per rule
+# ----------------------------------------------------------------------------------------------------
+
+
+def prm_checkpoint_complete(folder: str | Path) -> bool:
+    """True when ``folder`` holds a PRM that :func:`~erprm_core.training.train_prm` finished saving (its info
+    file is written last)."""
+    folder = Path(folder)
+    return (folder / training.PRM_INFO_FILE).is_file() and (folder / "config.json").is_file()
+
+
+def train_prm_rules(
+    base_model: str | Path,
+    records: Sequence[dict[str, Any]],
+    rules: Sequence[str],
+    output_dir_for: Callable[[str], Any],
+    *,
+    retrain: bool = False,
+    **recipe: Any,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """One PRM per rule, all from ``base_model`` with the same recipe and seed.
+
+    ``output_dir_for(rule)`` gives each PRM's folder (e.g. ``artifacts.paths(profile).prm``). A rule whose
+    checkpoint is complete (:func:`prm_checkpoint_complete`) is skipped unless
+    ``retrain``; its stored log and audit are read back, so the returned tables are the same as after an
+    uninterrupted run. ``recipe`` goes to :func:`erprm_core.training.train_prm`. Returns ``(log, audit,
+    runs)``: the loss log (rule, step, epoch, loss, learning_rate, grad_norm), the audit (rule, reason,
+    count, example) and one row per rule (rule, trained, n_examples, labelled_tags, train_tokens, tag_id,
+    good_id, bad_id, train_runtime_s, tokens_per_s).
+    """
+    logs, audits, runs = [], [], []
+    for rule in tqdm(list(rules), desc="PRMs", unit="rule"):
+        folder = Path(output_dir_for(rule))
+        if prm_checkpoint_complete(folder) and not retrain:
+            log.info("PRM %s: complete checkpoint in %s, skipped (retrain=True to redo)", rule, folder)
+            info = json.loads((folder / training.PRM_INFO_FILE).read_text())
+            log_df = pd.read_csv(folder / training.PRM_LOG_FILE)
+            audit_df = pd.read_csv(folder / training.PRM_AUDIT_FILE, keep_default_na=False)
+            run = {
+                "rule": rule,
+                "trained": False,
+                "train_runtime_s": float("nan"),
+                "tokens_per_s": float("nan"),
+            }
+        else:
+            log_df = training.train_prm(base_model, None, records, rule, folder, **recipe)
+            info = log_df.attrs
+            audit_df = pd.DataFrame(log_df.attrs["audit"])
+            run = {
+                "rule": rule,
+                "trained": True,
+                "train_runtime_s": info["train_runtime_s"],
+                "tokens_per_s": info["tokens_per_s"],
+            }
+        run.update({k: info[k] for k in ("n_examples", "labelled_tags", "train_tokens")})
+        run.update({k: info["tokens"][k] for k in ("tag_id", "good_id", "bad_id")})
+        log_df = log_df.assign(rule=rule)
+        log_df.attrs = {}
+        logs.append(log_df)
+        audits.append(audit_df.assign(rule=rule))
+        runs.append(run)
+    log_cols = ["rule", "step", "epoch", "loss", "learning_rate", "grad_norm"]
+    audit_cols = ["rule", "stage", "reason", "count", "example"]
+    return (
+        pd.concat(logs, ignore_index=True)[log_cols] if logs else pd.DataFrame(columns=log_cols),
+        pd.concat(audits, ignore_index=True)[audit_cols] if audits else pd.DataFrame(columns=audit_cols),
+        pd.DataFrame(runs),
+    )
+
+
+def train(config: TrainPRMConfig) -> TrainPRMResult:
+    """The training half of 03_train_prm for ``config.profile`` (what ``erprm train-prm`` runs).
+
+    Reads the labels file (02_labels), picks ``config.rules`` (:func:`select_rules`), splits problems into
+    train / held-out (:func:`split_heldout`), and trains one PRM per rule from ``config.base_model`` ("" =
+    the profile's policy checkpoint) into ``paths(profile).prm(rule)`` with :func:`train_prm_rules`
+    (complete checkpoints skipped unless ``config.retrain``). The held-out tables of the result are empty.
+    """
+    c = config
+    P = artifacts.paths(c.profile)
+    base = c.base_model or artifacts.require(P.policy, "00_policy", c.profile, "policy checkpoint")
+    labels_file = artifacts.require(P.labels_file, "02_labels", c.profile, "step labels")
+    records = artifacts.read_jsonl(labels_file, LABEL_RECORD_COLUMNS)
+    rule_list = select_rules(records, c.rules)
+    train_records, heldout = split_heldout(records, c.heldout_fraction)
+    if not train_records:
+        raise ValueError(
+            f"heldout_fraction={c.heldout_fraction} leaves no training problem ({len(records)} records)"
+        )
+    log_df, audit, runs = train_prm_rules(
+        base, train_records, rule_list, P.prm, retrain=c.retrain, **c.recipe()
+    )
+    return TrainPRMResult(rule_list, train_records, heldout, log_df, audit, runs, str(base))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Held-out evaluation
+# ----------------------------------------------------------------------------------------------------
+
+
+def heldout_step_scores(
+    model: ProcessRewardModel, records: Sequence[dict[str, Any]], rule: str, batch_size: int = 32
+) -> pd.DataFrame:
+    """One row per held-out step: rule, problem_id, sample_index, step, n_steps, score, label (of ``rule``,
+    NaN when unlabelled), outcome, and the hard label (NaN when the file has none)."""
+    scores = model.score_batch([r["question"] for r in records], [r["steps"] for r in records], batch_size)
+    rows = []
+    for rec, ss in zip(records, scores, strict=True):
+        own = rec["labels"].get(rule) or [None] * len(ss)
+        hard = rec["labels"].get("hard") or [None] * len(ss)
+        for i, s in enumerate(ss):
+            rows.append(
+                {
+                    "rule": rule,
+                    "problem_id": rec["problem_id"],
+                    "sample_index": rec.get("sample_index", 0),
+                    "step": i,
+                    "n_steps": len(ss),
+                    "score": s,
+                    "label": np.nan if own[i] is None else float(own[i]),
+                    "hard_label": np.nan if hard[i] is None else float(hard[i]),
+                    "outcome": int(rec["outcome"]),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _solution_frame(scores: pd.DataFrame) -> pd.DataFrame:
+    """Per solution: last-step score, min score, relative position of the min, first dead step."""
+    rows = []
+    for (rule, pid, si), g in scores.groupby(["rule", "problem_id", "sample_index"], sort=False):
+        g = g.sort_values("step")
+        s = g["score"].to_numpy()
+        ok = ~np.isnan(s)
+        if not ok.any():
+            continue
+        argmin = int(np.nanargmin(s))
+        dead = np.flatnonzero(g["hard_label"].to_numpy() == 0.0)
+        rows.append(
+            {
+                "rule": rule,
+                "problem_id": pid,
+                "sample_index": si,
+                "outcome": int(g["outcome"].iloc[0]),
+                "n_steps": len(s),
+                "last": float(s[ok][-1]),
+                "min": float(np.nanmin(s)),
+                "argmin": argmin,
+                "rel_argmin": argmin / (len(s) - 1) if len(s) > 1 else np.nan,
+                "first_dead": int(dead[0]) if dead.size else -1,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _min_position_rows(rule: str, sr: pd.DataFrame, edges: np.ndarray, position_bins: int) -> list[dict]:
+    """Histogram rows of the relative position of the min step score, per outcome (solutions of >= 2 steps)."""
+    rows = []
+    multi = sr[sr["n_steps"] > 1]
+    for outcome in (0, 1):
+        rel = multi[multi["outcome"] == outcome]["rel_argmin"].to_numpy()
+        idx = np.clip(np.searchsorted(edges, rel, side="right") - 1, 0, position_bins - 1)
+        count = np.bincount(idx, minlength=position_bins)
+        for b in range(position_bins):
+            rows.append(
+                {
+                    "rule": rule,
+                    "outcome": outcome,
+                    "bin": b,
+                    "bin_low": edges[b],
+                    "bin_high": edges[b + 1],
+                    "count": int(count[b]),
+                    "fraction": float(count[b] / count.sum()) if count.sum() else np.nan,
+                }
+            )
+    return rows
+
+
+def heldout_metrics(scores: pd.DataFrame, n_bins: int = 10, position_bins: int = 5) -> dict[str, Any]:
+    """Tables of the held-out evaluation from :func:`heldout_step_scores` rows (several rules allowed).
+
+    Returns ``{"metrics", "calibration", "min_position"}``:
+    metrics (rule, metric, value, n): ``brier`` and ``ece`` of step scores against the rule's own labels,
+    ``auroc_last`` / ``auroc_min`` (last-step / min score against the outcome), ``mean_score``,
+    ``argmin_at_first_dead_step`` (incorrect solutions: the min falls on the first step whose hard label
+    is 0, i.e. the first step after which no completion reached the answer);
+    calibration (rule, bin, bin_low, bin_high, mean_pred, mean_target, count);
+    min_position (rule, outcome, bin, bin_low, bin_high, count, fraction): where in the solution
+    (relative position 0 = first step, 1 = last) the minimum step score falls, solutions of >= 2 steps.
+    """
+    metric_rows, calib, positions = [], [], []
+    sols = _solution_frame(scores)
+    edges = np.linspace(0.0, 1.0, position_bins + 1)
+    for rule in scores["rule"].unique():
+        g = scores[(scores["rule"] == rule) & scores["score"].notna()]
+        lab = g[g["label"].notna()]
+        if len(lab):
+            metric_rows.append((rule, "brier", stats.brier_score(lab["score"], lab["label"]), len(lab)))
+            metric_rows.append(
+                (rule, "ece", stats.expected_calibration_error(lab["score"], lab["label"], n_bins), len(lab))
+            )
+            calib.append(stats.calibration_bins(lab["score"], lab["label"], n_bins).assign(rule=rule))
+        metric_rows.append((rule, "mean_score", float(g["score"].mean()), len(g)))
+        sr = sols[sols["rule"] == rule]
+        if len(sr):
+            metric_rows.append((rule, "auroc_last", stats.auroc(sr["last"], sr["outcome"]), len(sr)))
+            metric_rows.append((rule, "auroc_min", stats.auroc(sr["min"], sr["outcome"]), len(sr)))
+            wrong = sr[(sr["outcome"] == 0) & (sr["first_dead"] >= 0)]
+            if len(wrong):
+                hit = float((wrong["argmin"] == wrong["first_dead"]).mean())
+                metric_rows.append((rule, "argmin_at_first_dead_step", hit, len(wrong)))
+        positions += _min_position_rows(rule, sr, edges, position_bins)
+    metrics = pd.DataFrame(metric_rows, columns=["rule", "metric", "value", "n"])
+    calib_cols = ["rule", "bin", "bin_low", "bin_high", "mean_pred", "mean_target", "count"]
+    calibration = (
+        pd.concat(calib, ignore_index=True)[calib_cols] if calib else pd.DataFrame(columns=calib_cols)
+    )
+    return {"metrics": metrics, "calibration": calibration, "min_position": pd.DataFrame(positions)}
+
+
+def evaluate_prm_rules(
+    prm_folders: dict[str, Any],
+    records: Sequence[dict[str, Any]],
+    *,
+    scoring: str = "two_token",
+    batch_size: int = 32,
+    device: str = "auto",
+    n_bins: int = 10,
+) -> dict[str, Any]:
+    """Score held-out ``records`` with the PRM of every rule (``{rule: checkpoint folder}``) and compute
+    :func:`heldout_metrics`. Adds ``"scores"`` (every step score) and ``"scoring"`` (forward passes and
+    tokens per rule); the metrics table gets a ``scoring`` column (the mode is part of every result)."""
+    if not records:
+        raise ValueError("no held-out records to evaluate on (raise heldout_fraction or add problems)")
+    frames, usage = [], []
+    for rule, folder in tqdm(list(prm_folders.items()), desc="held-out scoring", unit="PRM"):
+        model = ProcessRewardModel.from_pretrained(folder, scoring=scoring, device=device)
+        frames.append(heldout_step_scores(model, records, rule, batch_size))
+        usage.append(
+            {
+                "rule": rule,
+                "forward_passes": model.forward_passes,
+                "tokens": model.tokens_scored,
+                "unscored_steps": int(model.audit.counts.get("steps_unscored", 0)),
+            }
+        )
+        del model
+    scores = pd.concat(frames, ignore_index=True)
+    out = heldout_metrics(scores, n_bins=n_bins)
+    out["metrics"] = out["metrics"].assign(scoring=scoring)
+    out["scores"] = scores
+    out["scoring"] = pd.DataFrame(usage)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------------------------------
+
+
+def run(config: TrainPRMConfig) -> TrainPRMResult:
+    """Stage 03_train_prm: train one PRM per rule, evaluate them on held-out problems; write the tables and
+    the manifest entry."""
+    c = config
+    P = artifacts.paths(c.profile)
+    if not c.base_model:
+        artifacts.require(P.policy, "00_policy", c.profile, "policy checkpoint (the base of every PRM)")
+    artifacts.require(P.labels_file, "02_labels", c.profile, "step labels")
+    numerics_info = numerics.configure(c.cpu_numerics, c.torch_threads)  # first: before any tensor operation
+    torch_threads = numerics_info["torch_threads"]
+    res = train(c)
+    res.numerics = numerics_info
+    artifacts.write_table(res.log, c.profile, "prm_training")
+    artifacts.write_table(res.audit, c.profile, "prm_audit")
+    ev = evaluate_prm_rules({r: P.prm(r) for r in res.rules}, res.heldout, scoring=c.scoring,
+                            batch_size=c.score_batch_size, device=c.device)  # fmt: skip
+    res.metrics, res.calibration, res.min_position = ev["metrics"], ev["calibration"], ev["min_position"]
+    res.scores, res.scoring = ev["scores"], ev["scoring"]
+    artifacts.write_table(res.metrics, c.profile, "prm_eval")
+    artifacts.write_table(res.calibration, c.profile, "prm_calibration")
+    artifacts.write_table(res.min_position, c.profile, "prm_min_position")
+    record(
+        c.profile, STAGE, c, rules=res.rules, base_model=res.base_model, torch_threads=torch_threads,
+        numerics=numerics_info, n_train_records=len(res.train), n_heldout_records=len(res.heldout),
+        train_tokens=int(res.runs["train_tokens"].sum()), scored_tokens=int(res.scoring["tokens"].sum()),
+        scoring_forward_passes=int(res.scoring["forward_passes"].sum()),
+    )  # fmt: skip
+    return res

@@ -1,0 +1,236 @@
+"""Uncertainty and calibration statistics (pure numpy/scipy/pandas), all on fractions in [0, 1].
+
+Uncertainty is over problems: :func:`bootstrap_ci` (scipy.stats.bootstrap) on per-problem values, and
+:func:`paired_bootstrap_diff` for two methods on the same problems (bootstrap CI of the mean paired difference
+and a two-sided sign-flip permutation p-value). Plain accuracies (greedy decoding) use the Wilson interval
+(:func:`accuracy_ci`). Step scores against their labels: :func:`brier_score`, :func:`calibration_bins`,
+:func:`expected_calibration_error` and :func:`auroc`.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+log = logging.getLogger(__name__)
+
+SeedLike = int | np.random.Generator | None
+
+
+def base_seed(rng: SeedLike) -> int:
+    """An integer seed from ``rng``: None -> 0, a Generator -> one draw from it, else a non-negative int."""
+    if rng is None:
+        return 0
+    if isinstance(rng, np.random.Generator):
+        return int(rng.integers(0, 2**63 - 1))
+    if isinstance(rng, bool) or int(rng) != rng or rng < 0:
+        raise ValueError(f"seed must be a non-negative integer or a numpy Generator, got {rng!r}")
+    return int(rng)
+
+
+def bootstrap_ci(
+    per_problem_values: Any,
+    n_boot: int = 2000,
+    confidence: float = 0.95,
+    seed: SeedLike = 0,
+    method: str = "BCa",
+) -> tuple[float, float, float]:
+    """(mean, low, high): bootstrap CI of the mean over problems (scipy.stats.bootstrap).
+
+    ``method`` is "BCa" (default), "percentile" or "basic". Constant data (including a single value) returns
+    the constant as both ends; if BCa yields NaN (near-degenerate data) the percentile interval is used and a
+    warning logged. Empty or non-finite input is an error. The same seed and length resample the same
+    problem indices, so intervals of different methods on one pool are paired.
+    """
+    x = np.asarray(per_problem_values, dtype=float).ravel()
+    if x.size == 0:
+        raise ValueError("bootstrap_ci: no values")
+    if not np.isfinite(x).all():
+        raise ValueError("bootstrap_ci: values contain NaN/inf")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    mean = float(x.mean())
+    if np.ptp(x) == 0:
+        return mean, mean, mean
+    seed_int = base_seed(seed)
+
+    def run(how: str) -> tuple[float, float]:
+        res = stats.bootstrap(
+            (x,),
+            np.mean,
+            n_resamples=n_boot,
+            confidence_level=confidence,
+            method=how,
+            vectorized=True,
+            rng=np.random.default_rng(seed_int),
+        )
+        return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        low, high = run(method)
+        if not (np.isfinite(low) and np.isfinite(high)) and method.lower() != "percentile":
+            log.warning("bootstrap_ci: %s interval undefined for these data; using percentile", method)
+            low, high = run("percentile")
+    return mean, low, high
+
+
+@dataclass(frozen=True)
+class PairedDiff:
+    """Result of :func:`paired_bootstrap_diff`: mean of a, of b, of a - b, its CI, p-value and win counts."""
+
+    mean_a: float
+    mean_b: float
+    diff: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    n_problems: int
+    n_a_better: int
+    n_b_better: int
+
+
+def paired_bootstrap_diff(
+    a: Any,
+    b: Any,
+    n_boot: int = 2000,
+    confidence: float = 0.95,
+    seed: SeedLike = 0,
+    n_permutations: int = 9999,
+) -> PairedDiff:
+    """Paired comparison of two methods on identical pools, from their per-problem values.
+
+    diff = mean(a - b); its CI is :func:`bootstrap_ci` of the per-problem differences. The two-sided p-value
+    is a sign-flip permutation test of mean(a - b) = 0 (scipy.stats.permutation_test with one sample:
+    the null is that each problem's difference is symmetric around 0; exact when 2^P <= n_permutations).
+    All-zero differences give p = 1 and a (0, 0) interval.
+    """
+    a = np.asarray(a, dtype=float).ravel()
+    b = np.asarray(b, dtype=float).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"paired_bootstrap_diff: a has {a.size} problems, b has {b.size}")
+    d = a - b
+    _, low, high = bootstrap_ci(d, n_boot=n_boot, confidence=confidence, seed=seed)
+    if np.all(d == 0):
+        p_value = 1.0
+    else:
+        res = stats.permutation_test(
+            (d,),
+            np.mean,
+            permutation_type="samples",
+            vectorized=True,
+            n_resamples=n_permutations,
+            alternative="two-sided",
+            rng=np.random.default_rng(base_seed(seed)),
+        )
+        p_value = float(res.pvalue)
+    return PairedDiff(
+        mean_a=float(a.mean()),
+        mean_b=float(b.mean()),
+        diff=float(d.mean()),
+        ci_low=low,
+        ci_high=high,
+        p_value=p_value,
+        n_problems=int(d.size),
+        n_a_better=int((d > 0).sum()),
+        n_b_better=int((d < 0).sum()),
+    )
+
+
+def accuracy_ci(correct_vector: Any, confidence: float = 0.95) -> tuple[float, float, float]:
+    """(accuracy, low, high) of a 0/1 vector with the Wilson score interval (scipy.stats.binomtest)."""
+    x = np.asarray(correct_vector, dtype=float).ravel()
+    if x.size == 0:
+        raise ValueError("accuracy_ci: no values")
+    if not np.isin(x, (0.0, 1.0)).all():
+        raise ValueError("accuracy_ci: values must be 0/1 (or bool)")
+    k, n = int(x.sum()), int(x.size)
+    ci = stats.binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return k / n, float(ci.low), float(ci.high)
+
+
+def _pred_target(pred: Any, target: Any) -> tuple[np.ndarray, np.ndarray]:
+    p = np.asarray(pred, dtype=float).ravel()
+    t = np.asarray(target, dtype=float).ravel()
+    if p.shape != t.shape:
+        raise ValueError(f"pred has {p.size} values, target has {t.size}")
+    if p.size == 0:
+        raise ValueError("no values")
+    if not (np.isfinite(p).all() and np.isfinite(t).all()):
+        raise ValueError("pred/target contain NaN/inf (filter missing labels, e.g. ORM's None, first)")
+    if p.min() < 0 or p.max() > 1 or t.min() < 0 or t.max() > 1:
+        raise ValueError("pred and target must lie in [0, 1]")
+    return p, t
+
+
+def brier_score(pred: Any, target: Any) -> float:
+    """Mean squared error between predicted probabilities and (soft or 0/1) targets in [0, 1]."""
+    p, t = _pred_target(pred, target)
+    return float(np.mean((p - t) ** 2))
+
+
+def calibration_bins(pred: Any, target: Any, n_bins: int = 10) -> pd.DataFrame:
+    """Reliability table: equal-width bins of ``pred`` on [0, 1] (last bin closed).
+
+    Columns: bin, bin_low, bin_high, mean_pred, mean_target, count. All n_bins rows are returned; empty bins
+    have count 0 and NaN means. Counts sum to the number of values.
+    """
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    p, t = _pred_target(pred, target)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins)
+    sum_p = np.bincount(idx, weights=p, minlength=n_bins)
+    sum_t = np.bincount(idx, weights=t, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_p = np.where(count > 0, sum_p / np.maximum(count, 1), np.nan)
+        mean_t = np.where(count > 0, sum_t / np.maximum(count, 1), np.nan)
+    return pd.DataFrame(
+        {
+            "bin": np.arange(n_bins),
+            "bin_low": edges[:-1],
+            "bin_high": edges[1:],
+            "mean_pred": mean_p,
+            "mean_target": mean_t,
+            "count": count.astype(np.int64),
+        }
+    )
+
+
+def expected_calibration_error(pred: Any, target: Any, n_bins: int = 10) -> float:
+    """ECE: count-weighted mean |mean_pred - mean_target| over the :func:`calibration_bins` bins."""
+    bins = calibration_bins(pred, target, n_bins)
+    full = bins[bins["count"] > 0]
+    return float(
+        (full["count"] * (full["mean_pred"] - full["mean_target"]).abs()).sum() / full["count"].sum()
+    )
+
+
+def auroc(scores: Any, labels: Any) -> float:
+    """Area under the ROC curve of ``scores`` for binary ``labels`` (Mann-Whitney U with average ranks).
+
+    Ties count one half. Returns NaN (and logs a warning) when only one class is present; labels that are
+    not 0/1 (e.g. soft labels: threshold them explicitly first) or NaN scores are a ValueError.
+    """
+    s = np.asarray(scores, dtype=float).ravel()
+    y = np.asarray(labels, dtype=float).ravel()
+    if s.shape != y.shape:
+        raise ValueError(f"scores has {s.size} values, labels has {y.size}")
+    if not np.isfinite(s).all():
+        raise ValueError("auroc: scores contain NaN/inf")
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError("auroc: labels must be 0/1 (threshold soft labels explicitly)")
+    n_pos = int(y.sum())
+    n_neg = int(y.size - n_pos)
+    if n_pos == 0 or n_neg == 0:
+        log.warning("auroc undefined: only one class among %d labels", y.size)
+        return float("nan")
+    ranks = stats.rankdata(s)
+    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

@@ -1,0 +1,109 @@
+"""The `erprm` command: its entry point, `score` on a tiny PRM, and `train-prm` reading the profile config."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from erprm_core import prm
+from erprm_core.running import artifacts, cli, config
+from erprm_core.stages import train_prm
+
+WORDS = "Tom has 3 apples . He buys 2 more 3 + 2 = 5 The answer is : 5 Ann 4 pens gives 1 away 4 - 1".split()
+
+SOLUTIONS = [
+    ("Tom has 3 apples .", ["He buys 2 more .", "3 + 2 = 5", "The answer is : 5"]),
+    ("Ann has 4 pens .", ["Ann gives 1 away .", "4 - 1 = 3", "The answer is : 3"]),
+]
+
+
+@pytest.fixture(scope="module")
+def prm_folder(tmp_path_factory):
+    """A tiny random-weight Llama PRM in the Math-Shepherd format (" ки" tag, "+" / "-" tokens)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"])}
+    for w in sorted(set(WORDS) | {"+", "-"}):
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    fast.add_tokens(["ки"])
+    model_config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        pad_token_id=fast.pad_token_id,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_prm")
+    LlamaForCausalLM(model_config).eval().save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def test_entry_point_is_the_cli_module():
+    pyproject = (artifacts.repo_root() / "pyproject.toml").read_text()
+    assert '\nerprm = "erprm_core.running.cli:main"\n' in pyproject
+
+
+def test_python_dash_m_runs_the_cli():
+    proc = subprocess.run(
+        [sys.executable, "-m", "erprm_core.running.cli", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=artifacts.repo_root(),
+        env={**os.environ, "PYTHONPATH": str(artifacts.repo_root())},
+    )
+    assert proc.returncode == 0, proc.stderr
+    for command in ("reproduce", "figures", "compare", "golden", "bench", "train-prm", "score"):
+        assert command in proc.stdout
+
+
+def test_score_writes_step_scores_and_the_prm_info(prm_folder, tmp_path):
+    artifacts.atomic_write_jsonl(tmp_path / "in.jsonl", [{"question": q, "steps": s} for q, s in SOLUTIONS])
+    argv = ["score", "--model", str(prm_folder), "--input", str(tmp_path / "in.jsonl")]
+    assert cli.main([*argv, "--output", str(tmp_path / "out.jsonl"), "--device", "cpu"]) == 0
+    out = artifacts.read_jsonl(tmp_path / "out.jsonl")
+    model = prm.ProcessRewardModel.from_pretrained(prm_folder, device="cpu")
+    for rec, (q, s) in zip(out, SOLUTIONS, strict=True):
+        np.testing.assert_allclose(rec["step_scores"], model.score(q, s), atol=1e-6)
+        assert rec["prm_info"]["scoring"] == "two_token" and rec["prm_info"]["good_token"] == "+"
+
+
+def test_score_names_a_record_without_steps(prm_folder, tmp_path):
+    artifacts.atomic_write_jsonl(tmp_path / "in.jsonl", [{"question": "Tom has 3 apples ."}])
+    argv = ["score", "--model", str(prm_folder), "--input", str(tmp_path / "in.jsonl")]
+    assert cli.main([*argv, "--output", str(tmp_path / "out.jsonl"), "--device", "cpu"]) == 2
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_train_prm_uses_the_profile_config_and_the_overrides(monkeypatch):
+    seen = []
+    monkeypatch.setattr(train_prm, "train", seen.append)
+    assert cli.main(["train-prm", "--profile", "smoke", "-p", "rules=soft", "-p", "lr=0.002"]) == 0
+    (stage_config,) = seen
+    assert isinstance(stage_config, train_prm.TrainPRMConfig)
+    smoke = config.load_config(artifacts.configs_root() / "smoke" / "03_train_prm.yaml")
+    assert stage_config.profile == "smoke" and stage_config.rules == "soft" and stage_config.lr == 0.002
+    assert stage_config.heldout_fraction == smoke["heldout_fraction"]  # the notebook's held-out split
+
+
+def test_train_prm_refuses_an_unknown_parameter(monkeypatch):
+    monkeypatch.setattr(train_prm, "train", lambda c: pytest.fail("must not train"))
+    assert cli.main(["train-prm", "--profile", "smoke", "-p", "no_such_knob=1"]) == 2
+    assert cli.main(["train-prm", "--profile", "no-such-profile"]) == 2
