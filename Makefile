@@ -8,10 +8,10 @@ STAMP       := $(VENV)/.erprm-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup test smoke reproduce figures bench golden lint lab clean
+.PHONY: help setup test test-fast smoke reproduce figures bench golden lint lab clean
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 setup: $(STAMP)  ## create .venv (if missing) and install torch==$(TORCH_SPEC) + this package with dev extras
 
@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml
 
 test: setup  ## run the whole test suite (unit, property, smoke pipeline, nbval)
 	$(PY) -m pytest
+
+test-fast: setup  ## unit and property tests only (no `slow` test, no pipeline, no kernel): under a minute
+	$(PY) -m pytest -m "not slow and not kernel"
 
 smoke: setup  ## run the smoke profile end to end (about 2 minutes)
 	$(VENV)/bin/erprm reproduce --profile smoke

@@ -601,23 +601,23 @@ def _default_max_length(model: Any, tokenizer: Any) -> int | None:
 def aggregate(step_scores: Sequence[float], how: str = "min") -> float:
     """Solution score from step scores: "min" (the paper's), "prod", "last" or "mean".
 
-    NaN step scores (steps whose tag was lost) are ignored; an empty list, or one with no finite score,
-    is a ValueError.
+    NaN step scores (lost tags) are ignored, except that "last" with a NaN final score is NaN (never an
+    earlier step's). An empty list, or one with no finite score, is a ValueError.
     """
     if how not in AGGREGATIONS:
         raise ValueError(f"aggregation {how!r} unknown; choose one of {AGGREGATIONS}")
     arr = np.asarray(list(step_scores), dtype=float)
     if arr.size == 0:
         raise ValueError("aggregate: no step scores (a solution needs at least one step)")
-    arr = arr[~np.isnan(arr)]
-    if arr.size == 0:
+    if np.isnan(arr).all():
         raise ValueError("aggregate: every step score is NaN (no step tag was located)")
+    if how == "last":
+        return float(arr[-1])
+    arr = arr[~np.isnan(arr)]
     if how == "min":
         return float(arr.min())
     if how == "prod":
         return float(np.prod(arr))
-    if how == "last":
-        return float(arr[-1])
     return float(arr.mean())
 
 

@@ -2,9 +2,10 @@
 
 Policy SFT (:func:`train_policy_sft`) fine-tunes any causal LM on (prompt, solution) pairs with the loss on
 the solution tokens only (prompt tokens get label -100), EOS appended, right padding. The same function
-trains the tiny from-scratch policy on a CPU and a 7B model under ``accelerate launch`` (bf16 follows the
-model's dtype; gradient checkpointing optional). PRM training (:func:`train_prm`) trains one PRM on one label
-rule with :func:`erprm_core.prm.soft_label_prm_loss` at the step tags.
+trains the tiny from-scratch policy on a CPU and a 7B model under ``accelerate launch`` (gradient
+checkpointing optional). PRM training (:func:`train_prm`) trains one PRM on one label rule with
+:func:`erprm_core.prm.soft_label_prm_loss` at the step tags. Both train a bf16/fp16 model through float32
+master weights (:func:`float32_master`) under bf16 autocast: AdamW steps on bf16 weights are lost to rounding.
 """
 
 from __future__ import annotations
@@ -125,24 +126,14 @@ def _common_training_kwargs(
 ) -> dict[str, Any]:  # fmt: skip
     """TrainingArguments shared by policy SFT and PRM training: one recipe, no eval, one save at the end."""
     return dict(
-        num_train_epochs=epochs,
-        max_steps=max_steps,
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=grad_accum,
-        learning_rate=lr,
-        lr_scheduler_type=lr_scheduler,
+        num_train_epochs=epochs, max_steps=max_steps, per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum, learning_rate=lr, lr_scheduler_type=lr_scheduler,
         warmup_steps=warmup_ratio,  # a float < 1 is a ratio of the total steps in transformers 5
-        weight_decay=weight_decay,
-        max_grad_norm=max_grad_norm,
-        logging_strategy="steps",
-        logging_steps=logging_steps,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        seed=seed,
-        data_seed=seed,
-        bf16=bool(bf16),
-    )
+        weight_decay=weight_decay, max_grad_norm=max_grad_norm, logging_strategy="steps",
+        logging_steps=logging_steps, eval_strategy="no", save_strategy="no", report_to="none", seed=seed,
+        data_seed=seed, bf16=bool(bf16),
+        **({"use_cpu": True} if bf16 and not torch.cuda.is_available() else {}),  # bf16 autocast on a CPU
+    )  # fmt: skip
 
 
 LOSS_LOG_COLUMNS = ["step", "epoch", "loss", "learning_rate", "grad_norm"]
@@ -164,6 +155,32 @@ def _train_and_log(trainer: Any, model: Any) -> tuple[Any, float, pd.DataFrame]:
 
 def _model_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
+
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _resolve_bf16(model: Any, bf16: bool | None, default: bool) -> bool:
+    """``bf16``, else ``default``, else True for a half-precision model where bf16 runs (bf16 GPU or CPU)."""
+    half = _model_dtype(model) in _HALF and (_bf16_available() or not torch.cuda.is_available())
+    return bool(default or half) if bf16 is None else bool(bf16)
+
+
+def float32_master(model: Any, args: Any) -> bool:
+    """Give a bf16/fp16 ``model`` float32 master weights for training: upcast in place (exact), so the
+    optimizer updates float32 weights (three AdamW steps at lr 5e-7 change ~1% of bf16 weights and ~all
+    float32 ones); the forward pass still runs in bf16 under ``args.bf16``. Skipped under DeepSpeed, which
+    keeps its own float32 copies. The trained model stays float32 (and is saved so). True when upcast."""
+    if _model_dtype(model) not in _HALF or getattr(args, "deepspeed_plugin", None) is not None:
+        return False
+    model.float()
+    return True
+
+
+def _release(trainer: Any) -> None:
+    """Free optimizer states and a DeepSpeed engine on a GPU: one process trains several models in turn."""
+    if torch.cuda.is_available():
+        trainer.accelerator.free_memory()
 
 
 def train_policy_sft(
@@ -197,7 +214,8 @@ def train_policy_sft(
     ``examples``: ``(prompt, solution)`` pairs, or records with ``question`` and ``solution`` (or
     ``steps``), prompted with :func:`erprm_core.steps.policy_prompt` (``prompt_template``). EOS is appended,
     batches are right-padded. ``max_steps > 0`` overrides ``epochs``. ``bf16=None`` follows the model's
-    dtype (bf16 weights -> bf16 mixed precision). Runs unchanged under ``accelerate launch`` (the Trainer
+    dtype (bf16 weights -> bf16 mixed precision over float32 master weights, :func:`float32_master`: the
+    model is float32 afterwards). Runs unchanged under ``accelerate launch`` (the Trainer
     handles devices and DDP/DeepSpeed; ``extra_args`` go to ``TrainingArguments``, e.g. ``deepspeed``).
     No evaluation or checkpoints during training; with ``save`` the model and tokenizer are written once
     to ``output_dir`` at the end (``save_pretrained``).
@@ -209,8 +227,7 @@ def train_policy_sft(
     from transformers import Trainer
 
     data, n_truncated, n_tokens = _sft_dataset(tokenizer, examples, prompt_template, max_length)
-    if bf16 is None:
-        bf16 = _model_dtype(model) == torch.bfloat16 and torch.cuda.is_available()
+    bf16 = _resolve_bf16(model, bf16, _model_dtype(model) == torch.bfloat16 and torch.cuda.is_available())
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the EOS token)")
 
@@ -224,6 +241,7 @@ def train_policy_sft(
     if group_by_length:
         for d in data:
             d["length"] = len(d["input_ids"])  # read by the length-grouped sampler
+    float32_master(model, args)
     trainer = Trainer(
         model=model,
         args=args,
@@ -235,6 +253,7 @@ def train_policy_sft(
     if save:
         trainer.save_model(str(output_dir))
         tokenizer.save_pretrained(str(output_dir))
+    _release(trainer)
     epochs_done = out.metrics.get("epoch", epochs) or 0.0
     df.attrs.update(
         max_example_tokens=max(len(d["input_ids"]) for d in data),
@@ -264,13 +283,9 @@ def _sft_dataset(
 
 
 def _sft_training_args(
-    output_dir: str | Path,
-    common: dict[str, Any],
-    gradient_checkpointing: bool,
-    group_by_length: bool,
-    disable_tqdm: bool | None,
-    extra_args: dict[str, Any] | None,
-) -> Any:
+    output_dir: str | Path, common: dict[str, Any], gradient_checkpointing: bool, group_by_length: bool,
+    disable_tqdm: bool | None, extra_args: dict[str, Any] | None,
+) -> Any:  # fmt: skip
     """The TrainingArguments of policy SFT: ``common`` (:func:`_common_training_kwargs`) plus SFT's own."""
     from transformers import TrainingArguments
 
@@ -402,7 +417,8 @@ def train_prm(
     optimizer keeps full-precision weights; the Trainer places it) or a model instance (then ``tokenizer``
     is required; it is trained in place). ``records``: labelled rollouts (``question``, ``steps``,
     ``labels[rule]``), encoded by :func:`erprm_core.prm.prm_training_features`. No evaluation, no
-    intermediate checkpoints; ``bf16=None`` means bf16 mixed precision on a bf16-capable GPU. Works under
+    intermediate checkpoints; ``bf16=None`` means bf16 mixed precision on a bf16-capable GPU (and for a bf16
+    ``dtype``, over float32 master weights: :func:`float32_master`). Works under
     ``accelerate launch`` (DDP or DeepSpeed ZeRO-2, see configs/accelerate/). With ``save``, the model,
     tokenizer, log, audit and ``erprm_prm.json`` (written last) go to ``<output_dir>.partial``, renamed to
     ``output_dir`` once complete: an existing ``output_dir`` is always a finished PRM.
@@ -421,8 +437,7 @@ def train_prm(
         raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
     n_tokens = sum(len(f["input_ids"]) for f in features)
     n_tags = sum(len(f["positions"]) for f in features)
-    if bf16 is None:
-        bf16 = _bf16_available()
+    bf16 = _resolve_bf16(model, bf16, _bf16_available())
     output_dir = Path(output_dir)
     work_dir = output_dir.with_name(output_dir.name + ".partial")  # renamed to output_dir once complete
     recipe = {
@@ -433,6 +448,7 @@ def train_prm(
     args = _prm_training_args(
         work_dir, recipe, bf16, max_grad_norm, logging_steps, gradient_checkpointing, disable_tqdm, extra_args
     )
+    float32_master(model, args)
     trainer = _prm_trainer(model, tokenizer, args, features, pad_id, ids)
     out, runtime, df = _train_and_log(trainer, model)
     epochs_done = out.metrics.get("epoch", epochs) or 0.0
@@ -440,6 +456,7 @@ def train_prm(
     info = _prm_info(rule, base_model, ids, recipe, len(features), n_tags, train_tokens, out, audit)
     if save:
         _save_prm(trainer, tokenizer, work_dir, output_dir, df, audit_df, info)
+    _release(trainer)
     df.attrs.update(
         audit=audit_df.to_dict("records"),
         tokens=ids.as_dict(),
@@ -467,13 +484,9 @@ def _load_base(base_model: Any, tokenizer: Any, dtype: str) -> tuple[Any, Any]:
 
 
 def _prm_features(
-    model: Any,
-    tokenizer: Any,
-    records: Sequence[dict[str, Any]],
-    rule: str,
-    max_length: int | None,
+    model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], rule: str, max_length: int | None,
     ids: prm.PRMTokenIds,
-) -> tuple[list[dict[str, Any]], io.Audit, pd.DataFrame, int | None]:
+) -> tuple[list[dict[str, Any]], io.Audit, pd.DataFrame, int | None]:  # fmt: skip
     """The training features of ``rule`` (``max_length`` capped at the model's position limit), their audit
     (also as a frame with a ``rule`` column) and the ``max_length`` used; no trainable sample is an error."""
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -490,15 +503,9 @@ def _prm_features(
 
 
 def _prm_training_args(
-    work_dir: Path,
-    recipe: dict[str, Any],
-    bf16: bool,
-    max_grad_norm: float,
-    logging_steps: int,
-    gradient_checkpointing: bool,
-    disable_tqdm: bool | None,
-    extra_args: dict[str, Any] | None,
-) -> Any:
+    work_dir: Path, recipe: dict[str, Any], bf16: bool, max_grad_norm: float, logging_steps: int,
+    gradient_checkpointing: bool, disable_tqdm: bool | None, extra_args: dict[str, Any] | None,
+) -> Any:  # fmt: skip
     """The TrainingArguments of PRM training from ``recipe`` (the ``recipe`` entry of the info file)."""
     from transformers import TrainingArguments
 
@@ -535,16 +542,9 @@ def _prm_trainer(
 
 
 def _prm_info(
-    rule: str,
-    base_model: Any,
-    ids: prm.PRMTokenIds,
-    recipe: dict[str, Any],
-    n_examples: int,
-    n_tags: int,
-    train_tokens: int,
-    out: Any,
-    audit: io.Audit,
-) -> dict[str, Any]:
+    rule: str, base_model: Any, ids: prm.PRMTokenIds, recipe: dict[str, Any], n_examples: int, n_tags: int,
+    train_tokens: int, out: Any, audit: io.Audit,
+) -> dict[str, Any]:  # fmt: skip
     """The content of a PRM's info file (:data:`PRM_INFO_FILE`); ``out`` is the Trainer's train output."""
     return {
         "rule": rule,
@@ -560,14 +560,9 @@ def _prm_info(
 
 
 def _save_prm(
-    trainer: Any,
-    tokenizer: Any,
-    work_dir: Path,
-    output_dir: Path,
-    df: pd.DataFrame,
-    audit_df: pd.DataFrame,
+    trainer: Any, tokenizer: Any, work_dir: Path, output_dir: Path, df: pd.DataFrame, audit_df: pd.DataFrame,
     info: dict[str, Any],
-) -> None:
+) -> None:  # fmt: skip
     """Save the PRM, its tokenizer, log, audit and info file (last) into ``work_dir``, then move it to
     ``output_dir`` (main process only; every process waits for it)."""
     if trainer.is_world_process_zero() and work_dir.exists():

@@ -110,12 +110,27 @@ style.save_figure(figures.figure_policy_training(res.policy.log), P.figures, "po
 # problem with the unbiased estimator $1 - \binom{n-c}{k} / \binom{n}{k}$ ($c$ correct of $n$) and a
 # bootstrap 95% interval over problems. The gap between greedy and pass@$k$ is what reranking can recover.
 
-# %%
+# %% tags=["nbval-check-output"]
 res.evaluation.table
 
 # %%
 style.save_figure(figures.figure_policy_accuracy(res.evaluation.table, res.evaluation.by_steps), P.figures,
                   "policy_accuracy")  # fmt: skip
+
+# %% [markdown]
+# ## What the greedy solutions get wrong
+# Task `arith` only: every question determines its reference solution line by line, so each greedy solution
+# has a ground truth (`erprm_core.tasks.arith_truth`): the first wrong step and its kind. `arithmetic_slip`:
+# the right event and inputs, a wrong result; `wrong_operand_or_event`: a wrong number, operation or
+# restated event; `skipped_or_repeated_event`: another event than the one due (or the answer too early);
+# `bad_final_line`: a wrong or malformed answer line; `truncation`: stopped early; `none`: all right.
+# Table `policy_errors`; other tasks have no step-level ground truth and skip it.
+
+# %%
+if res.errors is not None:
+    display(res.errors)  # noqa: F821
+else:
+    print(f"task {task!r}: no step-level ground truth, so no error-type table (arith only)")
 
 # %% [markdown]
 # ## A few sampled solutions

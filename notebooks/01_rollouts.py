@@ -37,7 +37,7 @@ import pandas as pd
 
 from erprm_core.report import figures, style
 from erprm_core.running import artifacts
-from erprm_core.stages import rollouts
+from erprm_core.stages import policy, rollouts
 
 # %% tags=["parameters"]
 profile: str = "smoke"  # results/<profile> and runs/<profile> folders to use
@@ -79,7 +79,7 @@ res.summary
 # cut at `max_new_tokens`, one-step solutions (no prefix to complete, only the outcome labels them) are
 # counted here.
 
-# %%
+# %% tags=["nbval-check-output"]
 res.audit.to_frame()
 
 # %% [markdown]
@@ -89,6 +89,18 @@ res.audit.to_frame()
 pd.DataFrame(res.records[:4])[
     ["problem_id", "sample_index", "steps", "pred", "outcome", "completion_rewards"]
 ]
+
+# %% [markdown]
+# ## Where the rollout solutions first go wrong
+# Task `arith` only: every rollout record also carries its ground truth, `first_error` (0-based index of the
+# first wrong step, -1 when all are right) and `error_type` (see 00_policy), which 02_labels passes on to
+# measure the labels against. Share of the solutions by error type; other tasks have no step-level truth.
+
+# %%
+if res.records and "error_type" in res.records[0]:
+    display(policy.error_type_table([r["error_type"] for r in res.records]))  # noqa: F821
+else:
+    print("no step-level ground truth for this task (arith only)")
 
 # %% [markdown]
 # ## How often a prefix still reaches the answer

@@ -49,7 +49,7 @@ res.rules
 # ## Labels for every rule
 # Solutions without any step cannot be labelled; they would be counted here (nothing is dropped silently).
 
-# %%
+# %% tags=["nbval-check-output"]
 res.audit.to_frame()
 
 # %% [markdown]
@@ -78,6 +78,29 @@ style.save_figure(
 style.save_figure(
     figures.figure_label_distribution(res.distribution, res.rules), P.figures, "label_distribution"
 )
+
+# %% [markdown]
+# ## The labels against the ground truth
+# Task `arith` only: each solution's first wrong step is known (`first_error`, from 01_rollouts). A useful
+# label is high on the steps before it and low from it on. `auroc_vs_truth` is the AUROC of each rule's
+# step labels for "step before the first error" (positive) against "at or after it", over all labelled steps
+# and by the number of steps that follow the labelled one (0 = the last step, whose label is the outcome
+# under every rule), with 95% bootstrap intervals over problems (table `label_quality`). Every ER label is a
+# strictly increasing function of $p$, so for finite $\eta$ it ranks steps exactly as the soft label does
+# (equal AUROC up to rounding ties); only the hard label, which merges every $p > 0$, can rank differently.
+# `brier_vs_truth` (mean squared difference between label and truth, lower is closer) also sees how far the
+# labels sit from the truth, which is what $\eta$ moves.
+
+# %%
+if res.quality is not None:
+    overall = res.quality[res.quality["steps_remaining"] == "all"].drop(columns="steps_remaining")
+    display(overall.round(3))  # noqa: F821
+    auroc = res.quality[res.quality["metric"] == "auroc_vs_truth"]
+    by_remaining = auroc.pivot(index="steps_remaining", columns="rule", values="value")
+    display(by_remaining.loc[auroc["steps_remaining"].unique(), res.rules].round(3))  # noqa: F821
+    style.save_figure(figures.figure_label_quality(res.quality), P.figures, "label_quality")
+else:
+    print("no step-level ground truth for this task (arith only): label_quality skipped")
 
 # %% [markdown]
 # ## A worked example

@@ -88,7 +88,7 @@ res.runs.drop(columns=["train_runtime_s", "tokens_per_s"])
 # `truncated_no_label_left`, `tag_count_mismatch` (step tags in the text are not one per step),
 # `label_count_mismatch`, `empty` are skipped. Counts per rule (the ORM has one label per solution).
 
-# %%
+# %% tags=["nbval-check-output"]
 res.audit.pivot_table(index="reason", columns="rule", values="count", fill_value=0)
 
 # %% [markdown]
@@ -107,6 +107,24 @@ style.save_figure(figures.figure_training_curves(res.log, smooth=5), P.figures, 
 # %%
 metrics = res.metrics.pivot_table(index="rule", columns="metric", values="value")
 metrics.loc[labels.method_order(metrics.index)]
+
+# %% [markdown]
+# ## Against the ground truth: first wrong step and ranking within a problem
+# Task `arith` only, on the same held-out problems (which 04 never sees). `first_error_f1`: ProcessBench's
+# metric on this task ("synthetic twin" of ProcessBench): the PRM's prediction is its first step scored below
+# 0.5 (-1 if none), `error_acc` the share of solutions with a wrong step whose first wrong step it names
+# exactly, `correct_acc` the share of all-right solutions it passes, F1 their harmonic mean (bootstrap
+# interval over solutions; Wilson intervals for the accuracies). `within_problem_pairwise`: for pairs of one
+# correct and one wrong solution of the same problem, the share where the rule's headline aggregation (min;
+# the ORM: last) ranks the correct one higher, ties half, averaged over problems with both outcomes
+# (bootstrap interval over problems; 0.5 = chance). Table `prm_truth`; the values are also rows of `prm_eval`.
+
+# %%
+if res.truth is not None:
+    display(res.truth.round(3))  # noqa: F821
+    style.save_figure(figures.figure_first_error(res.truth), P.figures, "prm_first_error")
+else:
+    print("no step-level ground truth for this task (arith only): prm_truth skipped")
 
 # %% [markdown]
 # ## Calibration

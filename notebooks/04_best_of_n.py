@@ -85,7 +85,7 @@ P = artifacts.paths(profile)
 res = best_of_n.run(config)  # names the stage to run when an input is missing; pins the CPU numerics first
 pd.Series({k: v for k, v in res.stats.items() if k != "prms"}, name="value").to_frame()
 
-# %%
+# %% tags=["nbval-check-output"]
 res.audit
 
 # %% [markdown]

@@ -115,7 +115,7 @@ res.table[res.table["metric"].str.endswith("_outcome")].pivot_table(
 # located; some_steps_unscored: scored on the others), prompts left without a candidate, picks decided by a
 # tie-break, picks without a final answer.
 
-# %%
+# %% tags=["nbval-check-output"]
 res.audit
 
 # %% [markdown]

@@ -10,6 +10,14 @@ from erprm_core.stages.policy import write_problem_splits
 from erprm_core.steps import split_steps
 from erprm_core.tasks import arith
 
+# the four operations, exact on integers (a division must leave no remainder)
+OPS = {
+    "+": lambda a, b: a + b,
+    "-": lambda a, b: a - b,
+    "*": lambda a, b: a * b,
+    "/": lambda a, b: a // b if b and a % b == 0 else None,
+}
+
 
 def recompute_answer(solution: str) -> int:
     """Re-check a reference solution: every ``a op b = c`` line must be right and chain into the next line.
@@ -26,7 +34,7 @@ def recompute_answer(solution: str) -> int:
         a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
         if value is not None and a != value:
             raise ValueError(f"line {i}: starts from {a}, previous result was {value}")
-        if arith._apply(a, op, b) != c:
+        if OPS[op](a, b) != c:
             raise ValueError(f"line {i}: {a} {op} {b} != {c}")
         value = c
     m = re.fullmatch(r"The answer is: (\d+)", lines[-1].strip()) if lines else None

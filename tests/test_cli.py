@@ -61,6 +61,7 @@ def test_entry_point_is_the_cli_module():
     assert '\nerprm = "erprm_core.running.cli:main"\n' in pyproject
 
 
+@pytest.mark.slow  # starts fresh Python processes that import torch (outside `make test-fast`)
 def test_python_dash_m_runs_the_cli():
     proc = subprocess.run(
         [sys.executable, "-m", "erprm_core.running.cli", "--help"],

@@ -34,7 +34,7 @@ def test_dry_run_plan_keeps_the_paper_settings_and_overrides_sizes(tmp_path, pro
     assert list(stages) == list(config.stage_notebooks())
     root = tmp_path.resolve() / profile
     p0, p1, p3 = stages["00_policy"], stages["01_rollouts"], stages["03_train_prm"]
-    assert p0["policy_name"] == str(root / "models" / "policy") and p0["source"] == str(root / "data")
+    assert p0["policy_name"] == dryrun.HUB_POLICY and p0["source"] == str(root / "data")
     assert p1["completer_name"] == str(root / "models" / "completer")
     assert p3["base_model"] == str(root / "models" / "prm_base")
     assert {stages[s].get("backend") for s in ("01_rollouts", "04_best_of_n", "05_rlhf_raft")} == {"hf"}

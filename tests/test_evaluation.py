@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats as scipy_stats
 
 from erprm_core import evaluators, stats
 from erprm_core.stages import bon_tables
@@ -190,8 +191,20 @@ def test_same_subsets_make_methods_paired():
     correct = rng.integers(0, 2, size=(10, 12))
     sub = evaluators.draw_subsets(10, 12, 4, 30, seed=3)
     a = evaluators.best_of_n_accuracy(scores, correct, 4, subsets=sub)
-    b = evaluators.best_of_n_accuracy(scores.copy(), correct, 4, subsets=sub)
-    np.testing.assert_array_equal(a, b)
+    # the value on given subsets is the mean over exactly THOSE subsets (brute force), not the exact one
+    brute = [
+        np.mean([correct[i, sub[i, k][np.argmax(scores[i, sub[i, k]])]] for k in range(30)])
+        for i in range(10)
+    ]
+    np.testing.assert_allclose(a, brute, atol=1e-12)
+    assert not np.allclose(a, evaluators.best_of_n_accuracy(scores, correct, 4))
+    # a second method on the same subsets: its per-subset picks come from the same draws (paired)
+    other = rng.random((10, 12))
+    b = evaluators.best_of_n_accuracy(other, correct, 4, subsets=sub)
+    brute_b = [
+        np.mean([correct[i, sub[i, k][np.argmax(other[i, sub[i, k]])]] for k in range(30)]) for i in range(10)
+    ]
+    np.testing.assert_allclose(b, brute_b, atol=1e-12)
     np.testing.assert_array_equal(a, evaluators.best_of_n_accuracy(scores, correct, 4, n_subsets=30, rng=3))
 
 
@@ -231,6 +244,40 @@ def test_bootstrap_covers_known_mean_and_handles_constants():
         stats.bootstrap_ci([0.1, np.nan])
 
 
+HALF = np.array([0.0] * 200 + [1.0] * 200)  # the bootstrap mean is Binomial(400, 1/2) / 400 exactly
+
+
+def binomial_quantiles(confidence: float) -> tuple[float, float]:
+    a = (1 - confidence) / 2
+    return scipy_stats.binom.ppf(a, 400, 0.5) / 400, scipy_stats.binom.isf(a, 400, 0.5) / 400
+
+
+@pytest.mark.parametrize("confidence", [0.5, 0.9, 0.95, 0.99])
+@pytest.mark.parametrize("method", ["percentile", "basic", "BCa"])
+def test_bootstrap_ci_is_the_bootstrap_distributions_quantiles(confidence, method):
+    # exact bootstrap quantiles are binomial ones; 20000 resamples land within one atom (1/400); neighbouring
+    # confidence levels (0.9 vs 0.95: 0.46 vs 0.45) are 4 atoms apart
+    mean, low, high = stats.bootstrap_ci(HALF, n_boot=20000, confidence=confidence, seed=0, method=method)
+    exact_low, exact_high = binomial_quantiles(confidence)
+    assert mean == 0.5
+    assert low == pytest.approx(exact_low, abs=1 / 400 + 1e-9)
+    assert high == pytest.approx(exact_high, abs=1 / 400 + 1e-9)
+
+
+def test_bootstrap_ci_method_is_used():
+    x = np.random.default_rng(0).exponential(size=60) ** 2  # strongly right-skewed
+    m, p_lo, p_hi = stats.bootstrap_ci(x, n_boot=4000, seed=1, method="percentile")
+    _, b_lo, b_hi = stats.bootstrap_ci(x, n_boot=4000, seed=1, method="basic")
+    _, c_lo, c_hi = stats.bootstrap_ci(x, n_boot=4000, seed=1, method="BCa")
+    # basic = the percentile interval reflected about the mean (same resamples: same seed and length)
+    assert (b_lo, b_hi) == pytest.approx((2 * m - p_hi, 2 * m - p_lo), abs=1e-12)
+    # BCa corrects for the right skew: both ends move right of the percentile interval, clearly
+    assert c_lo > p_lo + 0.1 and c_hi > p_hi + 0.3
+    assert b_lo < p_lo - 0.2  # and basic moves left
+    with pytest.raises(ValueError, match="confidence"):
+        stats.bootstrap_ci(x, confidence=1.0)
+
+
 def test_wilson_interval_known_value():
     acc, low, high = stats.accuracy_ci([1] * 50 + [0] * 50)
     assert acc == 0.5
@@ -255,6 +302,35 @@ def test_paired_diff_sign_and_exact_permutation_p():
     assert five.p_value == pytest.approx(2 / 32)
     same = stats.paired_bootstrap_diff(b, b)
     assert (same.diff, same.ci_low, same.ci_high, same.p_value) == (0.0, 0.0, 0.0, 1.0)
+
+
+def sign_flip_p(d) -> float:
+    """Exact two-sided sign-flip p-value by enumerating every sign pattern."""
+    d = np.asarray(d, dtype=float)
+    means = [abs((d * np.array(s)).mean()) for s in itertools.product((1, -1), repeat=len(d))]
+    return float(np.mean(np.array(means) >= abs(d.mean()) - 1e-12))
+
+
+def test_paired_diff_values_hand_computed():
+    a = np.array([1, 1, 0, 1, 1, 0, 1, 0])
+    b = np.array([0, 1, 0, 0, 1, 1, 0, 0])  # d = [1, 0, 0, 1, 0, -1, 1, 0]
+    res = stats.paired_bootstrap_diff(a, b)
+    assert (res.mean_a, res.mean_b, res.diff) == (0.625, 0.375, 0.25)
+    assert (res.n_problems, res.n_a_better, res.n_b_better) == (8, 3, 1)
+    assert res.p_value == pytest.approx(sign_flip_p(a - b), abs=1e-12)
+    assert res.p_value == pytest.approx(0.625, abs=1e-12)  # 2^8 = 256 <= 9999 sign patterns: exact
+
+
+@pytest.mark.parametrize("confidence", [0.9, 0.95, 0.99])
+def test_paired_diff_interval_is_the_bootstrap_quantile_interval(confidence):
+    # differences 0 or 1, half each: the bootstrap mean difference is Binomial(400, 1/2) / 400
+    a = np.array([1.0, 0.0] * 200)
+    b = np.zeros(400)
+    res = stats.paired_bootstrap_diff(a, b, n_boot=20000, confidence=confidence, n_permutations=999)
+    exact_low, exact_high = binomial_quantiles(confidence)
+    assert res.diff == 0.5 and res.n_a_better == 200
+    assert res.ci_low == pytest.approx(exact_low, abs=1 / 400 + 1e-9)
+    assert res.ci_high == pytest.approx(exact_high, abs=1 / 400 + 1e-9)
 
 
 # ----------------------------------------------------------------------------------------- calibration
@@ -366,5 +442,17 @@ def test_paired_comparisons_table():
     assert t.shape[0] == 3
     assert t.loc[0, "diff"] > 0 and t.loc[0, "p_value"] < 0.05
     assert t.loc[1, "diff"] == pytest.approx(-t.loc[0, "diff"])
-    assert t.loc[0, "acc_a"] == pytest.approx(bon_tables.method_accuracy(df, "good", 8).mean())
+    # n = M = 8: best-of-8 picks each problem's top-scored candidate (scores are continuous: no ties)
+    by_problem = df.sort_values("candidate_index").groupby("problem_id", sort=False)
+    top_good = by_problem.apply(
+        lambda g: g["correct"].to_numpy()[g["good"].to_numpy().argmax()], include_groups=False
+    )
+    top_noise = by_problem.apply(
+        lambda g: g["correct"].to_numpy()[g["noise"].to_numpy().argmax()], include_groups=False
+    )
+    assert t.loc[0, "acc_a"] == pytest.approx(top_good.mean(), abs=1e-12)
+    assert t.loc[0, "acc_b"] == pytest.approx(top_noise.mean(), abs=1e-12)
+    assert t.loc[0, "diff"] == pytest.approx(top_good.mean() - top_noise.mean(), abs=1e-12)
+    d = top_good.to_numpy() - top_noise.to_numpy()
+    assert (t.loc[0, "n_a_better"], t.loc[0, "n_b_better"]) == ((d > 0).sum(), (d < 0).sum())
     assert set(t.columns) >= {"method_a", "method_b", "n", "diff", "ci_low", "ci_high", "p_value"}

@@ -371,7 +371,9 @@ def test_math500_answers_do_not_match_other_problems():
     ],
 )
 @pytest.mark.parametrize("task", ["gsm8k", "math"])
-def test_degenerate_long_text_is_fast(text, task):
+def test_degenerate_long_text_does_not_hang(text, task):
+    # A guard against catastrophic (super-linear) regex backtracking, which takes minutes or more on these
+    # inputs; not a speed goal: the bound is loose so that a loaded CI machine (about 1.5 s seen) passes.
     start = time.perf_counter()
     extract_answer(text, task)
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 20.0

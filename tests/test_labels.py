@@ -96,7 +96,11 @@ def test_no_overflow_at_large_eta(eta):
     ys = [0.0] * 15 + [1.0]
     val = er_label(ys, eta)
     assert math.isfinite(val)
-    assert (val == pytest.approx(1.0, abs=1e-3)) if eta > 0 else (val == pytest.approx(0.0, abs=1e-3))
+    # closed form (1/eta) ln((15 + e^eta) / 16), in log space; at eta = 1e4 it is 1 - 2.77e-4, not hard's 1
+    expected = (np.logaddexp(math.log(15.0), eta) - math.log(16.0)) / eta
+    assert val == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    if eta > 0:
+        assert 1.0 - val == pytest.approx(math.log(16.0) / eta, rel=1e-6)  # separates ER from hard (1.0)
 
 
 def test_negative_eta_is_soft_min():

@@ -79,7 +79,13 @@ def test_build_model_deterministic(tok):
     b = build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seed=1)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
     assert a.config.vocab_size == len(tok) and a.config.eos_token_id == tok.eos_token_id
-    assert models.count_parameters(a) < sum(p.numel() for p in a.parameters()) + 1
+    # by hand: tied embedding V*32; per layer q, k, v, o 4*32*32, MLP gate/up/down 3*32*64, two norms 2*32;
+    # final norm 32 (the tied lm_head is counted once)
+    v = len(tok)
+    assert models.count_parameters(a) == v * 32 + 4 * 32 * 32 + 3 * 32 * 64 + 2 * 32 + 32
+    untied = build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                              tie_word_embeddings=False)  # fmt: skip
+    assert models.count_parameters(untied) == 2 * v * 32 + 2 * (4 * 32 * 32 + 3 * 32 * 64 + 2 * 32) + 32
     with pytest.raises(ValueError, match="multiple"):
         build_tiny_model(tok, hidden_size=30, num_heads=4)
 

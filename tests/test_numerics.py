@@ -49,6 +49,7 @@ def test_configure_pins_a_fresh_process_and_records_it():
     assert {"cpu_model", "cpu_flags", "blas", "onednn"} <= info.keys()
 
 
+@pytest.mark.slow  # starts fresh Python processes that import torch (outside `make test-fast`)
 def test_configure_too_late_fails_loudly():
     host_default = _run("import torch; print(torch.backends.cpu.get_cpu_capability())").stdout.strip()
     if host_default == "AVX2":

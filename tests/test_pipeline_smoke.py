@@ -17,7 +17,7 @@ import pytest
 
 from erprm_core.running import artifacts, config, pipeline, reproducibility
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.kernel]  # papermill kernels, then nbval
 
 
 @pytest.fixture(scope="module")

@@ -291,6 +291,7 @@ def test_scorer_marks_lost_tags_nan(prm_folder):
     assert len(scores) == 9 and not math.isnan(scores[0]) and math.isnan(scores[-1])
     assert model.audit.counts["truncated"] == 1 and model.audit.counts["steps_unscored"] > 0
     assert prm.aggregate(scores, "min") == pytest.approx(min(s for s in scores if not math.isnan(s)))
+    assert math.isnan(prm.aggregate(scores, "last"))  # the final tag was cut: no "last" score
 
 
 def test_aggregate():
@@ -305,3 +306,22 @@ def test_aggregate():
         prm.aggregate(s, "max")
     with pytest.raises(ValueError, match="NaN"):
         prm.aggregate([float("nan")], "min")
+
+
+def test_aggregate_with_lost_tags():
+    nan = float("nan")
+    # a lost MIDDLE tag is ignored by every aggregation
+    s = [0.9, nan, 0.4]
+    assert prm.aggregate(s, "min") == 0.4
+    assert prm.aggregate(s, "prod") == pytest.approx(0.36, abs=1e-15)
+    assert prm.aggregate(s, "last") == 0.4
+    assert prm.aggregate(s, "mean") == pytest.approx(0.65, abs=1e-15)
+    # a lost FINAL tag: "last" has no value (never the earlier 0.5); the others use the scored steps
+    cut = [0.9, 0.5, nan]
+    assert math.isnan(prm.aggregate(cut, "last"))
+    assert prm.aggregate(cut, "min") == 0.5
+    assert prm.aggregate(cut, "prod") == pytest.approx(0.45, abs=1e-15)
+    assert prm.aggregate(cut, "mean") == pytest.approx(0.7, abs=1e-15)
+    for how in prm.AGGREGATIONS:
+        with pytest.raises(ValueError, match="NaN"):
+            prm.aggregate([nan, nan], how)

@@ -1,6 +1,7 @@
 """RAFT (erprm_core.raft, erprm_core.stages.raft): selection with ties, lr schedule, scoring statuses, resume,
 failures, the stage."""
 
+import itertools
 import json
 import math
 import shutil
@@ -368,3 +369,139 @@ def test_stage_table_audit_manifest_and_plot(tmp_roots, tiny_policy, problems):
     fig = figures.figure_raft(table)
     assert len(fig.axes[0].lines) >= 1
     assert np.isfinite(table["value"]).all()
+
+
+# ------------------------------------------------------------------------------ values on mixed outcomes
+
+
+def wilson(k, n, z=1.959963984540054):
+    """The Wilson score interval by its formula (independent of scipy)."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def sign_flip_p(d):
+    """Exact two-sided sign-flip p-value of mean(d) = 0 by enumerating all 2^n sign patterns."""
+    d = np.asarray(d, dtype=float)
+    obs = abs(d.mean())
+    flips = [
+        abs((d * np.array(signs)).mean()) >= obs - 1e-12
+        for signs in itertools.product((1, -1), repeat=len(d))
+    ]
+    return float(np.mean(flips))
+
+
+def _sample(pid, j, outcome, steps=("s",)):
+    return {"problem_id": pid, "sample_index": j, "steps": list(steps), "truncated": False, "outcome": outcome,
+            "pred": "1" if outcome else "2"}  # fmt: skip
+
+
+# (score, outcome) per candidate; None = ineligible. p3 has no eligible candidate; p2's and p4's picks are wrong.
+MIXED = {
+    "p1": [(0.9, 1), (0.3, 0)],
+    "p2": [(0.8, 0), (0.4, 1)],
+    "p3": [(None, 1), (None, 0), (None, 0)],
+    "p4": [(0.1, 1), (0.2, 0)],
+}
+
+
+def test_select_and_selection_stats_on_mixed_outcomes():
+    samples, scores = [], []
+    for pid, cands in MIXED.items():
+        for j, (score, outcome) in enumerate(cands):
+            samples.append(_sample(pid, j, outcome))
+            status = "candidate_eligible" if score is not None else "candidate_truncated"
+            scores.append(
+                {"problem_id": pid, "sample_index": j, "score": score, "step_scores": None, "status": status}
+            )
+    prompts = [{"id": pid} for pid in MIXED]
+    selected, audit, st = raft.select(samples, scores, seed=0, prompts=prompts)
+    assert [(c["problem_id"], c["sample_index"], c["outcome"]) for c in selected] == [
+        ("p1", 0, 1),
+        ("p2", 0, 0),
+        ("p4", 1, 0),
+    ]
+    assert audit.counts["prompt_no_candidate"] == 1 and audit.counts["candidate_truncated"] == 3
+    assert (st["n_prompts"], st["n_selected"], st["n_samples"]) == (4, 3, 9)
+    # selected: p1 right, p2 and p4 wrong, p3 no pick (wrong) -> 1/4; oracle: p1, p2, p4 have a correct
+    # ELIGIBLE candidate (p3's correct one is not eligible) -> 3/4; samples: mean of (1/2, 1/2, 1/3, 1/2)
+    assert st["selected_outcome"][0] == 0.25
+    assert st["selected_outcome"][1:] == pytest.approx(wilson(1, 4), abs=1e-12)
+    assert st["oracle_outcome"][0] == 0.75
+    assert st["oracle_outcome"][1:] == pytest.approx(wilson(3, 4), abs=1e-12)
+    assert st["sample_outcome"][0] == pytest.approx(11 / 24, abs=1e-15)
+    assert st["sample_outcome"][1] < 11 / 24 < st["sample_outcome"][2]
+    assert st["eligible_outcome_of_selected_prompts"] == pytest.approx(0.5, abs=1e-15)
+    assert st["selected_outcome_of_selected_prompts"] == pytest.approx(1 / 3, abs=1e-15)
+
+
+def test_orm_last_with_a_cut_final_tag_is_unscored_not_an_earlier_step():
+    problems = {"p": {"question": "Q?"}}
+    samples = [_sample("p", 0, 0, steps=("a", "b")), _sample("p", 1, 1, steps=("a", "b"))]
+
+    class CutFirst:
+        def score_batch(self, questions, list_of_steps):
+            return [[0.95, math.nan], [0.2, 0.6]]  # candidate 0's final tag was lost
+
+    out = raft.score_candidates(CutFirst(), "orm", problems, samples, "last", raft.RaftSettings())
+    assert [o["status"] for o in out] == ["candidate_unscored", "candidate_eligible"]
+    assert out[0]["score"] is None and out[1]["score"] == 0.6
+    selected, audit, _ = raft.select(samples, out, seed=0, prompts=[{"id": "p"}])
+    assert [(c["sample_index"], c["outcome"]) for c in selected] == [(1, 1)]  # not 0.95 -> the wrong one
+    assert audit.counts["candidate_unscored"] == 1
+    # "min" over the same scores ignores the lost tag
+    assert (
+        raft.score_candidates(CutFirst(), "er_1", problems, samples, "min", raft.RaftSettings())[0]["score"]
+        == 0.95
+    )
+
+
+def _record(name, iteration, outcomes, eval_outcomes):
+    k, n = sum(eval_outcomes), len(eval_outcomes)
+    lo, hi = wilson(k, n)
+    return {
+        "reward_model": name,
+        "aggregation": "" if name == "baseline" else "min",
+        "iteration": iteration,
+        "lr": 1e-3,
+        "greedy_accuracy": k / n,
+        "ci_low": lo,
+        "ci_high": hi,
+        "n_test": n,
+        "eval_outcomes": eval_outcomes,
+        "selected_outcome": outcomes,
+        "sample_outcome": outcomes,
+        "oracle_outcome": outcomes,
+        "n_prompts": 4,
+    }
+
+
+BASE = _record("baseline", 0, [0.0, 0.0, 0.0], [1, 0, 0, 1, 0, 0])
+ER = _record("er_1", 1, [0.5, 0.2, 0.8], [1, 1, 0, 1, 1, 0])
+RANDOM = _record("random", 1, [0.25, 0.1, 0.6], [0, 1, 0, 1, 0, 0])
+
+
+def test_raft_table_gain_on_mixed_outcomes():
+    table = raft_tables.raft_table(BASE, [ER, RANDOM])
+    v = table.set_index(["reward_model", "metric"])
+    assert v.loc[("baseline", "greedy_accuracy"), "value"] == pytest.approx(2 / 6, abs=1e-15)
+    assert v.loc[("er_1", "greedy_accuracy"), "value"] == pytest.approx(4 / 6, abs=1e-15)
+    gain = v.loc[("er_1", "greedy_gain")]
+    assert gain["value"] == pytest.approx(2 / 6, abs=1e-15) and gain["n"] == 6
+    assert 0.0 <= gain["ci_low"] < 2 / 6 < gain["ci_high"] <= 1.0  # per-problem gains are 0 or 1
+    assert v.loc[("random", "greedy_gain"), "value"] == pytest.approx(0.0, abs=1e-15)
+    assert v.loc[("er_1", "selected_outcome"), ["value", "ci_low", "ci_high"]].tolist() == [0.5, 0.2, 0.8]
+    assert (v.loc[("er_1", "sample_outcome"), "n"], len(table)) == (4, 1 + 2 * 5)
+
+
+def test_raft_paired_table_on_mixed_outcomes():
+    paired = raft_tables.raft_paired_table([BASE, ER, RANDOM])
+    assert paired[["reward_model", "versus", "iteration"]].values.tolist() == [["er_1", "random", 1]]
+    row = paired.iloc[0]
+    d = np.array(ER["eval_outcomes"]) - np.array(RANDOM["eval_outcomes"])  # [1, 0, 0, 0, 1, 0]
+    assert row["diff"] == pytest.approx(2 / 6, abs=1e-15)
+    assert (row["n"], row["n_better"], row["n_worse"]) == (6, 2, 0)
+    assert row["p_value"] == pytest.approx(sign_flip_p(d), abs=1e-12) == 0.5
+    assert 0.0 <= row["ci_low"] < 2 / 6 < row["ci_high"]

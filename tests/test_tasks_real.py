@@ -14,7 +14,7 @@ from erprm_core.grading import is_correct
 from erprm_core.io import ArtifactError, Audit
 from erprm_core.running.artifacts import repo_root
 from erprm_core.steps import split_steps
-from erprm_core.tasks import _io, gsm8k, math500, math_train
+from erprm_core.tasks import gsm8k, math500, math_train
 
 DATA = repo_root().parent / "shared" / "data"
 GSM8K_TEST = DATA / "gsm8k" / "test.jsonl"
@@ -236,6 +236,5 @@ def test_math_train_reads_math500_format():
 def test_file_sha256_single_helper(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_bytes(b'{"a": 1}\n' * 1000)
-    assert _io.file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert gsm8k.file_sha256 is _io.file_sha256 and math500.file_sha256 is _io.file_sha256
-    assert math_train.file_sha256 is _io.file_sha256
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert gsm8k.file_sha256(path) == math500.file_sha256(path) == math_train.file_sha256(path) == expected

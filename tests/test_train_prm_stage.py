@@ -12,8 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from erprm_core import training
+from erprm_core import stats, training
 from erprm_core.io import ArtifactError
+from erprm_core.prm import ProcessRewardModel
 from erprm_core.stages import train_prm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -100,6 +101,32 @@ def test_evaluate_prm_rules(prm_folder):
     assert len(ev["scores"]) == 2 * (3 + 2)  # one row per rule and held-out step
     with pytest.raises(ValueError, match="no held-out records"):
         train_prm.evaluate_prm_rules({"soft": prm_folder}, [], device="cpu")
+
+
+def test_evaluate_prm_rules_metric_values(prm_folder):
+    recs = [_labelled("a", 1), _labelled("b", 0, n=2)]
+    ev = train_prm.evaluate_prm_rules({"soft": prm_folder, "orm": prm_folder}, recs, device="cpu")
+    model = ProcessRewardModel.from_pretrained(prm_folder, device="cpu")
+    sa, sb = (model.score(r["question"], r["steps"]) for r in recs)  # scored directly, one solution at a time
+    assert ev["scores"].query("rule == 'soft'")["score"].tolist() == pytest.approx(sa + sb, abs=1e-6)
+    m = ev["metrics"].set_index(["rule", "metric"])
+    # soft labels: a = [0.5, 0.5, 1], b = [0.5, 0]; the ORM labels only the last steps: a = 1, b = 0
+    soft_sq = [(x - y) ** 2 for x, y in zip(sa + sb, [0.5, 0.5, 1.0, 0.5, 0.0], strict=True)]
+    assert m.loc[("soft", "brier"), "value"] == pytest.approx(np.mean(soft_sq), abs=1e-6)
+    assert m.loc[("soft", "brier"), "n"] == 5
+    assert m.loc[("orm", "brier"), "value"] == pytest.approx(((sa[-1] - 1) ** 2 + sb[-1] ** 2) / 2, abs=1e-6)
+    assert m.loc[("soft", "mean_score"), "value"] == pytest.approx(np.mean(sa + sb), abs=1e-6)
+
+    # two solutions, a correct and b wrong: AUROC is 1 when a scores higher, 0 when lower, 1/2 on a tie
+    def two(x, y):
+        return 1.0 if x > y else 0.0 if x < y else 0.5
+
+    assert m.loc[("soft", "auroc_last"), "value"] == two(sa[-1], sb[-1])
+    assert m.loc[("soft", "auroc_min"), "value"] == two(min(sa), min(sb))
+    assert m.loc[("orm", "auroc_min"), "value"] == m.loc[("soft", "auroc_min"), "value"]  # same checkpoint
+    assert m.loc[("soft", "ece"), "value"] == pytest.approx(
+        stats.expected_calibration_error(sa + sb, [0.5, 0.5, 1.0, 0.5, 0.0]), abs=1e-6
+    )
 
 
 def test_recipe_is_what_train_prm_takes_with_its_defaults():

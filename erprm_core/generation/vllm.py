@@ -7,6 +7,7 @@ when a :class:`VLLMSampler` is made, so this module imports without it. One seed
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,18 @@ _VLLM_HINT = (
 )
 
 
+def free_accelerator_memory() -> None:
+    """Collect garbage and empty the CUDA cache, so a model dropped just before is really gone from the GPU.
+
+    Only on a GPU: a full collection costs ~0.4 s with transformers loaded and frees nothing a CPU run needs.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 class VLLMSampler:
     """The same ``generate`` interface on vLLM (prefix caching on; ``SamplingParams(n=..., seed=...)``).
 
@@ -27,6 +40,11 @@ class VLLMSampler:
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, batch_size: int = 0, **llm_kwargs: Any):
+        # not a transformers model: its generate() takes other arguments, and it would hold the GPU memory
+        if not isinstance(model, str | Path) and not hasattr(model, "llm_engine"):
+            raise TypeError(
+                f"VLLMSampler needs a vllm.LLM or a model name/path, not a {type(model).__name__}"
+            )
         try:
             import vllm
         except ImportError as exc:
@@ -83,3 +101,27 @@ class VLLMSampler:
             self.stats["sequences"] += len(gens)
             result.append(gens)
         return result
+
+    def close(self) -> None:
+        """Shut the engine down and give its GPU memory back (before another model needs the GPU).
+
+        vLLM frees an engine only when nothing refers to it; versions differ in what tears it down
+        (``LLM.shutdown``, the v1 engine core's ``shutdown``, the model-parallel groups), so each existing
+        one is called. The sampler cannot generate afterwards.
+        """
+        llm, self.llm = self.llm, None
+        if llm is None:
+            return
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        for shutdown in (getattr(llm, "shutdown", None), getattr(core, "shutdown", None)):
+            if callable(shutdown):
+                shutdown()
+                break
+        del llm, core
+        try:
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        except ImportError:  # older or newer layouts: the garbage collection below still runs
+            cleanup_dist_env_and_memory = None
+        if cleanup_dist_env_and_memory is not None:
+            cleanup_dist_env_and_memory()
+        free_accelerator_memory()

@@ -3,7 +3,8 @@
 Fig. 1 label(p, eta) curves; fig. 2 best-of-N curves with interval bands beside the paper's reference
 curves (erprm_core/reference/paper_results.csv); fig. 3 the eta sweep at N_max; fig. 4 RAFT accuracy per
 iteration; the PRM training, calibration and minimum-position figures of 03_train_prm; and the figures the
-stage notebooks show (policy training and accuracy, prefix success, label distribution, aggregations).
+stage notebooks show (policy training and accuracy, prefix success, label distribution, aggregations, and
+for the synthetic task arith the labels' and the PRMs' checks against the step-level ground truth).
 """
 
 from __future__ import annotations
@@ -431,5 +432,68 @@ def figure_processbench_sweep(sweep: Any, threshold: float | None = None, title:
     ax.set_ylabel("ProcessBench F1")
     ax.set_title(title or "ProcessBench F1 against the threshold", fontsize=9)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _rule_points(ax: plt.Axes, table: pd.DataFrame) -> None:
+    """One point with its interval per row of ``table`` (indexed by rule; value, ci_low, ci_high)."""
+    for x, (rule, row) in enumerate(table.iterrows()):
+        err = [[row["value"] - row["ci_low"]], [row["ci_high"] - row["value"]]]
+        ax.errorbar(x, row["value"], yerr=err, fmt="o", capsize=3, color=style.method_colour(rule))
+    ax.set_xticks(range(len(table)), [style.method_label(r) for r in table.index], rotation=30, ha="right")
+    ax.set_xlim(-0.5, len(table) - 0.5)
+
+
+def figure_label_quality(quality: pd.DataFrame) -> plt.Figure:
+    """How well each rule's step labels find the steps before the first error (02_labels' ``label_quality``
+    table, task arith): AUROC against the ground truth over all labelled steps (left), the Brier score of
+    the labels against it (middle; lower is closer) and the AUROC by steps remaining (right), with 95%
+    intervals over problems."""
+    rules = labels.method_order(quality["rule"].unique())
+    overall = quality[quality["steps_remaining"].astype(str) == "all"]
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 3.8), gridspec_kw={"width_ratios": [1, 1, 1.4]})
+    for ax, metric, ylabel in ((ax1, "auroc_vs_truth", "AUROC"), (ax2, "brier_vs_truth", "Brier score")):
+        _rule_points(ax, overall[overall["metric"] == metric].set_index("rule").loc[rules])
+        ax.set(ylabel=f"{ylabel} vs ground truth", title=f"{ylabel}, all labelled steps")
+    by = quality[(quality["steps_remaining"].astype(str) != "all") & (quality["metric"] == "auroc_vs_truth")]
+    for k, rule in enumerate(rules):
+        g = by[by["rule"] == rule].assign(x=lambda d: d["steps_remaining"].astype(int)).sort_values("x")
+        err = [g["value"] - g["ci_low"], g["ci_high"] - g["value"]]
+        ax3.errorbar(
+            g["x"] + 0.04 * (k - len(rules) / 2), g["value"], yerr=err, marker="o", ms=3, capsize=2, lw=1,
+            color=style.method_colour(rule), label=style.method_label(rule),
+        )  # fmt: skip
+    ax3.set(
+        xlabel="steps after the labelled step",
+        ylabel="AUROC vs ground truth",
+        title="AUROC by steps remaining",
+    )
+    ax3.legend(fontsize=7, ncol=2)
+    for ax in (ax1, ax3):
+        ax.axhline(0.5, color="0.6", ls=":", lw=1)
+    fig.suptitle("Step labels against the first error (positive: a step before it)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def figure_first_error(truth: pd.DataFrame) -> plt.Figure:
+    """The held-out PRM checks against the ground truth (03_train_prm's ``prm_truth`` table, task arith):
+    ProcessBench's first-error F1 per rule (left; the "synthetic twin" of ProcessBench) and within-problem
+    pairwise ranking of correct over wrong solutions (right; 0.5 = chance), with 95% intervals."""
+    rules = labels.method_order(truth["rule"].unique())
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    panels = (
+        ("first_error_f1", "first-error F1 (threshold 0.5)"),
+        ("within_problem_pairwise", "pairwise share"),
+    )
+    for ax, (metric, ylabel) in zip(axes, panels, strict=True):
+        g = truth[truth["metric"] == metric].set_index("rule").loc[rules]
+        _rule_points(ax, g)
+        ax.set(ylabel=ylabel, ylim=(-0.02, 1.02))
+    axes[0].set_title("First wrong step (ProcessBench F1)", fontsize=9)
+    axes[1].set_title("Correct over wrong, same problem (min; ORM: last)", fontsize=9)
+    axes[1].axhline(0.5, color="0.6", ls=":", lw=1)
+    fig.suptitle("Held-out PRMs against the step-level ground truth", fontsize=10)
     fig.tight_layout()
     return fig

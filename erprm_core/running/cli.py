@@ -53,7 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--to", dest="stop", help="last stage, e.g. 04")
     rep.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
     rep.add_argument("--force", action="store_true", help="rerun stages even if up to date")
-    rep.add_argument("--cell-timeout", type=int, default=3600, help="seconds per notebook cell")
+    rep.add_argument(
+        "--cell-timeout",
+        type=int,
+        default=None,
+        help="seconds a notebook cell may run (default: no limit; 01, 04 and 05 run a stage in one cell)",
+    )
     rep.add_argument("--check", action="store_true", help="validate configs and overrides, run nothing")
     rep.add_argument(
         "--dry-run",
@@ -99,7 +104,8 @@ def _reproduce(args: argparse.Namespace) -> int:
             for stage in dryrun.plan(args.profile, args.start, args.stop, args.param):
                 print(f"{stage.name}: {json.dumps(stage.parameters, sort_keys=True)}")
             return 0
-        dryrun.run(args.profile, args.start, args.stop, args.param, cell_timeout=args.cell_timeout)
+        limit = {} if args.cell_timeout is None else {"cell_timeout": args.cell_timeout}  # else the dry run's
+        dryrun.run(args.profile, args.start, args.stop, args.param, **limit)
         return 0
     if args.check:
         for stage in config.plan(args.profile, args.start, args.stop, args.param):

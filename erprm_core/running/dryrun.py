@@ -13,11 +13,16 @@ GPU-scale profile is wired, on a laptop, without the hub and without a GPU. It
    (Mistral-MetaMath-7b -> ``MistralForCausalLM``), the completer (deepseek-math-7b-rl ->
    ``LlamaForCausalLM``) and the PRM base (Llama-3.1-8B -> ``LlamaForCausalLM`` with llama3 RoPE scaling),
    all with the word-level tokenizer of :func:`erprm_core.stages.policy.build_tokenizer` fitted on the problems'
-   text (it holds "ки", "+", "-" as single tokens; unseen words map to ``<unk>``);
+   text (it holds "ки", "+", "-" as single tokens; unseen words map to ``<unk>``); the policy is also put
+   into a local Hugging Face cache (``hf-cache/``, :func:`save_to_hub_cache`) under the hub-style name
+   :data:`HUB_POLICY`, and the stages run with ``HF_HUB_CACHE`` pointing there (offline), so the policy goes
+   the way of the paper's hub policy: 00 keeps no copy, later stages load it by name;
 3. runs :func:`erprm_core.running.pipeline.run` with the profile's own configs plus the overrides of
    ``configs/<profile>/dry-run.yaml`` (applied like ``-p key=value`` to every stage that declares the key;
    ``{models}`` and ``{data}`` in a value are replaced by the folders above), so the paper configuration is
-   validated and executed, only smaller, on the CPU, with the HF backend.
+   validated and executed, only smaller, on the CPU, with the HF backend. The paper's dtypes are kept
+(bfloat16 for the policy and completer in 00/01, and for the PRM base in 03: its training runs the bf16 path,
+float32 master weights under bf16 autocast, on the CPU).
 
 Random weights never write "The answer is", so every outcome is 0: a dry run checks wiring, not numbers.
 To make solutions several steps long and let them stop before the token limit, the models get a fixed bias
@@ -47,6 +52,9 @@ log = logging.getLogger(__name__)
 DRY_RUN_FILE = "dry-run.yaml"  # per profile: configs/<profile>/dry-run.yaml (not a stage: plan() ignores it)
 MARKER = ".erprm-dry-run"  # written into a dry-run folder; only such folders are ever deleted
 PLACEHOLDERS = ("models", "data")
+HUB_POLICY = "erprm-dry-run/tiny-metamath-mistral"
+"""The hub-style name under which the dry run's policy is cached (configs/<profile>/dry-run.yaml uses it)."""
+HUB_CACHE = "hf-cache"  # the dry run's local Hugging Face cache, inside its folder
 
 # task of the profile -> {file in the dry-run data folder: (shared data file, fixture file)}.
 # MATH train has no copy in ../shared/data, so its fixture is always used.
@@ -81,6 +89,7 @@ __all__ = [
     "prepare",
     "reuse",
     "run",
+    "save_to_hub_cache",
     "texts_of",
     "write_dry_run_data",
 ]
@@ -106,6 +115,11 @@ class DryRun:
     def results_root(self) -> Path:
         """``<root>/results``: the redirected ERPRM_RESULTS_ROOT."""
         return self.root / "results"
+
+    @property
+    def hub_cache(self) -> Path:
+        """``<root>/hf-cache``: the local Hugging Face cache holding :data:`HUB_POLICY` (``HF_HUB_CACHE``)."""
+        return self.root / HUB_CACHE
 
 
 def fixtures_root() -> Path:
@@ -338,6 +352,23 @@ def build_tiny_models(
     return out
 
 
+def save_to_hub_cache(folder: Path | str, cache: Path | str, repo_id: str, revision: str = "0" * 40) -> Path:
+    """Copy a ``save_pretrained`` folder into a Hugging Face cache as the model ``repo_id`` ("org/name").
+
+    The layout is the hub cache's (``models--org--name/refs/main`` naming the snapshot ``revision``, the files
+    under ``snapshots/<revision>/``), so with ``HF_HUB_CACHE=cache`` and ``HF_HUB_OFFLINE=1`` the loaders
+    resolve ``repo_id`` to it as to a downloaded hub model. Returns the snapshot folder.
+    """
+    if repo_id.count("/") != 1:
+        raise ValueError(f"repo_id must look like 'org/name', got {repo_id!r}")
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / revision
+    shutil.copytree(folder, snapshot, dirs_exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
+
+
 # ----------------------------------------------------------------------------------------------------
 # The dry run
 # ----------------------------------------------------------------------------------------------------
@@ -377,6 +408,7 @@ def prepare(profile: str, base: Path | str | None = None, seed: int = 0) -> DryR
     texts = texts_of(data_dir) if prepared.data else []
     tokenizer = build_dry_run_tokenizer(texts)
     prepared.models = build_tiny_models(root / "models", tokenizer, seed=seed)
+    save_to_hub_cache(prepared.models["policy"], prepared.hub_cache, HUB_POLICY)
     prepared.overrides = dry_run_overrides(profile, root / "models", data_dir)
     io.atomic_write_json(
         root / "dry_run.json",
@@ -385,6 +417,7 @@ def prepare(profile: str, base: Path | str | None = None, seed: int = 0) -> DryR
             "task": task,
             "data_sources": prepared.data_sources,
             "models": {k: str(v) for k, v in prepared.models.items()},
+            "hub_policy": {"name": HUB_POLICY, "cache": str(prepared.hub_cache)},
             "overrides": prepared.overrides,
         },
     )
@@ -414,10 +447,12 @@ def reuse(profile: str, base: Path | str | None = None) -> DryRun:
 
 @contextmanager
 def redirected_roots(run: DryRun) -> Iterator[None]:
-    """Point ERPRM_RUNS_ROOT / ERPRM_RESULTS_ROOT at the dry-run folder (kernels inherit them); restore."""
+    """Point ERPRM_RUNS_ROOT / ERPRM_RESULTS_ROOT at the dry-run folder and HF_HUB_CACHE at its hub cache,
+    offline (kernels inherit them); restore."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with artifacts.redirected_roots(run.runs_root, run.results_root):
-        yield
+        with artifacts.environment_set({"HF_HUB_CACHE": str(run.hub_cache), "HF_HUB_OFFLINE": "1"}):
+            yield
 
 
 def _for_stages(profile: str, start: str | None, stop: str | None, dry: list[str]) -> list[str]:

@@ -7,7 +7,9 @@ kernel starts with the pinned CPU numerics of its ``cpu_numerics`` parameter in 
 
 Resume: a stage whose inputs (merged parameters, its notebook, the package sources) are unchanged since its
 last successful run is skipped, as long as nothing upstream of it was rerun in this invocation; inside a
-stage, heavy work resumes from its finished shards/checkpoints. ``force=True`` reruns everything.
+stage, heavy work resumes from its finished shards/checkpoints. ``force=True`` reruns everything. No notebook
+cell has a time limit unless ``cell_timeout`` (seconds) sets one: 01, 04 and 05 run a whole paper-scale stage
+in one cell (hours), so a default limit would stop them.
 :func:`compare` and :func:`write_golden_digests` check two runs against each other and against the golden
 digests. The ``erprm`` command (:mod:`erprm_core.running.cli`) calls these.
 """
@@ -107,9 +109,12 @@ def run(
     stop: str | None = None,
     overrides: list[str] | None = None,
     force: bool = False,
-    cell_timeout: int = 3600,
+    cell_timeout: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the planned stages with papermill; returns one summary dict per stage (ran or skipped)."""
+    """Run the planned stages with papermill; returns one summary dict per stage (ran or skipped).
+
+    ``cell_timeout``: seconds one notebook cell may run (None or 0: no limit, the default).
+    """
     import papermill
 
     stages = config.plan(profile, start, stop, overrides)
@@ -154,7 +159,7 @@ def run(
                     kernel_name="python3",
                     cwd=str(artifacts.repo_root()),
                     progress_bar=sys.stderr.isatty(),
-                    execution_timeout=cell_timeout,
+                    execution_timeout=cell_timeout or None,
                 )
         except KeyboardInterrupt:
             raise Interrupted(_resume_hint(stage.name, time.perf_counter() - t0)) from None

@@ -208,7 +208,8 @@ def _candidate_record(prob: Mapping[str, Any], sol: Mapping[str, Any]) -> dict[s
 
 
 class _PoolSampler:
-    """The shard computation of :func:`build_candidate_pool`; the policy is loaded at the first shard only."""
+    """The shard computation of :func:`build_candidate_pool`; the policy is loaded at the first shard only
+    (vLLM: an engine started from the folder or hub name, no Hugging Face copy)."""
 
     def __init__(self, policy: Any, n_max: int, settings: dict[str, Any]):
         self.policy, self.n_max, self.st = policy, n_max, settings
@@ -216,7 +217,13 @@ class _PoolSampler:
 
     def __call__(self, chunk: Sequence[Mapping[str, Any]], index: int) -> list[dict[str, Any]]:
         st = self.st
-        if self.sampler is None:
+        if self.sampler is None and st["backend"] == "vllm":
+            if not isinstance(self.policy, str | Path):
+                raise TypeError("backend='vllm' needs the policy as a folder or hub name, not a loaded model")
+            self.sampler = generation.load_sampler(
+                self.policy, "vllm", st["device"], st["dtype"], st["batch_size"]
+            )
+        elif self.sampler is None:
             model, tokenizer = _load_policy(self.policy, st["device"], st["dtype"])
             self.sampler = generation.make_sampler(model, tokenizer, st["backend"], st["batch_size"])
         sols = rollouts.sample_solutions(
@@ -264,7 +271,8 @@ def build_candidate_pool(
     ``out_dir/candidates`` (atomic files; a rerun reuses finished shards; a change of any parameter, of the
     problems or of the policy discards them). Sample ``j`` of problem ``p`` is seeded by
     ``row_seed(seed, "solution", p["id"], j)`` (:func:`erprm_core.rollouts.sample_solutions`), so a resumed
-    run equals an uninterrupted one. All candidates are merged into ``out_dir/candidates.jsonl``.
+    run equals an uninterrupted one. All candidates are merged into ``out_dir/candidates.jsonl``. The sampler
+    is released before returning (a vLLM engine is shut down), so scoring finds the GPU free.
 
     Every candidate is kept. ``correct`` is the grade (:func:`erprm_core.grading.is_correct`), except that a
     truncated candidate (cut at ``max_new_tokens``) counts as wrong and casts no vote; ``answer`` is the
@@ -303,7 +311,11 @@ def build_candidate_pool(
         list(problems), shard_size, folder, compute, CANDIDATE_COLUMNS, "pool shards"
     )
     artifacts.atomic_write_jsonl(out_dir / "candidates.jsonl", records)
-    return CandidatePool(records, pool_audit(records), _pool_stats(problems, records, compute.sampler))
+    stats = _pool_stats(problems, records, compute.sampler)
+    if compute.sampler is not None:  # the engine leaves the GPU before any PRM is loaded for scoring
+        sampler, compute.sampler = compute.sampler, None
+        generation.release_sampler(sampler)
+    return CandidatePool(records, pool_audit(records), stats)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -407,8 +419,9 @@ def _score_rule(
         totals["rules_computed"] += 1
         info = {**p.info(), "prm": str(source) if not is_model else p.name}
         io.atomic_write_json(folder / "info.json", info)
-        if not is_model:
-            scorer.prm = None
+        if not is_model:  # one PRM on the GPU at a time
+            scorer.prm = p = None
+            generation.free_accelerator_memory()
     elif (folder / "info.json").is_file():
         info = json.loads((folder / "info.json").read_text())
     else:
@@ -431,6 +444,10 @@ def _aggregate_columns(
         if agg is None:
             audit.count(f"unscorable[{rule}]", example=f"{where}: {len(s)} step(s), none scored")
             agg = [UNSCORABLE_SCORE] * len(aggregations)
+        for j, how in enumerate(aggregations):
+            if math.isnan(agg[j]):  # "last" of a solution whose final tag was lost: no score
+                audit.count(f"unscorable[{rule}:{how}]", example=f"{where}: final step unscored")
+                agg[j] = UNSCORABLE_SCORE
         cols[i] = agg
     return cols
 
@@ -461,7 +478,8 @@ def score_pool(
     ``labels.method_name(rule, agg)`` per rule and aggregation (:func:`erprm_core.prm.aggregate`; steps whose
     tag was lost are ignored). A candidate with no scorable step (empty solution, or every tag lost) gets
     ``UNSCORABLE_SCORE`` = 0.0, the lowest probability, for every aggregation; counted in the audit as
-    ``unscorable[<rule>]``, and lost steps as ``steps_unscored[<rule>]``.
+    ``unscorable[<rule>]``, and lost steps as ``steps_unscored[<rule>]``. ``last`` of a candidate whose final
+    tag was lost is NaN: it gets ``UNSCORABLE_SCORE`` too, counted as ``unscorable[<rule>:last]``.
     """
     if out_dir is None:
         raise ValueError("score_pool: out_dir is required (the step-score cache lives there)")

@@ -1,9 +1,11 @@
 """Stage 02_labels: step labels for every rule (ER for an eta grid, soft, hard, ORM) from ONE rollouts file.
 
 :func:`run_labels` reads the rollouts (:func:`read_rollouts`, checked record by record), labels every step
-with :func:`stepwise_labels` and writes ``labels.jsonl``. :func:`run` is the notebook's
-entry: it also writes the tables ``labels_audit``, ``label_stats`` and ``label_distribution``, picks a worked
-example and records the stage in the manifest.
+with :func:`stepwise_labels` and writes ``labels.jsonl`` (with each solution's ground-truth ``first_error``
+and ``error_type`` for the synthetic task ``arith``, :func:`ground_truth`). :func:`run` is the notebook's
+entry: it also writes the tables ``labels_audit``, ``label_stats``, ``label_distribution`` and, for ``arith``,
+``label_quality`` (:func:`label_quality_table`: how well each rule's labels find the steps before the first
+error), picks a worked example and records the stage in the manifest.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from erprm_core import io, labels, rollouts
+from erprm_core import io, labels, rollouts, stats
 from erprm_core.running import artifacts
 from erprm_core.running.config import parse_eta_grid
 from erprm_core.stages._common import StageConfig, record
+from erprm_core.tasks import arith_truth
 
 STAGE = "02_labels"
 LABEL_COLUMNS = ("problem_id", "question", "steps", "outcome", "labels")
@@ -51,6 +54,7 @@ class LabelResult:
     distribution: pd.DataFrame | None = None
     example: dict[str, Any] | None = None
     example_table: pd.DataFrame | None = None
+    quality: pd.DataFrame | None = None
 
 
 def stepwise_labels(
@@ -90,6 +94,17 @@ def read_rollouts(path: Path | str) -> list[dict[str, Any]]:
     return records
 
 
+def ground_truth(rec: dict[str, Any]) -> tuple[int, str] | None:
+    """``(first_error, error_type)`` of a rollout or label record: the stored values (01_rollouts adds them
+    for ``arith``), else :func:`erprm_core.tasks.arith_truth.first_error` for a record of task ``arith``
+    (rollouts written before the fields existed); None for other tasks (no step-level ground truth)."""
+    if "first_error" in rec:
+        return int(rec["first_error"]), str(rec["error_type"])
+    if rec.get("task") == "arith":
+        return arith_truth.first_error(rec["question"], rec["steps"])
+    return None
+
+
 def label_records(
     rollouts: Sequence[dict[str, Any]], etas: Sequence[float], audit: io.Audit | None = None
 ) -> list[dict[str, Any]]:
@@ -97,7 +112,8 @@ def label_records(
 
     One output record per rollout with at least one step: ``problem_id, sample_index, question, answer,
     task, steps, outcome, labels: {rule: [label per step]}`` (one label per step, the last = the outcome;
-    the ORM rule labels only the last step, others are None). Rollouts without any step cannot be labelled:
+    the ORM rule labels only the last step, others are None), then ``first_error`` and ``error_type`` when
+    the solution has a ground truth (:func:`ground_truth`; task ``arith`` only). Rollouts without any step cannot be labelled:
     they are counted in ``audit`` as ``skipped_no_steps``; a rollout whose completion lists do not match its
     steps raises ValueError naming it.
     """
@@ -114,18 +130,20 @@ def label_records(
             )
         audit.count("labelled_solutions")
         audit.count("labelled_steps", len(rec["steps"]))
-        out.append(
-            {
-                "problem_id": rec["problem_id"],
-                "sample_index": rec.get("sample_index"),
-                "question": rec["question"],
-                "answer": rec.get("answer"),
-                "task": rec.get("task"),
-                "steps": rec["steps"],
-                "outcome": int(rec["outcome"]),
-                "labels": stepwise_labels(rec["completion_rewards"], rec["outcome"], list(etas)),
-            }
-        )
+        labelled = {
+            "problem_id": rec["problem_id"],
+            "sample_index": rec.get("sample_index"),
+            "question": rec["question"],
+            "answer": rec.get("answer"),
+            "task": rec.get("task"),
+            "steps": rec["steps"],
+            "outcome": int(rec["outcome"]),
+            "labels": stepwise_labels(rec["completion_rewards"], rec["outcome"], list(etas)),
+        }
+        truth = ground_truth(rec)
+        if truth is not None:
+            labelled["first_error"], labelled["error_type"] = truth
+        out.append(labelled)
     return out
 
 
@@ -205,6 +223,127 @@ def label_distribution(records: Sequence[dict[str, Any]], bins: int = 10) -> pd.
     return pd.DataFrame(rows, columns=["rule", "bin", "lo", "hi", "count", "share"])
 
 
+QUALITY_COLUMNS = ["rule", "metric", "value", "ci_low", "ci_high", "n", "steps_remaining"]
+
+
+def _problem_resamples(problems: Any, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(problem index of every value, ``n_boot`` x problems weights): how often each problem is drawn in
+    each bootstrap resample of the problems with replacement (seeded by ``seed``)."""
+    _, group = np.unique(np.asarray(problems, dtype=str).ravel(), return_inverse=True)
+    n_groups = int(group.max()) + 1
+    draws = np.random.default_rng(seed).integers(0, n_groups, size=(n_boot, n_groups))
+    draws += n_groups * np.arange(n_boot)[:, None]  # one bincount for all resamples
+    weights = np.bincount(draws.ravel(), minlength=n_boot * n_groups).reshape(n_boot, n_groups)
+    return group, weights.astype(float)
+
+
+def _percentiles(boot: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The percentile interval of bootstrap values (NaN, NaN when there are none)."""
+    if boot.size == 0:
+        return float("nan"), float("nan")
+    low, high = np.quantile(boot, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(low), float(high)
+
+
+def problem_bootstrap_auroc(
+    scores: Any, truth: Any, problems: Any, n_boot: int = 2000, seed: int = 0, confidence: float = 0.95
+) -> tuple[float, float, float]:
+    """(AUROC, low, high): :func:`erprm_core.stats.auroc` of ``scores`` for the 0/1 ``truth``, with a
+    percentile bootstrap interval over problems (``problems[i]`` names the problem of value ``i``).
+
+    Steps of one problem are not independent, so whole problems are resampled (``n_boot`` resamples of
+    the problems with replacement, seeded by ``seed``: the same seed draws the same resamples as
+    :func:`problem_bootstrap_brier`); each resample's AUROC is computed from the counts of positives and
+    negatives at every distinct score (ties count one half, as in ``stats.auroc``), so the cost does not
+    grow with ``n_boot`` times the number of steps. Resamples with one class only are left out. All NaN
+    when ``truth`` has one class only (or is empty).
+    """
+    s = np.asarray(scores, dtype=float).ravel()
+    y = np.asarray(truth, dtype=float).ravel()
+    if s.size == 0 or np.ptp(y) == 0:
+        return float("nan"), float("nan"), float("nan")
+    value = stats.auroc(s, y)  # checks shapes, NaN and 0/1 labels
+    group, weights = _problem_resamples(problems, n_boot, seed)
+    if group.size != s.size:
+        raise ValueError(f"problems has {group.size} values, scores has {s.size}")
+    _, level = np.unique(s, return_inverse=True)
+    pos, neg = np.zeros((weights.shape[1], level.max() + 1)), np.zeros((weights.shape[1], level.max() + 1))
+    np.add.at(pos, (group[y == 1], level[y == 1]), 1.0)
+    np.add.at(neg, (group[y == 0], level[y == 0]), 1.0)
+    p, q = weights @ pos, weights @ neg  # resamples x score levels
+    below = np.cumsum(q, axis=1) - q  # negatives scored strictly lower, per level
+    num, den = (p * (below + 0.5 * q)).sum(axis=1), p.sum(axis=1) * q.sum(axis=1)
+    return value, *_percentiles(num[den > 0] / den[den > 0], confidence)
+
+
+def problem_bootstrap_brier(
+    scores: Any, truth: Any, problems: Any, n_boot: int = 2000, seed: int = 0, confidence: float = 0.95
+) -> tuple[float, float, float]:
+    """(Brier score, low, high): :func:`erprm_core.stats.brier_score` of ``scores`` against ``truth``, with a
+    percentile bootstrap interval over problems (the resamples of :func:`problem_bootstrap_auroc`). All NaN
+    when there are no values."""
+    s = np.asarray(scores, dtype=float).ravel()
+    y = np.asarray(truth, dtype=float).ravel()
+    if s.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    value = stats.brier_score(s, y)  # checks shapes, NaN and the [0, 1] range
+    group, weights = _problem_resamples(problems, n_boot, seed)
+    if group.size != s.size:
+        raise ValueError(f"problems has {group.size} values, scores has {s.size}")
+    sums, counts = np.bincount(group, weights=(s - y) ** 2), np.bincount(group).astype(float)
+    return value, *_percentiles((weights @ sums) / (weights @ counts), confidence)
+
+
+def truth_steps(records: Sequence[dict[str, Any]], rule: str) -> pd.DataFrame:
+    """One row per labelled step of ``rule`` in records with a ground truth: ``problem_id, label, truth``
+    (1 for a step before the solution's first error, 0 at or after it) and ``steps_remaining`` (steps after
+    this one; 0 for the last step). Records without ``first_error`` and unlabelled steps (None) are left out.
+    """
+    rows = []
+    for rec in records:
+        if "first_error" not in rec:
+            continue
+        n, first = len(rec["steps"]), int(rec["first_error"])
+        cut = n if first < 0 else first
+        for i, value in enumerate(rec["labels"][rule]):
+            if value is not None:
+                rows.append((str(rec["problem_id"]), float(value), int(i < cut), n - 1 - i))
+    return pd.DataFrame(rows, columns=["problem_id", "label", "truth", "steps_remaining"])
+
+
+def label_quality_table(records: Sequence[dict[str, Any]], n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """How well each rule's step labels separate the steps before the first error from the others.
+
+    For every rule of the label records (which need ``first_error``, see :func:`ground_truth`), metric
+    ``auroc_vs_truth``: the AUROC of the rule's labels (:func:`truth_steps`) for "step before the first
+    error" (positive) against "at or after it", over all labelled steps (``steps_remaining`` "all") and by
+    the number of steps that follow the step ("0", "1", ...), with a 95% bootstrap interval over problems
+    (:func:`problem_bootstrap_auroc`) and ``n`` labelled steps (groups with one class only get NaN); and
+    ``brier_vs_truth``, the mean squared difference between label and truth on the same steps
+    (:func:`problem_bootstrap_brier`): AUROC only sees how a rule ranks steps, and every ER label ranks them
+    as the soft label does (it is increasing in p), while the Brier score also sees how far the labels are
+    from the truth, which eta moves.
+    Columns: :data:`QUALITY_COLUMNS`. Empty when no record has a ground truth.
+    """
+    truthful = [r for r in records if "first_error" in r]
+    rows = []
+    for rule in list(truthful[0]["labels"]) if truthful else []:
+        steps = truth_steps(truthful, rule)
+        groups = [("all", steps)]
+        groups += [(str(k), g) for k, g in steps.groupby("steps_remaining", sort=True)]
+        for remaining, g in groups:
+            for metric, fn in (
+                ("auroc_vs_truth", problem_bootstrap_auroc),
+                ("brier_vs_truth", problem_bootstrap_brier),
+            ):
+                value, low, high = fn(g["label"], g["truth"], g["problem_id"], n_boot, seed)
+                rows.append(
+                    {"rule": rule, "metric": metric, "value": value, "ci_low": low, "ci_high": high,
+                     "n": len(g), "steps_remaining": remaining}
+                )  # fmt: skip
+    return pd.DataFrame(rows, columns=QUALITY_COLUMNS)
+
+
 def pick_worked_example(rollouts: Sequence[dict[str, Any]], min_steps: int = 3) -> dict[str, Any]:
     """A rollout that shows the rules disagreeing: the first (in file order) with >= ``min_steps`` steps and a
     prefix whose completions are mixed (0 < p < 1); failing that, the one with the most steps."""
@@ -253,6 +392,9 @@ def run(config: LabelsConfig) -> LabelResult:
     artifacts.write_table(res.stats, c.profile, "label_stats")
     res.distribution = label_distribution(res.records, bins=10)
     artifacts.write_table(res.distribution, c.profile, "label_distribution")
+    if any("first_error" in r for r in res.records):  # arith only: other tasks have no step-level truth
+        res.quality = label_quality_table(res.records)
+        artifacts.write_table(res.quality, c.profile, "label_quality")
     res.example = pick_worked_example(res.rollouts)
     res.example_table = worked_example_table(res.example, eta_grid)
     record(

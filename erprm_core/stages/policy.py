@@ -2,8 +2,9 @@
 
 :func:`run` writes ``runs/<profile>/problems/<split>.jsonl`` (:func:`write_problem_splits`), trains the
 embedded tiny policy or loads a hub/local one (:func:`prepare_policy`), measures greedy accuracy and pass@k
-on held-out problems (:func:`evaluate_policy`), writes the tables ``policy_training``, ``policy_eval`` and
-``policy_accuracy_by_steps`` and records the stage in the manifest.
+on held-out problems (:func:`evaluate_policy`), writes the tables ``policy_training``, ``policy_eval``,
+``policy_accuracy_by_steps`` and, for the synthetic task ``arith``, ``policy_errors`` (the ground-truth error
+types of the greedy solutions, :func:`error_type_table`) and records the stage in the manifest.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from erprm_core import evaluators, generation, models, rollouts, stats, tasks, t
 from erprm_core.running import artifacts, numerics
 from erprm_core.stages._common import StageConfig, record
 from erprm_core.steps import BAD_TOKEN, GOOD_TOKEN, STEP_TAG
-from erprm_core.tasks import arith
+from erprm_core.tasks import arith, arith_truth
 
 log = logging.getLogger(__name__)
 
@@ -555,6 +556,32 @@ def evaluate_policy(
     return PolicyEval(table, by_steps, greedy, samples, tokens)
 
 
+def error_type_table(error_types: Sequence[str]) -> pd.DataFrame:
+    """Counts of ground-truth error types (:data:`erprm_core.tasks.arith_truth.ERROR_TYPES`, in that order,
+    zeros included; ``none`` = every step right): ``error_type, count, share`` (share of all solutions)."""
+    error_types = list(error_types)
+    unknown = sorted(set(error_types) - set(arith_truth.ERROR_TYPES))
+    if unknown:
+        raise ValueError(f"unknown error types {unknown}; expected {arith_truth.ERROR_TYPES}")
+    total = len(error_types)
+    rows = [
+        {
+            "error_type": kind,
+            "count": (n := sum(e == kind for e in error_types)),
+            "share": n / total if total else np.nan,
+        }
+        for kind in arith_truth.ERROR_TYPES
+    ]
+    return pd.DataFrame(rows, columns=["error_type", "count", "share"])
+
+
+def greedy_error_types(problems: Sequence[dict[str, Any]], solutions: Sequence[dict[str, Any]]) -> list[str]:
+    """The ground-truth error type (:func:`erprm_core.tasks.arith_truth.first_error`) of each of ``arith``
+    ``solutions`` (records with ``problem_id`` and ``steps``, e.g. :attr:`PolicyEval.greedy`), in order."""
+    by_id = {p["id"]: p for p in problems}
+    return [arith_truth.first_error(by_id[s["problem_id"]], s["steps"])[1] for s in solutions]
+
+
 def sample_examples(
     problems: Sequence[dict[str, Any]],
     samples: Sequence[dict[str, Any]],
@@ -598,6 +625,7 @@ class PolicyStageResult:
     evaluation: PolicyEval
     examples: pd.DataFrame
     numerics: dict[str, Any] = field(default_factory=dict)
+    errors: pd.DataFrame | None = None
 
 
 def _split_sizes(config: PolicyConfig) -> dict[str, int]:
@@ -645,10 +673,16 @@ def run(config: PolicyConfig) -> PolicyStageResult:
     )  # fmt: skip
     artifacts.write_table(evaluation.table, c.profile, "policy_eval")
     artifacts.write_table(evaluation.by_steps, c.profile, "policy_accuracy_by_steps")
+    errors = None
+    if c.task == "arith":  # the other tasks have no step-level ground truth
+        errors = error_type_table(greedy_error_types(problems["test"], evaluation.greedy))
+        artifacts.write_table(errors, c.profile, "policy_errors")
     examples = sample_examples(problems["test"], evaluation.samples, n_problems=3, per_problem=2)
     record(
         c.profile, STAGE, c, split_sizes=sizes, torch_threads=torch_threads, numerics=numerics_info,
         split_checksums=dict(zip(split_summary["split"], split_summary["sha1"], strict=True)),
         eval_generated_tokens=evaluation.generated_tokens, **policy.info,
     )  # fmt: skip
-    return PolicyStageResult(problems, split_summary, sizes, policy, evaluation, examples, numerics_info)
+    return PolicyStageResult(
+        problems, split_summary, sizes, policy, evaluation, examples, numerics_info, errors
+    )

@@ -17,6 +17,15 @@ Files under ``runs/<profile>/raft`` (the loop's state; everything is written ato
     <reward>/iter_01/eval.jsonl        greedy test outputs
     <reward>/iter_01/record.json       written LAST: the iteration is finished
 
+Memory plan (a GPU, or the vLLM backend): the big models take turns on the accelerator, one at a time. The
+sampler of the current policy (a vLLM engine started from the checkpoint folder or hub name, or the HF model)
+is shut down before the reward model is loaded for scoring; the reward model is released after scoring; the
+policy is then loaded afresh for fine-tuning with float32 master weights (trained under bf16 autocast, saved
+in float32, so the next iteration starts from exactly these weights); evaluation casts it back to the run's
+dtype (bfloat16 on a GPU that has it) or starts a vLLM engine from the saved checkpoint in that dtype. On a CPU with
+the hf backend (the CPU profiles) every model stays loaded as before. A policy given by a hub name stays a
+name (``artifacts.fingerprint`` gives ``"hub:<name>"``); it is never taken for a local folder.
+
 Resume: :func:`run_raft` skips an iteration whose record exists with the same fingerprint (settings, reward
 model identity, and the previous iteration's fingerprint, so a change anywhere upstream - a retrained PRM
 or policy, other prompts - redoes the chain). An interrupted iteration is redone, reusing its finished
@@ -26,6 +35,7 @@ as :class:`RaftError` naming the reward model and the iteration.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -37,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from erprm_core import generation, io, models, raft, rollouts, training
@@ -143,17 +154,8 @@ def _digest(obj: Any) -> str:
 
 def _sampling_key(st: RaftSettings) -> dict[str, Any]:
     """The settings that decide the candidates (not the learning rate, the aggregation, ...)."""
-    keys = (
-        "m",
-        "temperature",
-        "top_p",
-        "max_new_tokens",
-        "seed",
-        "batch_size",
-        "shard_size",
-        "prompt_template",
-        "backend",
-    )
+    keys = ("m", "temperature", "top_p", "max_new_tokens", "seed", "batch_size", "shard_size",
+            "prompt_template", "backend")  # fmt: skip
     return {k: getattr(st, k) for k in keys}
 
 
@@ -181,16 +183,23 @@ def _sample(
     )
 
 
-def _load_policy(path: Path | str, settings: RaftSettings):
-    return models.load_causal_lm(path, device=settings.device)
+def _load_policy(path: Path | str, settings: RaftSettings, dtype: str = "auto"):
+    return models.load_causal_lm(path, device=settings.device, dtype=dtype)
+
+
+def takes_turns(settings: RaftSettings) -> bool:
+    """True when the big models of an iteration take turns on the accelerator (the module's memory plan): with
+    the vLLM backend or on a GPU. False on a CPU with the hf backend, where everything stays loaded."""
+    return settings.backend == "vllm" or models.resolve_device(settings.device).type == "cuda"
 
 
 class _Policy:
-    """What an iteration needs from one checkpoint, loaded lazily: the Hugging Face model (fine-tuning and
-    the ``hf`` sampling backend) and, with ``backend="vllm"``, a vLLM sampler of the same folder."""
+    """What an iteration needs from one checkpoint folder or hub name (a name stays a ``str``), loaded lazily:
+    the Hugging Face model (fine-tuning and the ``hf`` sampling backend) and, with ``backend="vllm"``, a vLLM
+    sampler of the same folder or name."""
 
     def __init__(self, path: Path | str, settings: RaftSettings):
-        self.path, self.settings = Path(path), settings
+        self.path, self.settings = path, settings
         self.model: Any = None
         self.tokenizer: Any = None
         self.sampler: Any = None
@@ -203,37 +212,40 @@ class _Policy:
         return self.model, self.tokenizer
 
     def for_sampling(self) -> Any:
-        """A sampler of the configured backend (hf: a new one over the loaded model; vllm: one engine)."""
-        if self.settings.backend != "vllm":
+        """A sampler of the configured backend (hf: a new one over the loaded model, in the run's dtype; vllm:
+        one engine started from the folder or name, with nothing else of this policy on the accelerator)."""
+        st = self.settings
+        if st.backend != "vllm":
             model, tokenizer = self.hf()
-            return generation.make_sampler(model, tokenizer, self.settings.backend, self.settings.batch_size)
+            run_dtype = models.resolve_dtype("auto", st.device)
+            if next(model.parameters()).dtype != run_dtype:
+                model.to(run_dtype)  # a policy just trained with float32 master weights
+            return generation.make_sampler(model, tokenizer, st.backend, st.batch_size)
         if self.sampler is None:
             self.model = self.tokenizer = None
-            _free_accelerator_memory()
-            self.sampler = generation.make_sampler(str(self.path), None, "vllm", self.settings.batch_size)
+            generation.free_accelerator_memory()
+            self.sampler = generation.load_sampler(self.path, "vllm", st.device, batch_size=st.batch_size)
         return self.sampler
 
+    def for_training(self) -> tuple[Any, Any]:
+        """(model, tokenizer) to fine-tune, with float32 weights: the loaded model when it is float32 (the CPU
+        path), else everything of this policy is freed and the checkpoint loaded afresh in float32."""
+        if self.model is None or next(self.model.parameters()).dtype != torch.float32:
+            self.close()
+            self.model, self.tokenizer = _load_policy(self.path, self.settings, dtype="float32")
+        return self.model, self.tokenizer
+
     def release_sampler(self) -> None:
-        """Drop the vLLM engine (if any) before the HF model needs the accelerator."""
+        """Shut the vLLM engine (if any) down before the HF model needs the accelerator."""
         if self.sampler is not None:
-            self.sampler = None
-            _free_accelerator_memory()
+            sampler, self.sampler = self.sampler, None
+            generation.release_sampler(sampler)
 
     def close(self) -> None:
         """Drop everything."""
         self.model = self.tokenizer = None
         self.release_sampler()
-        _free_accelerator_memory()
-
-
-def _free_accelerator_memory() -> None:
-    import gc
-
-    import torch
-
-    if torch.cuda.is_available():  # a full gc costs ~0.4 s with transformers loaded: only worth it on GPU
-        gc.collect()
-        torch.cuda.empty_cache()
+        generation.free_accelerator_memory()
 
 
 def _save_checkpoint_atomically(folder: Path, write: Callable[[Path], Any], fingerprint: str) -> Any:
@@ -269,7 +281,7 @@ def _iteration_settings(settings: RaftSettings | None, **overrides: Any) -> Raft
 
 
 def _iteration_fingerprint(
-    policy_path: Path, reward_name: str, st: RaftSettings, prompts_digest: str, test_problems: Sequence[dict]
+    policy_path: Path | str, reward_name: str, st: RaftSettings, prompts_digest: str, test_problems: Sequence
 ) -> str:
     """The default fingerprint of an iteration: a digest of its inputs."""
     return _digest(
@@ -284,8 +296,8 @@ def _iteration_fingerprint(
 
 
 def _sample_candidates(
-    current: _Policy, policy_path: Path, prompts: Sequence[dict[str, Any]], st: RaftSettings, samples_dir: Path,
-    prompts_digest: str, desc: str,
+    current: _Policy, policy_path: Path | str, prompts: Sequence[dict[str, Any]], st: RaftSettings,
+    samples_dir: Path, prompts_digest: str, desc: str,
 ) -> tuple[list[dict[str, Any]], dict[str, Any], int]:  # fmt: skip
     """Candidates in shards, content-addressed so identical sampling is shared between reward models:
     (samples, the samples' fingerprint, shards computed here)."""
@@ -333,11 +345,14 @@ def _finetune(
     """Fine-tune on (prompt, best solution) and save the checkpoint ``out_dir/policy`` atomically; returns the
     training info and the fine-tuned policy (in memory: exactly the saved checkpoint)."""
     ckpt = out_dir / "policy"
-    model, tok = current.hf()
+    model, tok = current.for_training()
     examples = [
         {"question": by_id[str(c["problem_id"])]["question"], "solution": join_steps(c["steps"])}
         for c in selected
     ]
+
+    gpu = models.resolve_device(st.device).type == "cuda"  # bf16 autocast over the float32 master weights
+    bf16 = gpu and models.resolve_dtype("auto", st.device) == torch.bfloat16
 
     def write(tmp: Path) -> pd.DataFrame:
         return training.train_policy_sft(
@@ -352,9 +367,12 @@ def _finetune(
             prompt_template=st.prompt_template,
             save=True,
             disable_tqdm=True,
+            bf16=bf16,
+            gradient_checkpointing=gpu,
         )
 
     attrs = _save_checkpoint_atomically(ckpt, write, fingerprint).attrs
+    generation.free_accelerator_memory()  # on a GPU the optimizer's states go before the evaluation
     train_info = {
         "n_examples": int(attrs.get("n_examples", len(examples))),
         "n_truncated": int(attrs.get("n_truncated", 0)),
@@ -443,7 +461,6 @@ def raft_iteration(
         raise ValueError("RAFT prompt ids must be unique (seeds and selection are per id)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    policy_path = Path(policy_path)
     prompts_digest = _problems_digest(prompts)
     if fingerprint is None:
         fingerprint = _iteration_fingerprint(policy_path, reward_name, st, prompts_digest, test_problems)
@@ -462,10 +479,14 @@ def raft_iteration(
         prompts_digest,
         f"RAFT {reward_name} it{iteration}: sampling",
     )
+    if takes_turns(st):  # the memory plan: the sampler leaves before the reward model comes
+        current.close()
     scores = _score_candidates_sharded(
         reward_model, reward_name, by_id, prompts, samples, st, out_dir / "scores", fingerprint, sample_fp,
         f"RAFT {reward_name} it{iteration}: scoring",
     )  # fmt: skip
+    if takes_turns(st) and hasattr(reward_model, "release"):  # ... and leaves before fine-tuning
+        reward_model.release()
     selected, audit, stats = raft.select(
         samples, scores, st.seed, prompts, sources=(samples_dir, out_dir / "scores")
     )
@@ -559,7 +580,9 @@ def baseline_record(
 
 
 class _LazyReward:
-    """The reward model of a run, loaded when the first iteration has to run (never for the controls)."""
+    """The reward model of a run, loaded at its first scoring call (never for the controls, nor when every
+    score shard is finished); :meth:`release` drops a PRM loaded here (the memory plan frees it after each
+    iteration's scoring)."""
 
     def __init__(self, reward: Any, reward_name: str, settings: RaftSettings):
         self.reward, self.reward_name, self.settings = reward, reward_name, settings
@@ -571,10 +594,24 @@ class _LazyReward:
             self.scorer = _load_reward(self.reward, self.reward_name, self.settings)
         return self.scorer
 
+    def score_batch(
+        self, questions: Sequence[str], list_of_steps: Sequence[Sequence[str]], batch_size: int | None = None
+    ) -> list[list[float]]:
+        """The scorer's ``score_batch`` (``batch_size`` passed on only where the scorer takes one)."""
+        scorer = self.get()
+        takes = batch_size is not None and "batch_size" in inspect.signature(scorer.score_batch).parameters
+        return scorer.score_batch(questions, list_of_steps, **({"batch_size": batch_size} if takes else {}))
+
+    def release(self) -> None:
+        """Drop a PRM loaded from a checkpoint path (a scorer object given by the caller is kept)."""
+        if isinstance(self.reward, str | Path) and self.scorer is not None:
+            self.scorer = None
+            generation.free_accelerator_memory()
+
 
 def _run_iteration(
     reward: _LazyReward, reward_name: str, it: int, iterations: int, *, old: dict[str, Any] | None,
-    it_dir: Path, fp: str, lr_i: float, aggregation: str, policy_path: Path, previous: str,
+    it_dir: Path, fp: str, lr_i: float, aggregation: str, policy_path: Path | str, previous: str,
     prompts: Sequence[dict[str, Any]], test_problems: Sequence[dict[str, Any]], out_root: Path,
     common: dict[str, Any], st: RaftSettings,
 ) -> dict[str, Any]:  # fmt: skip
@@ -584,7 +621,7 @@ def _run_iteration(
         log.info("RAFT %s iteration %d: inputs or settings changed, redone", reward_name, it)
         (it_dir / "record.json").unlink()
     try:
-        scorer = reward.get()
+        scorer = None if reward_name in CONTROLS else reward  # loaded at its first scoring call
         key = {**_sampling_key(st), "seed": raft.iteration_seed(st.seed, it)}
         samples_dir = (
             out_root / "samples" / _digest({"policy": previous, **key, "prompts": common["prompts"]})
@@ -669,7 +706,7 @@ def run_raft(
         "version": RECORD_VERSION,
     }
     previous = f"start:{artifacts.fingerprint(start_policy)}"
-    policy_path = Path(start_policy)
+    policy_path: Path | str = start_policy  # a hub name stays a name
     scorer = _LazyReward(reward, reward_name, st)
     records = []
     bar = tqdm(range(1, iterations + 1), desc=f"RAFT {reward_name}", unit="iter", disable=not progress)

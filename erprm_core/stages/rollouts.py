@@ -2,7 +2,9 @@
 
 :func:`run_rollouts` runs :func:`erprm_core.rollouts.sample_solutions` and
 :func:`erprm_core.rollouts.rollout_completions` over shards of problems (written atomically, resumable),
-merges them into ``rollouts.jsonl`` and audits them. :func:`run` is the notebook's entry: it loads the
+merges them into ``rollouts.jsonl`` and audits them; for the synthetic task ``arith`` every merged record also
+gets its step-level ground truth (:func:`add_ground_truth`: ``first_error``, ``error_type``), which 02_labels
+passes on. :func:`run` is the notebook's entry: it loads the
 policy (and an optional separate completer), runs the rollouts, writes the tables ``rollouts_summary``,
 ``rollouts_audit`` and ``rollouts_prefixes`` and records the stage in the manifest.
 """
@@ -19,6 +21,7 @@ import pandas as pd
 from erprm_core import generation, io, rollouts
 from erprm_core.running import artifacts, numerics
 from erprm_core.stages._common import StageConfig, record, resolve_policy, take_problems
+from erprm_core.tasks import arith_truth
 
 STAGE = "01_rollouts"
 
@@ -156,6 +159,21 @@ def prefix_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
+def add_ground_truth(records: Sequence[dict[str, Any]]) -> int:
+    """Add ``first_error`` and ``error_type`` (:func:`erprm_core.tasks.arith_truth.first_error` of the
+    question and steps; -1 / ``"none"`` when every step is right) to every record of task ``arith``, in place.
+
+    Records of other tasks (no step-level ground truth) are left as they are. The new keys come after the
+    existing ones, whose values do not change. Returns the number of records annotated.
+    """
+    n = 0
+    for rec in records:
+        if rec.get("task") == "arith":
+            rec["first_error"], rec["error_type"] = arith_truth.first_error(rec["question"], rec["steps"])
+            n += 1
+    return n
+
+
 def run_rollouts(
     out: artifacts.ProfilePaths | str,
     policy: Any,
@@ -233,6 +251,7 @@ def run_rollouts(
         list(problems), shard_size, paths.rollouts, compute, rollouts.ROLLOUT_COLUMNS, "rollouts"
     )
     wall = time.perf_counter() - t0
+    add_ground_truth(records)  # after the merge: the shards (and their random streams) stay as they were
     artifacts.atomic_write_jsonl(paths.rollouts_file, records)
     stats = rollout_stats(records)
     computed = {

@@ -5,7 +5,9 @@ read the labels file, pick the rules (:func:`select_rules`), split problems into
 (:func:`split_heldout`) and train one PRM per rule (:func:`train_prm_rules`; finished checkpoints are
 skipped). :func:`run` is the notebook's entry: training, then the held-out evaluation
 (:func:`evaluate_prm_rules`), the tables ``prm_training``, ``prm_audit``, ``prm_eval``,
-``prm_calibration``, ``prm_min_position`` and the manifest entry.
+``prm_calibration``, ``prm_min_position`` and, for the synthetic task ``arith`` (which has a step-level
+ground truth), ``prm_truth`` (:func:`truth_metrics`: within-problem ranking and ProcessBench's first-error
+F1, with intervals; their values are also appended to ``prm_eval``), and the manifest entry.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +25,12 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from erprm_core import labels, stats, training
+from erprm_core import labels, processbench, stats, training
 from erprm_core.prm import ProcessRewardModel
 from erprm_core.running import artifacts, numerics
 from erprm_core.running.config import parse_names
 from erprm_core.stages._common import StageConfig, record
+from erprm_core.tasks import arith_truth
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +110,7 @@ class TrainPRMResult:
     scores: pd.DataFrame | None = None
     scoring: pd.DataFrame | None = None
     numerics: dict[str, Any] = field(default_factory=dict)
+    truth: pd.DataFrame | None = None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -384,6 +389,145 @@ def heldout_metrics(scores: pd.DataFrame, n_bins: int = 10, position_bins: int =
     return {"metrics": metrics, "calibration": calibration, "min_position": pd.DataFrame(positions)}
 
 
+# ----------------------------------------------------------------------------------------------------
+# Held-out checks against the ground truth (task arith)
+# ----------------------------------------------------------------------------------------------------
+
+TRUTH_COLUMNS = ["rule", "metric", "aggregation", "value", "ci_low", "ci_high", "n"]
+TRUTH_METRICS = ("within_problem_pairwise", "first_error_f1", "error_acc", "correct_acc")
+
+
+def within_problem_pairwise(problem_ids: Any, outcomes: Any, scores: Any) -> pd.Series:
+    """Per problem with at least one correct and one wrong solution: the share of its (correct, wrong)
+    solution pairs whose correct solution has the higher score, a tie counting one half. Indexed by problem
+    id (first-seen order); problems with one outcome only are left out.
+
+    >>> within_problem_pairwise(["a", "a", "a"], [1, 0, 0], [0.9, 0.5, 0.9]).tolist()
+    [0.75]
+    """
+    frame = pd.DataFrame({"problem_id": problem_ids, "outcome": outcomes, "score": scores})
+    shares = {}
+    for pid, g in frame.groupby("problem_id", sort=False):
+        right = g.loc[g["outcome"] == 1, "score"].to_numpy(dtype=float)
+        wrong = g.loc[g["outcome"] == 0, "score"].to_numpy(dtype=float)
+        if right.size and wrong.size:
+            diff = right[:, None] - wrong[None, :]
+            shares[pid] = float(((diff > 0) + 0.5 * (diff == 0)).mean())
+    return pd.Series(shares, dtype=float, name="pairwise")
+
+
+def predict_first_error(step_scores: Any, threshold: float = 0.5) -> int | None:
+    """:func:`erprm_core.processbench.first_error` of one solution's step scores; NaN scores (steps the PRM
+    could not score) end the scored part: a step below ``threshold`` before them is the prediction, and
+    None when none is (the prediction depends on an unscored step)."""
+    s = np.asarray(step_scores, dtype=float)
+    missing = np.flatnonzero(np.isnan(s))
+    cut = int(missing[0]) if missing.size else s.size
+    pred = processbench.first_error(s[:cut].tolist(), threshold)
+    return None if pred == -1 and cut < s.size else pred
+
+
+def first_error_f1(
+    predictions: Sequence[int],
+    truth: Sequence[int],
+    n_boot: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> dict[str, float]:
+    """ProcessBench's :func:`~erprm_core.processbench.f1` of first-error ``predictions`` against the
+    ``truth`` (both ProcessBench-style: index of the first wrong step, -1 for none), with a percentile
+    bootstrap interval of ``f1`` over records (``f1_low``, ``f1_high``; resamples where F1 is undefined are
+    left out) and ``n``, ``n_error`` and ``n_correct`` (records with and without a wrong step).
+
+    >>> r = first_error_f1([1, -1, 2, -1], [1, 3, -1, -1], n_boot=200)
+    >>> (r["error_acc"], r["correct_acc"], r["f1"], r["n_error"])
+    (0.5, 0.5, 0.5, 2)
+    """
+    preds, labs = list(predictions), list(truth)
+    point = processbench.f1(preds, labs)
+    rng = np.random.default_rng(seed)
+    boot = []
+    for _ in range(n_boot if preds else 0):
+        idx = rng.integers(0, len(preds), len(preds))
+        value = processbench.f1([preds[i] for i in idx], [labs[i] for i in idx])["f1"]
+        if not math.isnan(value):
+            boot.append(value)
+    low, high = np.quantile(boot, [(1 - confidence) / 2, (1 + confidence) / 2]) if boot else (math.nan,) * 2
+    n_error = sum(v != -1 for v in labs)
+    return {**point, "f1_low": float(low), "f1_high": float(high), "n": len(labs), "n_error": n_error,
+            "n_correct": len(labs) - n_error}  # fmt: skip
+
+
+def record_first_errors(records: Sequence[dict[str, Any]]) -> dict[tuple[Any, Any], int]:
+    """``{(problem_id, sample_index): first_error}`` of the records with a ground truth: the stored
+    ``first_error`` (02_labels writes it for ``arith``), else :func:`erprm_core.tasks.arith_truth.first_error`
+    for an ``arith`` record; records of other tasks are left out."""
+    out = {}
+    for rec in records:
+        key = (rec["problem_id"], rec.get("sample_index", 0))
+        if "first_error" in rec:
+            out[key] = int(rec["first_error"])
+        elif rec.get("task") == "arith":
+            out[key] = arith_truth.first_error(rec["question"], rec["steps"])[0]
+    return out
+
+
+def _truth_rows(rule: str, shares: pd.Series, preds: list[int], truth: list[int], n_boot: int, seed: int):
+    """The :data:`TRUTH_COLUMNS` rows of one rule (see :func:`truth_metrics`)."""
+    how = "last" if rule == "orm" else "min"
+    pair = stats.bootstrap_ci(shares.to_numpy(), n_boot=n_boot, seed=seed) if len(shares) else (math.nan,) * 3
+    rows = [(rule, "within_problem_pairwise", how, *pair, len(shares))]
+    f1 = first_error_f1(preds, truth, n_boot=n_boot, seed=seed)
+    rows.append((rule, "first_error_f1", "", f1["f1"], f1["f1_low"], f1["f1_high"], f1["n"]))
+    error_hits = [p == t for p, t in zip(preds, truth, strict=True) if t != -1]
+    correct_hits = [p == -1 for p, t in zip(preds, truth, strict=True) if t == -1]
+    for metric, hits in (("error_acc", error_hits), ("correct_acc", correct_hits)):
+        acc = stats.accuracy_ci(hits) if hits else (math.nan,) * 3
+        rows.append((rule, metric, "", *acc, len(hits)))
+    return rows
+
+
+def truth_metrics(
+    scores: pd.DataFrame,
+    records: Sequence[dict[str, Any]],
+    threshold: float = 0.5,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Held-out checks of every rule's PRM against the ground truth (:data:`TRUTH_COLUMNS`, 95% intervals).
+
+    ``scores``: :func:`heldout_step_scores` rows; ``records``: the scored label records (their
+    ``first_error``, :func:`record_first_errors`). Per rule, over the solutions with a ground truth:
+    ``within_problem_pairwise`` (``aggregation`` min, last for the ORM: the rule's headline aggregation):
+    the mean over problems with both outcomes of :func:`within_problem_pairwise`, bootstrap interval over
+    problems, ``n`` problems; ``first_error_f1``: ProcessBench's F1 of the first step scored below
+    ``threshold`` (:func:`predict_first_error`) against the true first error (:func:`first_error_f1`,
+    bootstrap interval over records, ``n`` records; solutions whose prediction hinges on an unscored step
+    are left out); ``error_acc`` / ``correct_acc``: its two accuracies (Wilson intervals, ``n`` records in
+    each subset). A solution that stops after right steps without an answer line has its first error at
+    ``len(steps)``, which no step score can name. Empty when no record has a ground truth.
+    """
+    truth = record_first_errors(records)
+    if not truth:
+        return pd.DataFrame(columns=TRUTH_COLUMNS)
+    known = scores[[key in truth for key in zip(scores["problem_id"], scores["sample_index"], strict=True)]]
+    sols = _solution_frame(known)
+    rows = []
+    for rule in known["rule"].unique():
+        sr = sols[sols["rule"] == rule]
+        shares = within_problem_pairwise(
+            sr["problem_id"], sr["outcome"], sr["last" if rule == "orm" else "min"]
+        )
+        preds, labs = [], []
+        for key, g in known[known["rule"] == rule].groupby(["problem_id", "sample_index"], sort=False):
+            pred = predict_first_error(g.sort_values("step")["score"], threshold)
+            if pred is not None:
+                preds.append(pred)
+                labs.append(truth[key])
+        rows += _truth_rows(rule, shares, preds, labs, n_boot, seed)
+    return pd.DataFrame(rows, columns=TRUTH_COLUMNS)
+
+
 def evaluate_prm_rules(
     prm_folders: dict[str, Any],
     records: Sequence[dict[str, Any]],
@@ -395,7 +539,9 @@ def evaluate_prm_rules(
 ) -> dict[str, Any]:
     """Score held-out ``records`` with the PRM of every rule (``{rule: checkpoint folder}``) and compute
     :func:`heldout_metrics`. Adds ``"scores"`` (every step score) and ``"scoring"`` (forward passes and
-    tokens per rule); the metrics table gets a ``scoring`` column (the mode is part of every result)."""
+    tokens per rule); the metrics table gets a ``scoring`` column (the mode is part of every result). Where the
+    records have a ground truth (task ``arith``), ``"truth"`` is :func:`truth_metrics` and its values are
+    appended to the metrics table (rule, metric, value, n; after the other rows); else ``"truth"`` is None."""
     if not records:
         raise ValueError("no held-out records to evaluate on (raise heldout_fraction or add problems)")
     frames, usage = [], []
@@ -413,6 +559,12 @@ def evaluate_prm_rules(
         del model
     scores = pd.concat(frames, ignore_index=True)
     out = heldout_metrics(scores, n_bins=n_bins)
+    truth = truth_metrics(scores, records)
+    out["truth"] = truth if len(truth) else None
+    if len(truth):
+        out["metrics"] = pd.concat(
+            [out["metrics"], truth[["rule", "metric", "value", "n"]]], ignore_index=True
+        )
     out["metrics"] = out["metrics"].assign(scoring=scoring)
     out["scores"] = scores
     out["scoring"] = pd.DataFrame(usage)
@@ -441,8 +593,10 @@ def run(config: TrainPRMConfig) -> TrainPRMResult:
     ev = evaluate_prm_rules({r: P.prm(r) for r in res.rules}, res.heldout, scoring=c.scoring,
                             batch_size=c.score_batch_size, device=c.device)  # fmt: skip
     res.metrics, res.calibration, res.min_position = ev["metrics"], ev["calibration"], ev["min_position"]
-    res.scores, res.scoring = ev["scores"], ev["scoring"]
+    res.scores, res.scoring, res.truth = ev["scores"], ev["scoring"], ev["truth"]
     artifacts.write_table(res.metrics, c.profile, "prm_eval")
+    if res.truth is not None:  # arith only: other tasks have no step-level ground truth
+        artifacts.write_table(res.truth, c.profile, "prm_truth")
     artifacts.write_table(res.calibration, c.profile, "prm_calibration")
     artifacts.write_table(res.min_position, c.profile, "prm_min_position")
     record(
