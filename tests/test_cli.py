@@ -3,14 +3,17 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from erprm_core import prm
 from erprm_core.running import artifacts, cli, config
 from erprm_core.stages import train_prm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_prm import make_model, make_tokenizer  # noqa: E402
 
 WORDS = "Tom has 3 apples . He buys 2 more 3 + 2 = 5 The answer is : 5 Ann 4 pens gives 1 away 4 - 1".split()
 
@@ -23,36 +26,10 @@ SOLUTIONS = [
 @pytest.fixture(scope="module")
 def prm_folder(tmp_path_factory):
     """A tiny random-weight Llama PRM in the Math-Shepherd format (" ки" tag, "+" / "-" tokens)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"])}
-    for w in sorted(set(WORDS) | {"+", "-"}):
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
-    )
-    fast.add_tokens(["ки"])
-    model_config = LlamaConfig(
-        vocab_size=len(fast),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        pad_token_id=fast.pad_token_id,
-        bos_token_id=fast.bos_token_id,
-        eos_token_id=fast.eos_token_id,
-    )
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny_prm")
-    LlamaForCausalLM(model_config).eval().save_pretrained(folder)
-    fast.save_pretrained(folder)
+    tok = make_tokenizer(words=WORDS)
+    make_model(tok).save_pretrained(folder)
+    tok.save_pretrained(folder)
     return folder
 
 

@@ -21,13 +21,13 @@ WORDS = (
 ).split()
 
 
-def make_tokenizer(with_tag: bool = True):
-    """A word-level fast tokenizer (BOS added) whose vocabulary holds "ки", "+", "-"."""
+def make_tokenizer(with_tag: bool = True, words=WORDS):
+    """A word-level fast tokenizer (BOS added) whose vocabulary holds ``words``, "ки", "+", "-"."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"])}
-    for w in sorted(set(WORDS) | {"+", "-"}):
+    for w in sorted(set(words) | {"+", "-"}):
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -40,7 +40,8 @@ def make_tokenizer(with_tag: bool = True):
     return fast
 
 
-def make_model(tokenizer, seed: int = 0):
+def make_model(tokenizer, seed: int = 0, max_position_embeddings: int = 128):
+    """A random-weight 2-layer Llama over ``tokenizer``'s vocabulary (untied head, eval mode)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -50,7 +51,7 @@ def make_model(tokenizer, seed: int = 0):
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=2,
-        max_position_embeddings=128,
+        max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,

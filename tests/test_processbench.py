@@ -8,17 +8,21 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from erprm_core import processbench
 from erprm_core.io import ArtifactError
 from erprm_core.processbench import f1, first_error
 from erprm_core.running import processbench_cmd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_prm import make_model, make_tokenizer  # noqa: E402
+
 from erprm_core.running.processbench_cmd import metrics, predict, threshold_sweep
 
 PB_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "processbench"
@@ -218,35 +222,9 @@ WORDS = (
 
 def _tiny_prm_folder(folder):
     """A word-level tokenizer with "ки", "+", "-" and a random 2-layer Llama, saved like a hub checkpoint."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"])}
-    for w in sorted(set(WORDS)):
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
-    )
-    fast.add_tokens(["ки"])
-    config = LlamaConfig(
-        vocab_size=len(fast),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        pad_token_id=fast.pad_token_id,
-        bos_token_id=fast.bos_token_id,
-        eos_token_id=fast.eos_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).eval().save_pretrained(folder)
-    fast.save_pretrained(folder)
+    tok = make_tokenizer(words=WORDS)
+    make_model(tok, max_position_embeddings=256).save_pretrained(folder)
+    tok.save_pretrained(folder)
     return folder
 
 
