@@ -70,7 +70,8 @@ def load_causal_lm(
     """Load ``(model, tokenizer)`` from a hub name or a local ``save_pretrained`` folder (Auto classes).
 
     ``device``/``dtype`` as in :func:`resolve_device`/:func:`resolve_dtype`; extra ``kwargs`` go to
-    ``AutoModelForCausalLM.from_pretrained`` (e.g. ``attn_implementation``). Honours ``HF_HUB_OFFLINE``.
+    ``AutoModelForCausalLM.from_pretrained`` (e.g. ``attn_implementation``); a ``revision`` among them is also
+    the tokenizer's, so a pinned hub revision loads a matching pair. Honours ``HF_HUB_OFFLINE``.
     The tokenizer gets a pad token (the EOS token) if it has none and ``padding_side`` (left: for
     generation). A local path that does not exist raises FileNotFoundError naming it. The model is
     returned in eval mode.
@@ -89,7 +90,7 @@ def load_causal_lm(
         name = str(path)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    tokenizer = AutoTokenizer.from_pretrained(name, revision=kwargs.get("revision"))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side

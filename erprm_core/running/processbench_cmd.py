@@ -305,7 +305,7 @@ def _records_digest(records: Sequence[dict[str, Any]]) -> str:
 
 
 def _load_prm(args: argparse.Namespace) -> Any:
-    """The PRM of ``--prm`` (and ``--revision``: model AND tokenizer from that revision)."""
+    """The PRM of ``--prm`` (``--revision``: model and tokenizer of that hub revision)."""
     share = {"off": False, "on": True, "auto": "auto"}[args.share_prefix]
     kwargs: dict[str, Any] = {"device": args.device, "dtype": args.dtype, "share_prefix": share}
     if args.max_length is not None:
@@ -314,20 +314,12 @@ def _load_prm(args: argparse.Namespace) -> Any:
         kwargs["revision"] = args.revision
     tokens = (args.step_tag, args.good_token, args.bad_token)
     try:
-        if not args.revision:
-            return ProcessRewardModel.from_pretrained(args.prm, *tokens, args.scoring, **kwargs)
-        # from_pretrained passes the revision to the model only: load the tokenizer of that revision too.
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.prm, revision=args.revision)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        model = ProcessRewardModel.from_pretrained(args.prm, *tokens, args.scoring, **kwargs).model
-        return ProcessRewardModel(
-            model, tokenizer, *tokens, args.scoring, args.max_length, f"{args.prm}@{args.revision}", share
-        )
+        scorer = ProcessRewardModel.from_pretrained(args.prm, *tokens, args.scoring, **kwargs)
     except (FileNotFoundError, OSError, ValueError) as exc:
         raise ArtifactError(f"--prm {args.prm}: cannot load the PRM ({type(exc).__name__}: {exc})") from exc
+    if args.revision:
+        scorer.name = f"{args.prm}@{args.revision}"  # the name in the tables says which revision scored
+    return scorer
 
 
 # ----------------------------------------------------------------------------------------------------
