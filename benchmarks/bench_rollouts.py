@@ -19,6 +19,7 @@ Usage: ``python benchmarks/bench_rollouts.py [--prefixes 32] [--k 8] [--max-new-
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import time
@@ -30,7 +31,7 @@ import torch  # noqa: E402
 
 from erprm_core import models, rollouts  # noqa: E402
 from erprm_core.generation import HFSampler  # noqa: E402
-from erprm_core.running import artifacts  # noqa: E402
+from erprm_core.running import artifacts, bench  # noqa: E402
 from erprm_core.sampler import cut_at_answer_line  # noqa: E402
 from erprm_core.stages.policy import build_tiny_model, build_tokenizer
 from erprm_core.steps import split_steps  # noqa: E402
@@ -149,7 +150,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds; the best of each is reported")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the figures (erprm bench reads them) to this file")
+    parser.add_argument(
+        "--quick", action="store_true", help="a few tokens only (tests): seconds, not minutes"
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.prefixes, args.k, args.max_new_tokens, args.repeats = 4, 2, 8, 1
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -175,6 +182,18 @@ def main() -> None:
         f"naive loop  : {naive_tokens:7d} completion tokens in {naive_s:6.2f} s = {naive_rate:8.0f} tokens/s"
     )
     print(f"ratio (kit / naive tokens/s): {kit_rate / naive_rate:.1f}x (target >= 3x)")
+    if args.json:
+        prompt = sum(len(tok(t).input_ids) for t in texts) / len(texts)
+        completion = kit_tokens / (len(texts) * args.k)
+        figures = {
+            "tokens_per_s": kit_rate, "naive_tokens_per_s": naive_rate, "ratio": kit_rate / naive_rate,
+            "baseline": "one generate() per prefix", "tokens": kit_tokens, "seconds": kit_s,
+            "training": False, "head_per_token": True, "context": prompt + (completion + 1) / 2,
+            "mean_prompt_tokens": prompt, "mean_completion_tokens": completion, "policy": what,
+            **bench.model_dims(model),
+        }  # fmt: skip
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
 
     stage = artifacts.load_manifest("tiny").get("stages", {}).get("01_rollouts")
     if stage:

@@ -14,6 +14,7 @@ Usage: ``python benchmarks/bench_scoring.py [--n-solutions 32] [--steps 5] [--ba
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import tempfile
@@ -25,7 +26,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from erprm_core import models, prm, training  # noqa: E402
-from erprm_core.stages.policy import build_tiny_model, build_tokenizer
+from erprm_core.running import bench  # noqa: E402
+from erprm_core.stages.policy import build_tiny_model, build_tokenizer  # noqa: E402
 from erprm_core.steps import format_prm_input, split_steps  # noqa: E402
 from erprm_core.tasks.arith import generate_problems  # noqa: E402
 
@@ -114,6 +116,25 @@ def bench_training(model_dir: str, questions, steps, batch_size: int, max_steps:
     return {"train_tokens_s": df.attrs["tokens_per_s"]}
 
 
+def write_figures(path: str, model, tokenizer, questions, steps, res: dict, batch_size: int) -> None:
+    """The kit scorer's figures as JSON for ``erprm bench``: tokens/s (the PRM inputs' tokens, no padding),
+    the ratio to the per-step baseline and the model's sizes. The LM head runs only at the step tags."""
+    tag = prm.ProcessRewardModel(model, tokenizer).ids.step_tag
+    lengths = [
+        len(tokenizer.encode(format_prm_input(q, s, tag))) for q, s in zip(questions, steps, strict=True)
+    ]
+    tokens_per_solution = sum(lengths) / len(lengths)
+    figures = {
+        "tokens_per_s": res["kit_sol_s"] * tokens_per_solution, "ratio": res["kit_sol_s"] / res["naive_sol_s"],
+        "naive_tokens_per_s": res["naive_sol_s"] * tokens_per_solution, "solutions_per_s": res["kit_sol_s"],
+        "baseline": "one forward per step prefix", "tokens_per_solution": tokens_per_solution,
+        "batch_size": batch_size, "training": False, "head_per_token": False,
+        "context": bench.mean_context(lengths), **bench.model_dims(model),
+    }  # fmt: skip
+    with open(path, "w") as f:
+        json.dump(figures, f, indent=2)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-solutions", type=int, default=32)
@@ -122,7 +143,11 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--train-steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--json", help="also write the figures (erprm bench reads them) to this file")
+    parser.add_argument("--quick", action="store_true", help="a few solutions only (tests): seconds")
     args = parser.parse_args()
+    if args.quick:
+        args.n_solutions, args.batch_size, args.repeats, args.train_steps = 4, 2, 1, 0
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -140,6 +165,10 @@ def main() -> int:
     print(f"kit scorer (1 forward/solution, batch {args.batch_size}): {res['kit_sol_s']:8.1f} solutions/s")
     print(f"per-step prefix re-encoding (1 forward/step, unbatched): {res['naive_sol_s']:8.1f} solutions/s")
     print(f"ratio: {ratio:.1f}x (target >= 3x); max |score difference| {res['max_abs_diff']:.1e}")
+    if args.json:
+        write_figures(args.json, model, tokenizer, questions, steps, res, args.batch_size)
+    if args.quick:
+        return 0
 
     pool = bench_shared_prefix(model, tokenizer, questions, steps, args.batch_size, args.repeats)
     print(
@@ -148,6 +177,8 @@ def main() -> int:
         f"{pool['shared_sol_s'] / pool['unshared_sol_s']:.2f}x; max |score difference| {pool['max_abs_diff']:.1e}"
     )
 
+    if args.train_steps <= 0:
+        return 0 if ratio >= 3.0 else 1
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

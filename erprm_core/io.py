@@ -1,4 +1,4 @@
-"""Generic file I/O for every layer: the artifact error, atomic writes, the audit of skipped samples.
+"""Generic I/O for every layer: the artifact error, atomic writes, the audit of skipped samples, progress bars.
 
 Files are written atomically (temp file + rename). Nothing here knows about profiles or paths;
 ``erprm_core.running.artifacts`` builds those (and the checked JSONL files) on top.
@@ -10,10 +10,13 @@ import json
 import os
 import tempfile
 from collections import Counter
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from tqdm.auto import tqdm as auto_tqdm
+from tqdm.std import tqdm as std_tqdm
 
 
 class ArtifactError(RuntimeError):
@@ -63,3 +66,28 @@ class Audit:
             for r, c in sorted(self.counts.items())
         ]
         return pd.DataFrame(rows, columns=["stage", "reason", "count", "example"])
+
+
+PROGRESS_ENV = "ERPRM_PROGRESS_FILE"  # set by `erprm reproduce` in its stage kernels: see progress()
+
+
+def progress(iterable: Any = None, **kwargs: Any) -> Any:
+    """tqdm (same arguments) by the kit's one rule: ``tqdm.auto`` draws the bar (a widget in Jupyter, text in a
+    terminal), except in a stage kernel of ``erprm reproduce`` (:data:`PROGRESS_ENV` set), where the open bars
+    go to that JSON file instead, at most once a second, and the pipeline shows them in the terminal."""
+    if not os.environ.get(PROGRESS_ENV):
+        return auto_tqdm(iterable, **kwargs)
+    return _FileBar(iterable, **{"disable": False, **kwargs, "file": StringIO(), "mininterval": 1.0})
+
+
+class _FileBar(std_tqdm):
+    """A tqdm that draws nothing: each refresh writes every open bar (outermost first) to the progress file."""
+
+    monitor_interval = 0  # no monitor thread
+
+    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+        """Write description, count, total, unit, elapsed seconds and rate of each open bar."""
+        bars = sorted((b for b in self._instances if isinstance(b, _FileBar)), key=lambda b: abs(b.pos))
+        keys = ("prefix", "n", "total", "unit", "elapsed", "rate")
+        atomic_write_json(os.environ[PROGRESS_ENV], [{k: b.format_dict[k] for k in keys} for b in bars])
+        return True

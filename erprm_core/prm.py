@@ -29,6 +29,7 @@ import torch
 
 from erprm_core import models
 from erprm_core.io import Audit
+from erprm_core.io import progress as progress_bar
 from erprm_core.steps import BAD_TOKEN, GOOD_TOKEN, STEP_TAG, format_prm_input
 
 log = logging.getLogger(__name__)
@@ -376,17 +377,10 @@ class ProcessRewardModel:
     """
 
     def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        step_tag: str = STEP_TAG,
-        good_token: str = GOOD_TOKEN,
-        bad_token: str = BAD_TOKEN,
-        scoring: str = "two_token",
-        max_length: int | None = None,
-        name: str | None = None,
-        share_prefix: bool | str = "auto",
-    ):
+        self, model: Any, tokenizer: Any, step_tag: str = STEP_TAG, good_token: str = GOOD_TOKEN,
+        bad_token: str = BAD_TOKEN, scoring: str = "two_token", max_length: int | None = None,
+        name: str | None = None, share_prefix: bool | str = "auto",
+    ):  # fmt: skip
         if scoring not in SCORING_MODES:
             raise ValueError(f"scoring={scoring!r} unknown; choose one of {SCORING_MODES}")
         self.model = model
@@ -425,17 +419,8 @@ class ProcessRewardModel:
         """Load a PRM from a hub name or a save_pretrained folder (any causal LM whose vocabulary has the tag
         and the good/bad tokens, e.g. a Math-Shepherd checkpoint). ``model_kwargs`` go to the model loader."""
         model, tokenizer = models.load_causal_lm(path_or_name, device=device, dtype=dtype, **model_kwargs)
-        return cls(
-            model,
-            tokenizer,
-            step_tag,
-            good_token,
-            bad_token,
-            scoring,
-            max_length,
-            str(path_or_name),
-            share_prefix,
-        )
+        return cls(model, tokenizer, step_tag, good_token, bad_token, scoring, max_length, str(path_or_name),
+                   share_prefix)  # fmt: skip
 
     # --- text ---
     def format(self, question: str, steps: Sequence[str]) -> str:
@@ -448,12 +433,8 @@ class ProcessRewardModel:
 
     def info(self) -> dict[str, Any]:
         """What to record with results: model name, scoring mode, tokens, ids, length limit."""
-        return {
-            "prm": self.name,
-            "scoring": self.scoring,
-            "max_length": self.max_length,
-            **self.ids.as_dict(),
-        }
+        return {"prm": self.name, "scoring": self.scoring, "max_length": self.max_length,
+                **self.ids.as_dict()}  # fmt: skip
 
     # --- scoring ---
     def score(self, question: str, steps: Sequence[str]) -> list[float]:
@@ -485,11 +466,7 @@ class ProcessRewardModel:
         out: list[list[float]] = [[] for _ in encodings]
         device = _model_device(self.model)
         batches = _scoring_batches(questions, encodings, batch_size, self.share_prefix)
-        if progress:
-            from tqdm.auto import tqdm
-
-            batches = tqdm(batches, desc="PRM scoring", unit="batch")
-        for batch in batches:
+        for batch in progress_bar(batches, desc="PRM scoring", unit="batch", disable=not progress):
             encs = [encodings[i] for i in batch]
             shared = shared_prefix_length(encs) if self.share_prefix else 0
             scores = self._score_encodings(encs, device, shared)

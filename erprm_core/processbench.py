@@ -9,7 +9,8 @@ and on the all-correct ones, and the benchmark's F1 is their harmonic mean (:fun
 folder of ``<split>.json`` files (a JSON list of records, the layout of the benchmark's GitHub release),
 checks every record and records the file's sha256. Note that the hub copy was corrected after the first
 release: report which one a result used (:attr:`ProcessBenchSplit.source`, ``sha256``). Scoring, the
-threshold sweep and the tables are ``erprm processbench`` (:mod:`erprm_core.running.processbench_cmd`).
+threshold sweep and the tables are :mod:`erprm_core.stages.processbench_eval` (``erprm processbench``, stage
+07_processbench).
 """
 
 from __future__ import annotations
@@ -31,15 +32,7 @@ HUB_NAME = "Qwen/ProcessBench"
 SPLITS = ("gsm8k", "math", "olympiadbench", "omnimath")
 REQUIRED_FIELDS = ("id", "problem", "steps", "label")
 
-__all__ = [
-    "HUB_NAME",
-    "SPLITS",
-    "REQUIRED_FIELDS",
-    "ProcessBenchSplit",
-    "load",
-    "first_error",
-    "f1",
-]
+__all__ = ["HUB_NAME", "SPLITS", "REQUIRED_FIELDS", "ProcessBenchSplit", "load", "first_error", "f1"]
 
 
 @dataclass
@@ -182,12 +175,12 @@ def is_missing(score: Any) -> bool:
     return score is None or math.isnan(float(score))
 
 
-def first_error(step_scores: Sequence[float], threshold: float = 0.5) -> int:
+def first_error(step_scores: Sequence[float | None], threshold: float = 0.5) -> int | None:
     """Index of the first step scored strictly below ``threshold``; -1 when none is (or there are no steps).
 
-    A score exactly equal to the threshold counts as a correct step ("below" is strict). A NaN (or None)
-    score raises ValueError naming its position: use :func:`erprm_core.running.processbench_cmd.predict`
-    for partly scored solutions.
+    A score exactly equal to the threshold counts as a correct step ("below" is strict). A missing score
+    (None or NaN: a step whose tag the PRM could not locate, e.g. cut by its length limit) ends what can be
+    judged: the result is None when it comes before any step below the threshold.
 
     >>> first_error([0.9, 0.7, 0.2, 0.1])
     2
@@ -195,13 +188,13 @@ def first_error(step_scores: Sequence[float], threshold: float = 0.5) -> int:
     -1
     >>> first_error([])
     -1
+    >>> first_error([0.9, 0.1, None]), first_error([0.9, None, 0.1])
+    (1, None)
     """
     threshold = check_threshold(threshold)
     for i, score in enumerate(step_scores):
         if is_missing(score):
-            raise ValueError(
-                f"step_scores[{i}] is {score!r}: every step needs a score (see processbench_cmd.predict)"
-            )
+            return None
         if float(score) < threshold:
             return i
     return -1

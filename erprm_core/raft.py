@@ -313,16 +313,9 @@ def evaluate_greedy(
     """
     if not test_problems:
         raise ValueError("no test problems to evaluate on")
-    recs = rollouts.sample_solutions(
-        sampler,
-        test_problems,
-        n=1,
-        temperature=0.0,
-        top_p=1.0,
-        max_new_tokens=settings.max_new_tokens,
-        seed=0,
-        prompt_template=settings.prompt_template,
-    )
+    recs = rollouts.sample_solutions(sampler, test_problems, n=1, temperature=0.0, top_p=1.0,
+                                     max_new_tokens=settings.max_new_tokens, seed=0,
+                                     prompt_template=settings.prompt_template)  # fmt: skip
     acc, low, high = stats.accuracy_ci([r["outcome"] for r in recs])
     summary = {
         "greedy_accuracy": acc,

@@ -61,15 +61,8 @@ def bootstrap_ci(
     seed_int = base_seed(seed)
 
     def run(how: str) -> tuple[float, float]:
-        res = stats.bootstrap(
-            (x,),
-            np.mean,
-            n_resamples=n_boot,
-            confidence_level=confidence,
-            method=how,
-            vectorized=True,
-            rng=np.random.default_rng(seed_int),
-        )
+        res = stats.bootstrap((x,), np.mean, n_resamples=n_boot, confidence_level=confidence, method=how,
+                              vectorized=True, rng=np.random.default_rng(seed_int))  # fmt: skip
         return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
     with warnings.catch_warnings():
@@ -103,44 +96,32 @@ def paired_bootstrap_diff(
     confidence: float = 0.95,
     seed: SeedLike = 0,
     n_permutations: int = 9999,
+    atol: float = 1e-9,
 ) -> PairedDiff:
     """Paired comparison of two methods on identical pools, from their per-problem values.
 
     diff = mean(a - b); its CI is :func:`bootstrap_ci` of the per-problem differences. The two-sided p-value
     is a sign-flip permutation test of mean(a - b) = 0 (scipy.stats.permutation_test with one sample:
     the null is that each problem's difference is symmetric around 0; exact when 2^P <= n_permutations).
-    All-zero differences give p = 1 and a (0, 0) interval.
+    A per-problem difference within ``atol`` of 0 is a tie (0, no win): equal expectations computed in floating
+    point (every best-of-n pick at n = 1) differ by rounding. All-zero differences give p = 1, a (0, 0) interval.
     """
     a = np.asarray(a, dtype=float).ravel()
     b = np.asarray(b, dtype=float).ravel()
     if a.shape != b.shape:
         raise ValueError(f"paired_bootstrap_diff: a has {a.size} problems, b has {b.size}")
-    d = a - b
+    d = np.where(np.abs(a - b) <= atol, 0.0, a - b)
     _, low, high = bootstrap_ci(d, n_boot=n_boot, confidence=confidence, seed=seed)
     if np.all(d == 0):
         p_value = 1.0
     else:
-        res = stats.permutation_test(
-            (d,),
-            np.mean,
-            permutation_type="samples",
-            vectorized=True,
-            n_resamples=n_permutations,
-            alternative="two-sided",
-            rng=np.random.default_rng(base_seed(seed)),
-        )
+        res = stats.permutation_test((d,), np.mean, permutation_type="samples", vectorized=True,
+                                     n_resamples=n_permutations, alternative="two-sided",
+                                     rng=np.random.default_rng(base_seed(seed)))  # fmt: skip
         p_value = float(res.pvalue)
-    return PairedDiff(
-        mean_a=float(a.mean()),
-        mean_b=float(b.mean()),
-        diff=float(d.mean()),
-        ci_low=low,
-        ci_high=high,
-        p_value=p_value,
-        n_problems=int(d.size),
-        n_a_better=int((d > 0).sum()),
-        n_b_better=int((d < 0).sum()),
-    )
+    return PairedDiff(mean_a=float(a.mean()), mean_b=float(b.mean()), diff=float(d.mean()), ci_low=low,
+                      ci_high=high, p_value=p_value, n_problems=int(d.size), n_a_better=int((d > 0).sum()),
+                      n_b_better=int((d < 0).sum()))  # fmt: skip
 
 
 def accuracy_ci(correct_vector: Any, confidence: float = 0.95) -> tuple[float, float, float]:
@@ -192,16 +173,8 @@ def calibration_bins(pred: Any, target: Any, n_bins: int = 10) -> pd.DataFrame:
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_p = np.where(count > 0, sum_p / np.maximum(count, 1), np.nan)
         mean_t = np.where(count > 0, sum_t / np.maximum(count, 1), np.nan)
-    return pd.DataFrame(
-        {
-            "bin": np.arange(n_bins),
-            "bin_low": edges[:-1],
-            "bin_high": edges[1:],
-            "mean_pred": mean_p,
-            "mean_target": mean_t,
-            "count": count.astype(np.int64),
-        }
-    )
+    return pd.DataFrame({"bin": np.arange(n_bins), "bin_low": edges[:-1], "bin_high": edges[1:],
+                         "mean_pred": mean_p, "mean_target": mean_t, "count": count.astype(np.int64)})  # fmt: skip
 
 
 def expected_calibration_error(pred: Any, target: Any, n_bins: int = 10) -> float:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -132,8 +133,17 @@ def _common_training_kwargs(
         weight_decay=weight_decay, max_grad_norm=max_grad_norm, logging_strategy="steps",
         logging_steps=logging_steps, eval_strategy="no", save_strategy="no", report_to="none", seed=seed,
         data_seed=seed, bf16=bool(bf16),
-        **({"use_cpu": True} if bf16 and not torch.cuda.is_available() else {}),  # bf16 autocast on a CPU
+        # the CPU for bf16 autocast without CUDA, and for DDP over gloo when launched as several processes
+        **({"use_cpu": True} if (bf16 and not torch.cuda.is_available()) or _cpu_processes() else {}),
     )  # fmt: skip
+
+
+def _cpu_processes() -> bool:
+    """Launched as several processes (``WORLD_SIZE``) on a machine without a GPU or other accelerator: without
+    ``use_cpu`` the Trainer would set up no backend there, and each process would train alone."""
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    found = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    return int(os.environ.get("WORLD_SIZE") or 1) > 1 and not found
 
 
 LOSS_LOG_COLUMNS = ["step", "epoch", "loss", "learning_rate", "grad_norm"]
@@ -142,8 +152,12 @@ LOSS_LOG_COLUMNS = ["step", "epoch", "loss", "learning_rate", "grad_norm"]
 def _train_and_log(trainer: Any, model: Any) -> tuple[Any, float, pd.DataFrame]:
     """Run ``trainer.train()`` (KV cache off meanwhile); return its output, the wall time and the loss log
     (one row per logged step, ``LOSS_LOG_COLUMNS``). The model is left in eval mode."""
+    if int(os.environ.get("WORLD_SIZE") or 1) > 1 and trainer.args.world_size == 1:
+        raise RuntimeError("launched as several processes, but the Trainer found no distributed backend: "
+                           "each process would train alone into the same folder")  # fmt: skip
     was_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
+    _step_progress(trainer)
     start = time.perf_counter()
     out = trainer.train()
     runtime = time.perf_counter() - start
@@ -151,6 +165,27 @@ def _train_and_log(trainer: Any, model: Any) -> tuple[Any, float, pd.DataFrame]:
     model.eval()
     rows = [{c: h.get(c) for c in LOSS_LOG_COLUMNS} for h in trainer.state.log_history if "loss" in h]
     return out, runtime, pd.DataFrame(rows, columns=LOSS_LOG_COLUMNS)
+
+
+def _step_progress(trainer: Any) -> None:
+    """Swap the Trainer's bar and log printing (the loss log is returned as a table) for its step count on
+    :func:`erprm_core.io.progress`; none with ``disable_tqdm``."""
+    from transformers import ProgressCallback
+
+    class StepProgress(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.current_step, self.training_bar = 0, None
+            if state.is_world_process_zero:
+                self.training_bar = io.progress(total=state.max_steps, desc="training", unit="step")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            return None
+
+    printers = ("PrinterCallback", "ProgressCallback", "NotebookProgressCallback")
+    for callback in [c for c in trainer.callback_handler.callbacks if type(c).__name__ in printers]:
+        trainer.remove_callback(callback)
+    if not trainer.args.disable_tqdm:
+        trainer.add_callback(StepProgress())
 
 
 def _model_dtype(model) -> torch.dtype:
@@ -356,16 +391,25 @@ def _prm_trainer_class():
     from transformers import Trainer
 
     class PRMTrainer(Trainer):
-        """Trainer computing the soft-label PRM loss from logits taken only at the step tags."""
+        """Trainer computing the soft-label PRM loss from logits taken only at the step tags. The loss of an
+        optimizer step is the mean over all labelled tags of its global batch (all micro-batches of all
+        processes): 1 process x 4, 1 x 2 x 2 accumulation steps and 2 processes x 2 train the same numbers."""
 
-        loss_is_scaled_for_ga = False  # a per-micro-batch mean: the Trainer divides by the accumulation steps
+        loss_is_scaled_for_ga = True  # compute_loss weights each micro-batch by its share of the step's tags
 
         def __init__(self, *args: Any, good_id: int, bad_id: int, **kwargs: Any):
             super().__init__(*args, **kwargs)
             self.good_id, self.bad_id = good_id, bad_id
 
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            """The micro-batches of one optimizer step and their labelled tags, summed over the processes."""
+            batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+            n_tags = torch.tensor([sum(int(b["prm_mask"].sum()) for b in batches)], device=device)
+            return batches, (self.accelerator.gather(n_tags) if self.args.world_size > 1 else n_tags).sum()
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            """Soft-label cross-entropy at the tags (``num_items_in_batch`` is unused: no "labels" key)."""
+            """Soft-label cross-entropy at the tags; in training times this micro-batch's share of the step's
+            tags (``num_items_in_batch``) and the process count (DDP and DeepSpeed average the gradients)."""
             positions = inputs.pop("prm_positions")
             targets = inputs.pop("prm_targets")
             mask = inputs.pop("prm_mask")
@@ -373,6 +417,8 @@ def _prm_trainer_class():
             loss = prm.soft_label_prm_loss(
                 logits, None, targets, good_id=self.good_id, bad_id=self.bad_id, mask=mask
             )
+            if num_items_in_batch is not None:  # exactly 1 for one process without accumulation
+                loss = loss * (mask.sum() / num_items_in_batch.clamp(min=1) * self.args.world_size)
             return (loss, {"logits": logits}) if return_outputs else loss
 
     return PRMTrainer

@@ -102,7 +102,7 @@ res.split_summary
 pd.Series(res.policy.info)
 
 # %%
-style.save_figure(figures.figure_policy_training(res.policy.log), P.figures, "policy_training")
+style.shown(figures.figure_policy_training(res.policy.log), P.figures, "policy_training")
 
 # %% [markdown]
 # ## Evaluation on held-out problems
@@ -114,8 +114,8 @@ style.save_figure(figures.figure_policy_training(res.policy.log), P.figures, "po
 res.evaluation.table
 
 # %%
-style.save_figure(figures.figure_policy_accuracy(res.evaluation.table, res.evaluation.by_steps), P.figures,
-                  "policy_accuracy")  # fmt: skip
+style.shown(figures.figure_policy_accuracy(res.evaluation.table, res.evaluation.by_steps), P.figures,
+            "policy_accuracy")  # fmt: skip
 
 # %% [markdown]
 # ## What the greedy solutions get wrong
@@ -138,6 +138,13 @@ else:
 # %%
 with pd.option_context("display.max_colwidth", 300):
     display(res.examples)  # noqa: F821
+
+# %% [markdown]
+# ## Record
+# What this run wrote to `results/<profile>/manifest.json`, the stage's entry: the knobs as resolved (e.g.
+# `torch_threads`, the thread count actually used), the CPU numerics and the stage's counts, paths relative to
+# the repository root. `erprm reproduce` adds the merged parameters, the wall time and the commit when the
+# notebook has finished.
 
 # %%
 artifacts.load_manifest(profile)["stages"]["00_policy"]

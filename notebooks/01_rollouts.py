@@ -104,14 +104,20 @@ else:
 
 # %% [markdown]
 # ## How often a prefix still reaches the answer
-# $p$ = fraction of a prefix's `k` completions that are correct, by step, for solutions that end right and
-# wrong. Prefixes of correct solutions should keep a high $p$; in wrong ones $p$ drops where the error enters.
+# $p$ = fraction of a prefix's `k` completions that are correct, against the steps that remain after the
+# prefix (1 = only the last step is left), for solutions that end right and wrong; counting from the end
+# lines up problems of different lengths. Prefixes of correct solutions should keep a high $p$; in wrong ones
+# $p$ drops where the error enters. Bars: 95% intervals; below, the number of prefixes behind each point.
 
 # %%
-style.save_figure(figures.figure_prefix_success(res.prefixes), P.figures, "rollouts_prefix_success")
+style.shown(figures.figure_prefix_success(res.prefixes), P.figures, "rollouts_prefix_success")
 
 # %% [markdown]
 # ## Record
+# What this run wrote to `results/<profile>/manifest.json`, the stage's entry: the knobs as resolved (e.g.
+# `torch_threads`, the thread count actually used), the CPU numerics and the stage's counts, paths relative to
+# the repository root. `erprm reproduce` adds the merged parameters, the wall time and the commit when the
+# notebook has finished.
 
 # %%
 artifacts.load_manifest(profile)["stages"]["01_rollouts"]

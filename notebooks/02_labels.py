@@ -58,16 +58,15 @@ res.audit.to_frame()
 # Monte Carlo success rate on the same steps; it grows with $\eta$ and is largest for the hard label.
 
 # %%
-res.stats.pivot(index="rule", columns="metric", values="value").loc[res.rules].round(4)
+res.stats_by_rule()
 
 # %% [markdown]
 # ## label(p, η)
-# The closed form for binary rewards: between the soft diagonal and the hard step function.
+# The closed form for binary rewards: between the soft diagonal and the hard step function (fig. 1, which
+# 06_figures saves).
 
 # %%
-style.save_figure(
-    figures.figure_label_curves(figures.label_curve_table(res.eta_grid)), P.figures, "label_curves"
-)
+style.shown(figures.figure_label_curves(figures.label_curve_table(res.eta_grid)))
 
 # %% [markdown]
 # ## Distribution of the labels per rule
@@ -75,9 +74,7 @@ style.save_figure(
 # (0, 1); the larger $\eta$, the more mass moves towards 1, until the hard rule is all-or-nothing.
 
 # %%
-style.save_figure(
-    figures.figure_label_distribution(res.distribution, res.rules), P.figures, "label_distribution"
-)
+style.shown(figures.figure_label_distribution(res.distribution, res.rules), P.figures, "label_distribution")
 
 # %% [markdown]
 # ## The labels against the ground truth
@@ -98,7 +95,7 @@ if res.quality is not None:
     auroc = res.quality[res.quality["metric"] == "auroc_vs_truth"]
     by_remaining = auroc.pivot(index="steps_remaining", columns="rule", values="value")
     display(by_remaining.loc[auroc["steps_remaining"].unique(), res.rules].round(3))  # noqa: F821
-    style.save_figure(figures.figure_label_quality(res.quality), P.figures, "label_quality")
+    display(style.shown(figures.figure_label_quality(res.quality), P.figures, "label_quality"))  # noqa: F821
 else:
     print("no step-level ground truth for this task (arith only): label_quality skipped")
 
@@ -115,6 +112,10 @@ res.example_table
 
 # %% [markdown]
 # ## Record
+# What this run wrote to `results/<profile>/manifest.json`, the stage's entry: the knobs as resolved (e.g.
+# `torch_threads`, the thread count actually used), the CPU numerics and the stage's counts, paths relative to
+# the repository root. `erprm reproduce` adds the merged parameters, the wall time and the commit when the
+# notebook has finished.
 
 # %%
 artifacts.load_manifest(profile)["stages"]["02_labels"]

@@ -89,13 +89,13 @@ res.runs.drop(columns=["train_runtime_s", "tokens_per_s"])
 # `label_count_mismatch`, `empty` are skipped. Counts per rule (the ORM has one label per solution).
 
 # %% tags=["nbval-check-output"]
-res.audit.pivot_table(index="reason", columns="rule", values="count", fill_value=0)
+res.audit.pivot_table(index="reason", columns="rule", values="count", aggfunc="sum", fill_value=0)
 
 # %% [markdown]
 # ## Training curves
 
 # %%
-style.save_figure(figures.figure_training_curves(res.log, smooth=5), P.figures, "prm_training_curves")
+style.shown(figures.figure_training_curves(res.log, smooth=5), P.figures, "prm_training_curves")
 
 # %% [markdown]
 # ## Held-out checks
@@ -122,7 +122,7 @@ metrics.loc[labels.method_order(metrics.index)]
 # %%
 if res.truth is not None:
     display(res.truth.round(3))  # noqa: F821
-    style.save_figure(figures.figure_first_error(res.truth), P.figures, "prm_first_error")
+    display(style.shown(figures.figure_first_error(res.truth), P.figures, "prm_first_error"))  # noqa: F821
 else:
     print("no step-level ground truth for this task (arith only): prm_truth skipped")
 
@@ -133,7 +133,7 @@ else:
 # the raw success rate.
 
 # %%
-style.save_figure(figures.figure_calibration(res.calibration), P.figures, "prm_calibration")
+style.shown(figures.figure_calibration(res.calibration), P.figures, "prm_calibration")
 
 # %% [markdown]
 # ## Where the minimum step score falls
@@ -141,10 +141,14 @@ style.save_figure(figures.figure_calibration(res.calibration), P.figures, "prm_c
 # puts it where the reasoning breaks; for correct ones it should not matter much.
 
 # %%
-style.save_figure(figures.figure_min_position(res.min_position), P.figures, "prm_min_position")
+style.shown(figures.figure_min_position(res.min_position), P.figures, "prm_min_position")
 
 # %% [markdown]
 # ## Record
+# What this run wrote to `results/<profile>/manifest.json`, the stage's entry: the knobs as resolved (e.g.
+# `torch_threads`, the thread count actually used), the CPU numerics and the stage's counts, paths relative to
+# the repository root. `erprm reproduce` adds the merged parameters, the wall time and the commit when the
+# notebook has finished.
 
 # %%
 artifacts.load_manifest(profile)["stages"]["03_train_prm"]

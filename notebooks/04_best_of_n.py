@@ -101,13 +101,12 @@ table.loc[labels.method_order(shown["method"])].round(1)
 
 # %% [markdown]
 # The curves, with 95% bootstrap bands over problems (ER-PRM at the pre-set `er_rule`, hard, soft, ORM,
-# and the baselines).
+# majority vote and the oracle), a random pick and greedy decoding (00_policy's held-out accuracy) as
+# horizontal lines, beside the paper's curves: fig. 2, which 06_figures saves.
 
 # %%
-pct = res.bon.assign(**{c: res.bon[c] * 100 for c in ("value", "ci_low", "ci_high")})
-fig = figures.plot_curves_with_bands(pct, "n", headline)
-fig.axes[0].set(xlabel="N (candidates per problem)", ylabel="accuracy (%)", title=f"Best-of-N ({profile})")
-style.save_figure(fig, P.figures, "bon_curves")
+title = f"This run ({profile}), 95% CI"
+style.shown(figures.figure_best_of_n(res.bon, headline, figures.paper_reference(), title, res.greedy))
 
 # %% [markdown]
 # ## Paired comparisons on the identical pool
@@ -135,14 +134,13 @@ res.picks[res.picks["method"].isin(["pool", *headline])].set_index(["ranking", "
 
 # %% [markdown]
 # ## The eta sweep at $N_{max}$
-# Every PRM comes from the same rollouts; only the label rule changes. Soft ($\eta = 0$) and hard
-# ($\eta = \infty$) are the two ends; the horizontal lines are majority vote and the oracle.
+# Every PRM comes from the same rollouts; only the label rule changes (at the headline `aggregation`). Soft
+# ($\eta = 0$) and hard ($\eta = \infty$) are the two ends; the horizontal lines are majority vote, a random
+# pick, the oracle and greedy decoding: fig. 3, which 06_figures saves.
 
 # %%
-base = res.bon[(res.bon["n"] == n_max) & res.bon["method"].isin(["majority", "oracle", "random"])]
-fig = figures.figure_eta_sweep(res.sweep, base)
-fig.axes[0].set_title(f"η sweep at N={n_max} ({aggregation}), 95% intervals")
-style.save_figure(fig, P.figures, "bon_eta_sweep")
+baselines = figures.bon_baselines(res.bon, n_max, res.greedy)
+display(style.shown(figures.figure_eta_sweep(res.sweep, baselines)))  # noqa: F821
 pd.Series(res.best_eta, name="best ER eta (chosen post hoc)").to_frame()
 
 # %% [markdown]
@@ -150,13 +148,14 @@ pd.Series(res.best_eta, name="best ER eta (chosen post hoc)").to_frame()
 # The same step scores aggregated four ways: min (the paper's), product, last step, mean.
 
 # %%
-style.save_figure(
-    figures.figure_aggregations(res.aggregations, n_max, AGGREGATIONS), P.figures, "bon_aggregations"
-)
+style.shown(figures.figure_aggregations(res.aggregations, n_max, AGGREGATIONS), P.figures, "bon_aggregations")
 
 # %% [markdown]
 # ## Record
-# Seed, candidates, generated tokens and the scoring mode go to the manifest.
+# What this run wrote to `results/<profile>/manifest.json`, the stage's entry: the knobs as resolved (e.g.
+# `torch_threads`, the thread count actually used), the CPU numerics and the stage's counts, paths relative to
+# the repository root. `erprm reproduce` adds the merged parameters, the wall time and the commit when the
+# notebook has finished.
 
 # %%
 artifacts.load_manifest(profile)["stages"]["04_best_of_n"]

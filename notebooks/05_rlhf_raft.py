@@ -82,10 +82,12 @@ res.table[res.table["metric"].isin(["greedy_accuracy", "greedy_gain"])].pivot_ta
 
 # %% [markdown]
 # ## Greedy accuracy per iteration
-# Bars are 95% Wilson intervals over the test problems; the grey band is the starting policy.
+# Bars are 95% Wilson intervals over the test problems; the grey band is the starting policy. Beside it, the
+# paper's RAFT numbers (its start policy and the accuracy after 3 iterations with each reward model; no
+# intervals published): fig. 4, which 06_figures saves.
 
 # %%
-style.save_figure(figures.figure_raft(res.table), P.figures, "raft_accuracy")
+style.shown(figures.figure_raft(res.table, figures.paper_reference()))
 
 # %% [markdown]
 # ## Paired comparisons
@@ -120,10 +122,14 @@ res.audit
 
 # %% [markdown]
 # ## Record
-# Seeds, iterations, token counts (the shared first-iteration samples counted once) go to the manifest.
+# What this run wrote to `results/<profile>/manifest.json`, the stage's entry: the knobs as resolved (e.g.
+# `torch_threads`, the thread count actually used), the CPU numerics and the stage's counts, paths relative to
+# the repository root. `erprm reproduce` adds the merged parameters, the wall time and the commit when the
+# notebook has finished.
+# The samples that every reward model shares in iteration 1 count once in the token counts.
 
 # %%
-res.info
+artifacts.load_manifest(profile)["stages"]["05_rlhf_raft"]
 
 # %% [markdown]
 # Reading the result: a gain is resolved only when its paired interval (`greedy_gain`, `raft_paired`)

@@ -47,8 +47,10 @@ res.figures["fig1_label_curves"]
 
 # %% [markdown]
 # ## Fig. 2 · best-of-N, beside the paper
-# Left: this run (95% bootstrap intervals over problems). Middle and right: the paper's curves
-# (Mistral-MetaMath-7b generator, min aggregation, read off its figure; no intervals were published).
+# Left: this run (95% bootstrap intervals over problems); a random pick and greedy decoding (00_policy's
+# held-out accuracy, Wilson interval) are horizontal lines. Middle and right: the paper's curves
+# (Mistral-MetaMath-7b generator, min aggregation, read off its figure; no intervals were published) and its
+# greedy accuracy (the start policy of its RAFT table).
 
 # %%
 res.figures["fig2_best_of_n"]
@@ -56,7 +58,8 @@ res.figures["fig2_best_of_n"]
 # %% [markdown]
 # ## Fig. 3 · the eta sweep at N_max
 # Every label rule comes from the same rollouts; only the label changes. Soft ($\eta=0$) and hard
-# ($\eta=\infty$) are the two ends.
+# ($\eta=\infty$) are the two ends; the horizontal lines are majority vote, a random pick, the oracle and
+# greedy decoding.
 
 # %%
 display(res.figures["fig3_eta_sweep"])
@@ -64,11 +67,12 @@ res.sweep
 
 # %% [markdown]
 # ## Fig. 4 · RAFT
-# Greedy accuracy of the policy after each RAFT iteration guided by each reward model.
+# Greedy accuracy of the policy after each RAFT iteration guided by each reward model (the oracle control
+# fine-tunes on correct picks only), beside the paper's RAFT numbers after 3 iterations.
 
 # %%
 display(res.figures["fig4_raft"])
-figures.raft_accuracy(res.raft)
+figures.raft_accuracy_table(res.raft)
 
 # %% [markdown]
 # ## Summary table

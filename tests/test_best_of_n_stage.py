@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from erprm_core import evaluators, io, labels, models, prm
+from erprm_core import evaluators, io, labels, models, prm, stats
 from erprm_core.generation import HFSampler
 from erprm_core.running import artifacts
 from erprm_core.sampler import Generation
@@ -272,7 +272,8 @@ def test_stage_end_to_end_and_resume(tmp_roots, tok, prm_dirs, monkeypatch):
     pd.testing.assert_frame_equal(again.bon, bon)
     pd.testing.assert_frame_equal(again.paired, paired)
     assert again.stats["computed_generated_tokens"] == 0 and again.stats["rules_computed"] == 0
-    assert again.stats["prms"] == res.stats["prms"] and res.stats["prms"]["soft"]["prm"] == "prms/soft"
+    assert again.stats["prms"] == res.stats["prms"]
+    assert res.stats["prms"]["soft"]["prm"] == "runs/t04/prms/soft"  # relative to the repository root
 
 
 def test_stage_names_missing_artifacts(tmp_roots):
@@ -353,3 +354,41 @@ def test_rank_unanswered_last_keeps_order_within_groups():
     assert list(table["m"]) == [0.99, 0.2, 0.1, 0.5]  # the input is not modified
     acc = evaluators.best_of_n_accuracy(ranked["m"].to_numpy()[None], table["correct"].to_numpy()[None], 4)
     assert acc.tolist() == [1.0]
+
+
+def _random_pool(n_problems: int = 64, n_candidates: int = 16, seed: int = 0) -> pd.DataFrame:
+    """A pool with a problem-specific success rate and two unrelated continuous score columns."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(n_problems):
+        correct = (rng.random(n_candidates) < rng.random()).astype(int)
+        for j in range(n_candidates):
+            rows.append({"problem_id": f"p{p:03d}", "candidate_index": j, "correct": int(correct[j]),
+                         "a:min": rng.random(), "b:min": rng.random()})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_paired_at_n1_is_an_exact_tie():
+    """At N = 1 every reward model picks a uniformly random candidate: the paired difference is exactly 0,
+    p = 1 and no problem is a win, although the exact best-of-n values differ by float rounding."""
+    pool = _random_pool()
+    pair = [("a:min", "b:min")]
+    row = bon_tables.paired_comparisons(pool, pair, 1, n_boot=200, n_permutations=999).iloc[0]
+    assert (row["diff"], row["ci_low"], row["ci_high"], row["p_value"]) == (0.0, 0.0, 0.0, 1.0)
+    assert (row["n_a_better"], row["n_b_better"]) == (0, 0)
+    assert row["acc_a"] == pytest.approx(row["acc_b"], abs=1e-12)
+    # at N = 2 the two rankings do differ: real wins remain
+    row2 = bon_tables.paired_comparisons(pool, pair, 2, n_boot=200, n_permutations=999).iloc[0]
+    assert row2["n_a_better"] + row2["n_b_better"] > 0 and row2["diff"] != 0
+
+
+def test_paired_diff_treats_rounding_as_a_tie():
+    rng = np.random.default_rng(1)
+    a = rng.random(50)
+    b = a + rng.choice([-1, 1], 50) * 1e-15  # equal expectations, different rounding
+    res = stats.paired_bootstrap_diff(a, b, n_boot=200, n_permutations=999)
+    assert (res.diff, res.ci_low, res.ci_high, res.p_value, res.n_a_better, res.n_b_better) == (
+        0.0, 0.0, 0.0, 1.0, 0, 0,
+    )  # fmt: skip
+    real = stats.paired_bootstrap_diff(a, np.where(np.arange(50) < 10, a - 0.5, b), n_boot=200)
+    assert (real.n_a_better, real.n_b_better) == (10, 0) and real.diff == pytest.approx(0.1)

@@ -151,3 +151,9 @@ def test_whole_dry_run(tmp_path, monkeypatch, profile):
     raft = pd.read_csv(results / "tables" / "raft.csv")
     assert set(raft["reward_model"]) >= {"er_1", "hard", "soft", "orm"} and raft["iteration"].max() == 2
     assert (results / "figures" / "fig2_best_of_n.png").is_file()
+    # 07: ProcessBench for the trained PRMs and the released-PRM stand-in (pinned revision), fixture records
+    step_eval = pd.read_csv(results / "tables" / "step_eval.csv")
+    assert set(step_eval["benchmark"]) == {"processbench"} and set(step_eval["split"]) == {"gsm8k", "math"}
+    released = f"{dryrun.HUB_RELEASED_PRM}@{'0' * 40}"
+    assert set(step_eval["prm"]) == {"er_1", "soft", "hard", "orm", released}
+    assert (step_eval["n"] == 3).all() and (step_eval["n_error"] + step_eval["n_correct"] <= 3).all()

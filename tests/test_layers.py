@@ -73,7 +73,7 @@ LAYERS: list[tuple[int, str, list[list[str]]]] = [
         [
             ["stages"],
             ["stages._common"],
-            ["stages.bon_tables", "stages.raft_tables"],
+            ["stages.bon_tables", "stages.raft_tables", "stages.processbench_eval"],
             [
                 "stages.policy",
                 "stages.rollouts",
@@ -82,6 +82,7 @@ LAYERS: list[tuple[int, str, list[list[str]]]] = [
                 "stages.best_of_n",
                 "stages.raft",
                 "stages.figures",
+                "stages.processbench",
             ],
         ],
     ),
@@ -91,7 +92,7 @@ LAYERS: list[tuple[int, str, list[list[str]]]] = [
         [
             ["running.pipeline"],
             ["running.dryrun"],
-            ["running.costs", "running.processbench_cmd"],
+            ["running.costs", "running.processbench_cmd", "running.bench"],
             ["running.cli"],
         ],
     ),

@@ -87,6 +87,29 @@ def test_manifest_records_every_stage(smoke_run):
         assert ran_with["pins"]["MKL_CBWR"] == "AVX2,STRICT"
 
 
+# Figures each executed smoke notebook shows inline (02 and 03 add one each for arith's ground truth; 07 the
+# threshold sweep).
+INLINE_FIGURES = {"00_policy": 2, "01_rollouts": 1, "02_labels": 3, "03_train_prm": 4, "04_best_of_n": 3,
+                  "05_rlhf_raft": 1, "06_figures": 4, "07_processbench": 1}  # fmt: skip
+
+
+def test_executed_notebooks_read_cleanly(smoke_run):
+    """What a reader sees: every figure inline, no progress or log noise, no machine paths (issue 15)."""
+    root, _, _ = smoke_run
+    machine_paths = {str(root), str(artifacts.repo_root())}
+    for path in sorted((root / "results" / "smoke" / "notebooks").glob("*.ipynb")):
+        text = path.read_text()
+        outputs = [o for c in json.loads(text)["cells"] for o in c.get("outputs", [])]
+        images = sum("image/png" in o.get("data", {}) for o in outputs)
+        stderr = sum(len("".join(o.get("text", ""))) for o in outputs if o.get("name") == "stderr")
+        widgets = sum("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
+        assert images == INLINE_FIGURES[path.stem], (path.name, images)
+        assert stderr < 5000 and "TqdmWarning" not in text and widgets == 0, (path.name, stderr, widgets)
+        assert not [m for m in machine_paths if m in text], path.name
+    manifest = (root / "results" / "smoke" / "manifest.json").read_text()
+    assert not [m for m in machine_paths if m in manifest]
+
+
 def test_nbval_on_executed_notebooks(smoke_run):
     root, _, _ = smoke_run
     executed = sorted((root / "results" / "smoke" / "notebooks").glob("*.ipynb"))

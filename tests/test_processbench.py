@@ -1,5 +1,5 @@
-"""Tests of erprm_core.processbench (first_error, f1, load) and of the command's predict and metrics
-(erprm_core.running.processbench_cmd) against hand-computed cases and the shared copy of ProcessBench's first
+"""Tests of erprm_core.processbench (first_error, f1, load) and of the metrics, intervals and sweep of
+erprm_core.stages.processbench_eval against hand-computed cases and the shared copy of ProcessBench's first
 release (skipped when absent), and of the ``erprm processbench`` command end to end on a tiny random-weight
 PRM: outputs, resume without rescoring, the truncation audit. Offline; the hub is never touched."""
 
@@ -23,7 +23,8 @@ from erprm_core.running import processbench_cmd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_prm import make_model, make_tokenizer  # noqa: E402
 
-from erprm_core.running.processbench_cmd import metrics, predict, threshold_sweep
+from erprm_core.stages import processbench_eval
+from erprm_core.stages.processbench_eval import first_error_f1, metrics, threshold_sweep
 
 PB_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "processbench"
 needs_pb = pytest.mark.skipif(not (PB_DATA / "gsm8k.json").is_file(), reason=f"{PB_DATA} absent")
@@ -52,23 +53,36 @@ def test_first_error_tie_counts_as_correct():
     assert first_error([0.7, 0.3], threshold=0.30001) == 1
 
 
-def test_first_error_rejects_missing_scores_and_bad_threshold():
-    with pytest.raises(ValueError, match=r"step_scores\[1\]"):
-        first_error([0.9, float("nan"), 0.1])
-    with pytest.raises(ValueError, match=r"step_scores\[0\]"):
-        first_error([None, 0.9])
+def test_first_error_rejects_bad_threshold():
     with pytest.raises(ValueError, match="threshold"):
         first_error([0.9], threshold=float("nan"))
     with pytest.raises(ValueError, match="threshold"):
         first_error([0.9], threshold="high")
 
 
-def test_predict_with_unscored_steps():
-    assert predict([0.9, 0.1, float("nan")]) == 1  # the error comes before the unscored step
-    assert predict([0.9, 0.8, None]) is None  # the answer depends on the unscored step
-    assert predict([0.9, float("nan"), 0.1]) is None
-    assert predict([0.9, 0.8]) == -1 and predict([]) == -1
-    assert predict([0.5], threshold=0.5) == -1
+def test_first_error_with_unscored_steps():
+    assert first_error([0.9, 0.1, float("nan")]) == 1  # the error comes before the unscored step
+    assert first_error([0.9, 0.8, None]) is None  # the answer depends on the unscored step
+    assert first_error([0.9, float("nan"), 0.1]) is None
+    assert first_error([None, 0.9]) is None
+    assert first_error([0.9, 0.8]) == -1 and first_error([]) == -1
+    assert first_error([0.5], threshold=0.5) == -1
+
+
+def test_first_error_f1_interval_and_groups():
+    preds = [1, -1, 2, -1] * 10
+    truth = [1, 3, -1, -1] * 10
+    r = first_error_f1(preds, truth, n_boot=300)
+    assert (r["error_acc"], r["correct_acc"], r["f1"]) == (0.5, 0.5, 0.5)
+    assert r["n"] == 40 and r["n_error"] == 20 and r["n_correct"] == 20
+    assert 0.3 < r["f1_low"] < 0.5 < r["f1_high"] < 0.7
+    # records of one group move together: ten groups of four identical records give a wider interval
+    grouped = first_error_f1(preds, truth, n_boot=300, groups=[i // 4 for i in range(40)])
+    assert grouped["f1"] == 0.5 and grouped["f1_low"] == grouped["f1_high"] == 0.5  # every group is alike
+    lumpy = first_error_f1(preds, truth, n_boot=300, groups=[i % 2 for i in range(40)])
+    assert lumpy["f1_low"] < r["f1_low"]  # two groups: either all hits on errors or all on correct
+    with pytest.raises(ValueError, match="3 groups for 40"):
+        first_error_f1(preds, truth, groups=[0, 1, 2])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -130,7 +144,7 @@ def test_metrics_and_sweep():
     assert m["n"] == 4 and m["n_excluded"] == 1 and m["n_error"] == 2 and m["n_correct"] == 1
     assert m["error_acc"] == 1.0 and m["correct_acc"] == 1.0 and m["f1"] == 1.0 and m["threshold"] == 0.5
     sweep = threshold_sweep(scores, labels)
-    assert [r["threshold"] for r in sweep] == list(processbench_cmd.DEFAULT_THRESHOLDS)
+    assert [r["threshold"] for r in sweep] == list(processbench_eval.DEFAULT_THRESHOLDS)
     assert len(sweep) == 19 and sweep[0]["threshold"] == 0.05 and sweep[-1]["threshold"] == 0.95
     at_075 = sweep[14]
     assert at_075["threshold"] == 0.75
@@ -278,7 +292,7 @@ def _shard_state(folder):
 def test_command_end_to_end_and_resume(tiny_prm, pb_folder, tmp_path, monkeypatch, capsys):
     out = tmp_path / "res" / "pb.csv"
     assert processbench_cmd.main(_argv(tiny_prm, pb_folder, out)) == 0
-    paths = processbench_cmd.output_paths(out)
+    paths = processbench_eval.output_paths(out)
     summary = pd.read_csv(out)
     assert list(summary["split"]) == ["gsm8k", "math"]
     assert list(summary["n"]) == [3, 3] and list(summary["n_excluded"]) == [0, 0]
@@ -344,7 +358,7 @@ def test_command_counts_truncated_records(tiny_prm, pb_folder, tmp_path, capsys)
     out = tmp_path / "short.csv"
     # BOS + the question's 16 tokens, then 6 tokens per 4-token step + "." + tag: 30 tokens keep two tags
     assert processbench_cmd.main(_argv(tiny_prm, pb_folder, out, "--max-length", "30")) == 0
-    paths = processbench_cmd.output_paths(out)
+    paths = processbench_eval.output_paths(out)
     audit = pd.read_csv(paths["audit"])
     counts = audit.groupby("reason")["count"].sum().to_dict()
     assert counts.get("truncated", 0) > 0 and counts.get("steps_unscored", 0) > 0

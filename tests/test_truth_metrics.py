@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from erprm_core import processbench, stats
-from erprm_core.stages import labels, policy, rollouts, train_prm
+from erprm_core.stages import labels, policy, processbench_eval, rollouts, train_prm
 from erprm_core.tasks import arith_truth
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -189,22 +189,22 @@ def test_within_problem_pairwise_with_ties():
 
 
 def test_predict_first_error_stops_at_unscored_steps():
-    assert train_prm.predict_first_error([0.9, 0.4, np.nan]) == 1
-    assert train_prm.predict_first_error([0.9, np.nan, 0.1]) is None
-    assert train_prm.predict_first_error([0.9, 0.5]) == -1  # a tie with the threshold counts as right
-    assert train_prm.predict_first_error([0.9, 0.7], threshold=0.8) == 1
+    assert processbench.first_error([0.9, 0.4, np.nan]) == 1
+    assert processbench.first_error([0.9, np.nan, 0.1]) is None
+    assert processbench.first_error([0.9, 0.5]) == -1  # a tie with the threshold counts as right
+    assert processbench.first_error([0.9, 0.7], threshold=0.8) == 1
 
 
 def test_first_error_f1_known_confusion():
     truth = [2, 1, 0, 3, -1, -1, -1]
     preds = [2, -1, 0, 1, -1, 0, -1]  # 2 of 4 errors found exactly; 2 of 3 right solutions passed
-    r = train_prm.first_error_f1(preds, truth, n_boot=500)
+    r = processbench_eval.first_error_f1(preds, truth, n_boot=500)
     assert (r["error_acc"], r["correct_acc"]) == (0.5, pytest.approx(2 / 3))
     assert r["f1"] == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
     assert r["f1"] == processbench.f1(preds, truth)["f1"]
     assert (r["n"], r["n_error"], r["n_correct"]) == (7, 4, 3)
     assert 0.0 <= r["f1_low"] < r["f1"] < r["f1_high"] <= 1.0
-    perfect = train_prm.first_error_f1(truth, truth, n_boot=100)
+    perfect = processbench_eval.first_error_f1(truth, truth, n_boot=100)
     assert (perfect["f1"], perfect["f1_low"], perfect["f1_high"]) == (1.0, 1.0, 1.0)
 
 

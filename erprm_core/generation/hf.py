@@ -29,6 +29,7 @@ import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from erprm_core import io
 from erprm_core.generation.prefix_cache import (
     ACTIVE_CACHE,
     preallocated_layer_class,
@@ -183,9 +184,8 @@ class HFSampler:
 
     def _run_batches(self, batches, ids, keys, seed, temperature, top_p, max_new_tokens, desc, out) -> None:
         import torch
-        from tqdm.auto import tqdm
 
-        for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
+        for batch in io.progress(batches, desc=desc, unit="batch", leave=False):
             rows = [(i, s + j) for i, s, m in batch for j in range(m)]
             seeds = [row_seed(seed, *keys[i], j) for i, j in rows]
             with torch.inference_mode():

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from erprm_core import io
 from erprm_core.sampler import Generation, check_sampling_params, cut_at_answer_line, row_seed
 
 _VLLM_HINT = (
@@ -80,7 +81,8 @@ class VLLMSampler:
             )
             for key in keys
         ]
-        outputs = self.llm.generate(list(prompts), params, use_tqdm=True)
+        # recent vLLM takes a bar factory; an older one draws its own bar (TQDM_DISABLE silences it in a stage)
+        outputs = self.llm.generate(list(prompts), params, use_tqdm=io.progress)
         result = []
         for req in outputs:
             self.stats["prompt_tokens"] += len(req.prompt_token_ids or [])

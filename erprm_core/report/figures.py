@@ -1,10 +1,12 @@
 """Every figure of the study, drawn from tidy tables (the stage tables or tables made here).
 
-Fig. 1 label(p, eta) curves; fig. 2 best-of-N curves with interval bands beside the paper's reference
-curves (erprm_core/reference/paper_results.csv); fig. 3 the eta sweep at N_max; fig. 4 RAFT accuracy per
-iteration; the PRM training, calibration and minimum-position figures of 03_train_prm; and the figures the
-stage notebooks show (policy training and accuracy, prefix success, label distribution, aggregations, and
-for the synthetic task arith the labels' and the PRMs' checks against the step-level ground truth).
+Fig. 1 label(p, eta) curves; fig. 2 best-of-N curves with interval bands, greedy decoding and a random pick
+as horizontal lines, beside the paper's reference curves (erprm_core/reference/paper_results.csv); fig. 3
+the eta sweep at N_max against the same baselines; fig. 4 RAFT accuracy per iteration beside the paper's
+RAFT numbers; the PRM training, calibration and minimum-position figures of 03_train_prm; and the figures
+the stage notebooks show (policy training and accuracy, prefix success by steps remaining, label
+distribution, aggregations, and for the synthetic task arith the labels' and the PRMs' checks against the
+step-level ground truth). Figs. 1-4 are saved by 06_figures; 02, 04 and 05 show the same figures inline.
 """
 
 from __future__ import annotations
@@ -29,6 +31,46 @@ def paper_reference() -> pd.DataFrame:
     """The paper's reported numbers (best-of-N read off its figure, RAFT from its table), in percent."""
     with resources.files("erprm_core.reference").joinpath("paper_results.csv").open() as fh:
         return pd.read_csv(fh, comment="#")
+
+
+def greedy_reference(policy_eval: pd.DataFrame | None, by_steps: pd.DataFrame | None = None) -> dict | None:
+    """The policy's greedy accuracy with its 95% interval from 00_policy's ``policy_eval`` table (None when
+    the table or the row is missing), as a baseline row for figs. 2 and 3: ``method`` "greedy", ``value``,
+    ``ci_low``, ``ci_high`` and a legend ``label`` naming its problems (their count from ``by_steps``, the
+    ``policy_accuracy_by_steps`` table, when given)."""
+    if policy_eval is None or "metric" not in policy_eval:
+        return None
+    rows = policy_eval[policy_eval["metric"] == "greedy_accuracy"]
+    if rows.empty:
+        return None
+    r = rows.iloc[0]
+    n = f"{int(by_steps['n_problems'].sum())} " if by_steps is not None and "n_problems" in by_steps else ""
+    return {"method": "greedy", "value": float(r["value"]), "ci_low": float(r["ci_low"]),
+            "ci_high": float(r["ci_high"]), "label": f"Greedy decoding (00_policy, {n}test problems)"}  # fmt: skip
+
+
+def bon_baselines(bon: pd.DataFrame, n: int, greedy: dict | None = None) -> pd.DataFrame:
+    """The horizontal lines of fig. 3: majority vote, random pick and the oracle at N = ``n`` from ``bon``, and
+    greedy decoding (a :func:`greedy_reference` row) when given; columns method, value, ci_low, ci_high, label."""
+    rows = bon[
+        (bon["n"] == n) & (bon["metric"] == "accuracy") & bon["method"].isin(["majority", "random", "oracle"])
+    ]
+    out = rows[["method", "value", "ci_low", "ci_high"]].assign(label=rows["method"].map(style.method_label))
+    if greedy is not None:
+        out = pd.concat([out, pd.DataFrame([greedy])], ignore_index=True)
+    return out.reset_index(drop=True)
+
+
+def _hline(ax: plt.Axes, row: Any, scale: float = 1.0) -> None:
+    """A horizontal line at ``row["value"]`` with its ``ci_low``..``ci_high`` band (when given), in the method's
+    colour and line style, labelled ``row["label"]`` (else the method's label)."""
+    method = row["method"]
+    colour = style.method_colour(method)
+    label = row.get("label") if isinstance(row.get("label"), str) else style.method_label(method)
+    ax.axhline(row["value"] * scale, color=colour, ls=style.method_linestyle(method), lw=1.2, label=label)
+    low, high = row.get("ci_low"), row.get("ci_high")
+    if low is not None and high is not None and not (pd.isna(low) or pd.isna(high)) and high > low:
+        ax.axhspan(low * scale, high * scale, color=colour, alpha=0.08, lw=0)
 
 
 def label_curve_table(etas: list[float], n_points: int = 101) -> pd.DataFrame:
@@ -121,17 +163,35 @@ def headline_methods(bon: pd.DataFrame, er_rule: str, aggregation: str, orm_aggr
 
 
 def figure_best_of_n(
-    bon: pd.DataFrame, methods: list[str], reference: pd.DataFrame, title: str
+    bon: pd.DataFrame,
+    methods: list[str],
+    reference: pd.DataFrame,
+    title: str = "This run, 95% CI",
+    greedy: dict | None = None,
 ) -> plt.Figure:
-    """Fig. 2: this run's best-of-N curves with 95% bands (left) beside the paper's GSM8K / MATH500 curves."""
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), gridspec_kw={"width_ratios": [1.3, 1, 1]})
-    acc = bon[bon["metric"] == "accuracy"].copy()
-    acc[["value", "ci_low", "ci_high"]] *= 100
-    plot_curves_with_bands(acc, "n", methods, ax=axes[0])
+    """Fig. 2: this run's best-of-N curves with 95% bands (left) beside the paper's GSM8K / MATH500 curves.
+
+    A random pick (method ``random``), whose accuracy does not depend on N, and greedy decoding (``greedy``, a
+    :func:`greedy_reference` row) are horizontal lines with their bands; the paper's panels draw its greedy
+    accuracy (the start policy of its RAFT table) the same way."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.8), gridspec_kw={"width_ratios": [1.3, 1, 1]})
+    acc = bon[bon["metric"] == "accuracy"]
+    acc = acc.assign(**{c: acc[c] * 100 for c in ("value", "ci_low", "ci_high")})
+    plot_curves_with_bands(acc, "n", [m for m in methods if m != "random"], ax=axes[0])
+    random = acc[acc["method"] == "random"]
+    if "random" in methods and not random.empty:
+        _hline(axes[0], random.sort_values("n").iloc[-1])
+    if greedy is not None:
+        _hline(axes[0], greedy, scale=100)
     axes[0].set_title(title)
     axes[0].set_xlabel("N (candidates per problem)")
     axes[0].set_ylabel("accuracy (%)")
-    for ax, dataset, name in [(axes[1], "gsm8k", "GSM8K"), (axes[2], "math500", "MATH500")]:
+    axes[0].legend(fontsize=7)
+    panels = [
+        (axes[1], "gsm8k", "gsm8k", "GSM8K", ""),
+        (axes[2], "math500", "math", "MATH500", ", MATH test"),
+    ]
+    for ax, dataset, raft_set, name, where in panels:
         ref = reference[(reference["experiment"] == "best_of_n") & (reference["dataset"] == dataset)].copy()
         ref["method"] = ref["method"].map(lambda m: "er_1" if m == "er_prm" else m)
         ref = ref.rename(columns={"accuracy": "value"})
@@ -141,7 +201,12 @@ def figure_best_of_n(
         for line in ax.get_lines():  # the paper does not say which eta its headline ER-PRM used
             if line.get_label().startswith("ER-PRM"):
                 line.set_label("ER-PRM (η not stated)")
-        ax.legend(fontsize=7)
+        start = reference[(reference["experiment"] == "raft") & (reference["dataset"] == raft_set)
+                          & (reference["method"] == "baseline")]  # fmt: skip
+        if not start.empty:
+            _hline(ax, {"method": "greedy", "value": float(start["accuracy"].iloc[0]),
+                        "label": f"Greedy decoding (its RAFT start policy{where})"})  # fmt: skip
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2)  # below the lines
     fig.tight_layout()
     return fig
 
@@ -174,7 +239,8 @@ def eta_sweep_table(bon: pd.DataFrame, n: int, aggregation: str) -> pd.DataFrame
 
 
 def figure_eta_sweep(sweep: pd.DataFrame, baselines: pd.DataFrame | None = None) -> plt.Figure:
-    """Fig. 3: accuracy at N_max against eta; soft (eta = 0) and hard (eta = inf) at the two ends."""
+    """Fig. 3: accuracy at N_max against eta; soft (eta = 0) and hard (eta = inf) at the two ends; the
+    ``baselines`` (:func:`bon_baselines`: majority, random, oracle, greedy) as horizontal lines with bands."""
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
     finite = sweep[(sweep["eta"] > 0) & np.isfinite(sweep["eta"])]
     lo = finite["eta"].min() / 4 if len(finite) else 0.025
@@ -197,13 +263,7 @@ def figure_eta_sweep(sweep: pd.DataFrame, baselines: pd.DataFrame | None = None)
             )
     if baselines is not None:
         for _, r in baselines.iterrows():
-            ax.axhline(
-                r["value"] * 100,
-                color=style.method_colour(r["method"]),
-                ls=style.method_linestyle(r["method"]),
-                lw=1,
-                label=style.method_label(r["method"]),
-            )
+            _hline(ax, r, scale=100)
         ax.legend(fontsize=7)
     ax.set_xscale("log")
     ticks = [lo, *finite["eta"].tolist(), hi]
@@ -215,28 +275,34 @@ def figure_eta_sweep(sweep: pd.DataFrame, baselines: pd.DataFrame | None = None)
     return fig
 
 
+PAPER_RAFT_PANELS = (("gsm8k", "GSM8K"), ("math", "MATH"))
+"""Datasets of the paper's RAFT table (``paper_results.csv``), one panel each in fig. 4."""
+
+
 def figure_raft(
     table: pd.DataFrame,
+    reference: pd.DataFrame | None = None,
     metric: str = "greedy_accuracy",
-    ax: Any = None,
-    percent: bool = False,
-    title: str | None = None,
+    title: str = "Fig. 4 · RAFT with each reward model",
 ) -> plt.Figure:
-    """Fig. 4: greedy accuracy (or another ``metric``) per RAFT iteration with interval bars, one line per
-    reward model; every line starts at the no-RLHF baseline (iteration 0), also drawn as a grey band.
-    ``percent`` shows the values times 100; ``title`` sets the axes title."""
-    if ax is None:
-        _, ax = plt.subplots(figsize=(5.2, 3.8))
-    fig = ax.figure
+    """Fig. 4: greedy accuracy (or another ``metric``) in % per RAFT iteration with interval bars, one line
+    per reward model (legend: :func:`~erprm_core.report.style.raft_label`); every line starts at the start
+    policy (iteration 0), also drawn as a grey band. With the paper's numbers (``reference``, from
+    :func:`paper_reference`) one panel per dataset of its RAFT table follows: its start policy and the
+    accuracy after 3 iterations with each reward model (Mistral-MetaMath-7b; no intervals published)."""
+    panels = [(d, name) for d, name in PAPER_RAFT_PANELS if reference is not None
+              and ((reference["experiment"] == "raft") & (reference["dataset"] == d)).any()]  # fmt: skip
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(5.6 + 3.2 * len(panels), 3.8), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.6] + [1] * len(panels)})  # fmt: skip
+    ax = axes[0, 0]
     rows = table[table["metric"] == metric]
-    if percent:
-        rows = rows.assign(**{c: rows[c] * 100 for c in ("value", "ci_low", "ci_high")})
+    rows = rows.assign(**{c: rows[c] * 100 for c in ("value", "ci_low", "ci_high")})
     base = rows[rows["reward_model"] == RAFT_BASELINE]
     methods = labels.method_order(r for r in rows["reward_model"].unique() if r != RAFT_BASELINE)
     if not base.empty:
         b = base.iloc[0]
         ax.axhspan(b["ci_low"], b["ci_high"], color="0.5", alpha=0.12, lw=0)
-        ax.axhline(b["value"], color="0.4", ls="--", lw=1, label=style.method_label(RAFT_BASELINE))
+        ax.axhline(b["value"], color="0.4", ls="--", lw=1, label=style.raft_label(RAFT_BASELINE))
     width = 0.08
     for k, method in enumerate(methods):
         part = rows[rows["reward_model"] == method].sort_values("iteration")
@@ -245,25 +311,46 @@ def figure_raft(
         dx = (k - (len(methods) - 1) / 2) * width
         err = np.vstack([part["value"] - part["ci_low"], part["ci_high"] - part["value"]])
         ax.errorbar(
-            part["iteration"] + dx,
-            part["value"],
-            yerr=np.clip(err, 0, None),
-            marker="o",
-            ms=3,
-            capsize=2,
-            lw=1.2,
-            color=style.method_colour(method),
-            label=style.method_label(method),
-        )
+            part["iteration"] + dx, part["value"], yerr=np.clip(err, 0, None), marker="o", ms=3, capsize=2,
+            lw=1.2, color=style.method_colour(method), label=style.raft_label(method),
+        )  # fmt: skip
     ax.set_xlabel("RAFT iteration (0 = starting policy)")
-    ax.set_ylabel(metric.replace("_", " ") + (" (%)" if percent else ""))
+    ax.set_ylabel(metric.replace("_", " ") + " (%)")
     iters = sorted(rows["iteration"].unique())
     if iters:
         ax.set_xticks([int(i) for i in iters])
-    if title is not None:
-        ax.set_title(title)
+    ax.set_title(f"{title}: this run (95% intervals)" if panels else title, fontsize=10)
     ax.legend(fontsize=7)
+    for ax_ref, (dataset, name) in zip(axes[0, 1:], panels, strict=True):
+        _paper_raft_panel(ax_ref, reference, dataset, name)
+    fig.tight_layout()
     return fig
+
+
+def _paper_raft_panel(ax: plt.Axes, reference: pd.DataFrame, dataset: str, name: str) -> None:
+    """The paper's RAFT result on one dataset: its start policy as a dashed line, the accuracy after RAFT with
+    each reward model as a labelled point."""
+    ref = reference[(reference["experiment"] == "raft") & (reference["dataset"] == dataset)]
+    values = dict(
+        zip(ref["method"].map(lambda m: "er_1" if m == "er_prm" else m), ref["accuracy"], strict=True)
+    )
+    start = values.pop(RAFT_BASELINE, None)
+    if start is not None:
+        ax.axhline(start, color="0.4", ls="--", lw=1, label=f"{style.raft_label(RAFT_BASELINE)} {start:g}")
+    order = labels.method_order(values)
+    for x, method in enumerate(order):
+        ax.plot(x, values[method], "o", color=style.method_colour(method))
+        ax.annotate(f"{values[method]:g}", (x, values[method]), textcoords="offset points", xytext=(0, 6),
+                    ha="center", fontsize=8)  # fmt: skip
+    names = ["ER-PRM (η not stated)" if m == "er_1" else style.method_label(m) for m in order]
+    ax.set_xticks(range(len(order)), names, rotation=20, ha="right", fontsize=8)
+    ax.set_xlim(-0.5, len(order) - 0.5)
+    top = max([*values.values(), start or 0])
+    bottom = min([*values.values(), start if start is not None else top])
+    ax.set_ylim(bottom - 1.5, top + 1.5)
+    ax.set_ylabel("greedy accuracy after RAFT (%)")
+    ax.set_title(f"Paper, {name} (Mistral-MetaMath-7b, 3 iterations)", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
 
 
 def figure_training_curves(log: Any, smooth: int = 1) -> Any:
@@ -367,13 +454,41 @@ def figure_policy_accuracy(table: pd.DataFrame, by_steps: pd.DataFrame) -> plt.F
 
 
 def figure_prefix_success(prefixes: pd.DataFrame) -> plt.Figure:
-    """Mean p (share of a prefix's completions that reach the answer) by step, for correct and wrong
-    solutions (01_rollouts' ``rollouts_prefixes`` table)."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    prefixes.pivot_table(index="step", columns="outcome", values="p", aggfunc="mean").rename(
-        columns={0: "wrong solutions", 1: "correct solutions"}
-    ).plot(ax=ax, marker="o")
-    ax.set(xlabel="step l (prefix = first l steps)", ylabel="mean p over prefixes", ylim=(-0.02, 1.02))
+    """Mean p (share of a prefix's completions that reach the answer) against the steps remaining after the
+    prefix (``n_steps - step``; 1 = only the last step is left), for solutions that end right and wrong, with
+    95% intervals (normal approximation over prefixes); below, how many prefixes each point averages
+    (01_rollouts' ``rollouts_prefixes`` table). Counting from the end lines up problems of different lengths,
+    which the absolute step index mixes."""
+    g = (
+        prefixes.assign(remaining=prefixes["n_steps"] - prefixes["step"])
+        .groupby(["outcome", "remaining"])["p"]
+        .agg(["mean", "std", "count"])
+        .reset_index()
+    )
+    fig, (ax, ax_n) = plt.subplots(
+        2, 1, figsize=(5.6, 4.8), sharex=True, gridspec_kw={"height_ratios": [3, 1.4]}
+    )
+    outcomes = ((1, "correct solutions", "#2ca02c"), (0, "wrong solutions", "#d62728"))
+    for k, (outcome, name, colour) in enumerate(outcomes):
+        r = g[g["outcome"] == outcome]
+        if r.empty:
+            continue
+        half = 1.96 * r["std"].fillna(0.0) / np.sqrt(r["count"])
+        ax.errorbar(r["remaining"], r["mean"], yerr=half, marker="o", ms=3, capsize=2, color=colour,
+                    label=f"{name} ({int(r['count'].sum())} prefixes)")  # fmt: skip
+        x = r["remaining"] + (k - 0.5) * 0.38
+        ax_n.bar(x, r["count"], width=0.38, color=colour, alpha=0.7)
+        for xi, n in zip(x, r["count"], strict=True):
+            ax_n.annotate(
+                f"{int(n)}", (xi, n), textcoords="offset points", xytext=(0, 1), ha="center", fontsize=6
+            )
+    ax.set(ylabel="mean p over prefixes", ylim=(-0.02, 1.02))
+    ax.set_title("Monte Carlo success of a prefix (95% intervals)", fontsize=10)
+    ax.legend(fontsize=7)
+    ax_n.set(xlabel="steps remaining after the prefix (n_steps − l)", ylabel="prefixes")
+    ax_n.set_xticks(sorted(int(v) for v in g["remaining"].unique()))
+    ax_n.margins(y=0.25)
+    fig.tight_layout()
     return fig
 
 
@@ -411,17 +526,20 @@ def figure_aggregations(agg: pd.DataFrame, n_max: int, aggregations: Sequence[st
     return fig
 
 
-def figure_processbench_sweep(sweep: Any, threshold: float | None = None, title: str = "") -> Any:
-    """ProcessBench F1 against the threshold, one line per split (and their mean when there are several),
-    from the ``<stem>_sweep.csv`` table; a dotted line marks ``threshold``."""
+def figure_processbench_sweep(
+    sweep: Any, threshold: float | None = None, title: str = "", by: str = "split"
+) -> Any:
+    """ProcessBench F1 against the threshold, one line per value of column ``by`` (a split, with the mean of
+    the splits when there are several; or a PRM), from a ``<stem>_sweep.csv`` table; a dotted line marks
+    ``threshold``."""
     style.set_style()
     fig, ax = plt.subplots(figsize=(5.6, 3.6))
     cmap = plt.get_cmap("tab10")
-    splits = list(dict.fromkeys(sweep["split"]))
+    splits = list(dict.fromkeys(sweep[by]))
     for k, split in enumerate(splits):
-        g = sweep[sweep["split"] == split].sort_values("threshold")
+        g = sweep[sweep[by] == split].sort_values("threshold")
         ax.plot(g["threshold"], g["f1"], marker="o", ms=3, color=cmap(k % 10), label=split)
-    if len(splits) > 1:
+    if len(splits) > 1 and by == "split":
         mean = sweep.groupby("threshold")["f1"].agg(lambda f: f.mean(skipna=False)).sort_index()
         ax.plot(mean.index, mean.to_numpy(), color="black", ls="--", lw=1.5, label="mean of splits")
     if threshold is not None:

@@ -1,5 +1,5 @@
 """One plotting style for every figure: fixed method colours, legend labels and line styles, PNG + PDF
-without timestamps.
+without timestamps, and figures shown inline in notebooks (:func:`shown`).
 
 Methods are named as in the tables: label rules (``soft``, ``er_<eta>``, ``hard``, ``orm``), optionally with
 an aggregation suffix (``er_1:min``), and best-of-N baselines (``random``, ``majority``, ``oracle``,
@@ -10,13 +10,24 @@ notebooks."""
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
+from io import BytesIO
 from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")  # headless; notebooks still display figures returned to them
+
+def _ipython_shell() -> object | None:
+    """The running IPython shell (a notebook kernel's, or a terminal's), None outside IPython."""
+    ipython = sys.modules.get("IPython")
+    return ipython.get_ipython() if ipython is not None else None
+
+
+if "ipykernel" not in type(_ipython_shell()).__module__:
+    matplotlib.use("Agg")  # headless; in a notebook kernel its backend (inline, from MPLBACKEND) stays
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from erprm_core import labels  # noqa: E402
 
@@ -28,6 +39,7 @@ BASE_COLOURS = {
     "random": "#000000",
     "majority": "#9467bd",
     "oracle": "#bcbd22",
+    "greedy": "#8c564b",
 }
 _ER_CMAP = "viridis"
 
@@ -62,6 +74,7 @@ def method_label(method: str) -> str:
         "random": "Random pick",
         "majority": "Majority vote",
         "oracle": "Oracle pass@N",
+        "greedy": "Greedy decoding",
         "baseline": "No RLHF",
     }
     if rule in names:
@@ -73,6 +86,20 @@ def method_label(method: str) -> str:
     if weighted:
         text = f"{text}, weighted vote"
     return f"{text} [{agg}]" if agg else text
+
+
+RAFT_LABELS = {
+    "oracle": "RAFT with oracle reward (correct picks)",
+    "random": "RAFT with random pick (no reward)",
+    "baseline": "Start policy (no RLHF)",
+}
+"""Legend labels of the RAFT controls, whose best-of-N names would mislead (the oracle is no pass@N there)."""
+
+
+def raft_label(reward_model: str) -> str:
+    """Legend label of a RAFT run guided by ``reward_model``: :data:`RAFT_LABELS` for the controls, else
+    :func:`method_label` (``er_1`` -> ``ER-PRM (η=1)``)."""
+    return RAFT_LABELS.get(reward_model) or method_label(reward_model)
 
 
 def method_colour(method: str, etas: Sequence[float] = (0.1, 0.5, 1, 2, 5, 10)) -> str:
@@ -93,7 +120,7 @@ def method_linestyle(method: str) -> str:
     rule, _, weighted = labels.parse_method(method)
     if rule == "oracle" and not weighted:
         return ":"
-    if rule in ("random", "majority") or weighted:
+    if rule in ("random", "majority", "greedy") or weighted:
         return "--"
     return "-"
 
@@ -106,3 +133,37 @@ def save_figure(fig: plt.Figure, folder: Path | str, name: str) -> list[Path]:
     fig.savefig(png, bbox_inches="tight", metadata={"Software": None})
     fig.savefig(pdf, bbox_inches="tight", metadata={"CreationDate": None, "Producer": None, "Creator": None})
     return [png, pdf]
+
+
+def shown(fig: Figure, folder: Path | str | None = None, name: str | None = None) -> Figure:
+    """Save ``fig`` with :func:`save_figure` when ``folder`` and ``name`` are given, close it, and return it.
+
+    A notebook cell that ends with the returned figure shows it inline, once: closed, it is not drawn again
+    at the end of the cell, and IPython shows a figure as PNG (:func:`_register_png_display`).
+    """
+    if folder is not None and name is not None:
+        save_figure(fig, folder, name)
+    plt.close(fig)
+    return fig
+
+
+def _png(fig: Figure) -> bytes:
+    buffer = BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _register_png_display() -> None:
+    """Make IPython show a Figure as PNG when the backend has not (e.g. Agg chosen by ``MPLBACKEND``): a cell
+    that ends with a figure, or ``display(fig)``, then shows the image, not ``<Figure size ...>``."""
+    shell = _ipython_shell()
+    if shell is None:
+        return
+    formatter = shell.display_formatter.formatters["image/png"]  # type: ignore[attr-defined]
+    try:
+        formatter.lookup_by_type(Figure)
+    except KeyError:
+        formatter.for_type(Figure, _png)
+
+
+_register_png_display()

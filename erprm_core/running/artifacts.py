@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from erprm_core.io import ArtifactError, atomic_write_json, atomic_write_text
+from erprm_core.io import ArtifactError, atomic_write_json, atomic_write_text, progress
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,33 @@ def runs_root() -> Path:
 def results_root() -> Path:
     """Root of committed results (``$ERPRM_RESULTS_ROOT`` or ``<repo>/results``)."""
     return Path(os.environ.get("ERPRM_RESULTS_ROOT") or repo_root() / "results")
+
+
+def repo_relative(value: Any) -> Any:
+    """``value`` with every absolute path in it (a ``Path``, or a ``str`` that is an absolute path; in dicts,
+    lists and tuples too, a tuple becoming a list as in JSON) written relative to the repository root, e.g.
+    ``runs/tiny/policy``.
+
+    A path under a redirected runs or results root (``$ERPRM_RUNS_ROOT``, ``$ERPRM_RESULTS_ROOT``) is written
+    relative to that root's parent, so it reads the same (``runs/<profile>/...``). Other values, hub names
+    and paths outside these folders are returned unchanged (a ``Path`` as its ``str``).
+
+    >>> repo_relative({"base_model": repo_root() / "runs" / "tiny" / "policy", "seed": 0})
+    {'base_model': 'runs/tiny/policy', 'seed': 0}
+    """
+    if isinstance(value, Mapping):
+        return {k: repo_relative(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [repo_relative(v) for v in value]  # as JSON writes both
+    if not isinstance(value, Path | str) or not os.path.isabs(value):
+        return str(value) if isinstance(value, Path) else value
+    roots = [repo_root(), runs_root().parent, results_root().parent]
+    roots = [r for root in roots for r in (root, root.resolve()) if r.parent != r]  # never "/" itself
+    for path in (Path(value), Path(value).resolve()):
+        for root in roots:
+            if path.is_relative_to(root):
+                return path.relative_to(root).as_posix() or "."
+    return str(value)
 
 
 @contextmanager
@@ -253,8 +280,6 @@ def run_sharded(
     (file and line, as a warning) and recomputed. ``compute(chunk, shard_index)`` must be deterministic
     given its arguments (seed per item, not per process). Returns all records in shard order.
     """
-    from tqdm.auto import tqdm
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     n_shards = (len(items) + shard_size - 1) // shard_size
@@ -262,8 +287,10 @@ def run_sharded(
     reused = 0
     present = sum((folder / f"shard-{i:05d}.jsonl").exists() for i in range(n_shards))
     if present:  # shown in the notebook (print), not only in the log: a resume should be visible
-        tqdm.write(f"{desc}: resuming, {present} of {n_shards} shards already in {folder}")
-    for index in tqdm(range(n_shards), desc=desc, unit="shard"):
+        print(
+            f"{desc}: resuming, {present} of {n_shards} shards already in {repo_relative(folder)}", flush=True
+        )
+    for index in progress(range(n_shards), desc=desc, unit="shard"):
         shard_path = folder / f"shard-{index:05d}.jsonl"
         if shard_path.exists():
             try:

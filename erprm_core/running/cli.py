@@ -7,6 +7,10 @@ redraws stage 06, ``compare`` and ``golden`` check tables, ``bench`` runs the sp
 ``train-prm`` trains one PRM per label rule of a profile with 03_train_prm's parameters (also under
 ``accelerate launch -m erprm_core.running.cli train-prm ...``), and ``score`` scores the steps of a JSONL
 file with any Math-Shepherd-format PRM. ``python -m erprm_core.running.cli`` is the same command.
+
+The modules that load torch (the dry run, ProcessBench, PRM scoring and training) are imported by the command
+that uses them, so that ``erprm reproduce`` reaches the profile's lock in a second or two: a second run of a
+busy profile stops at once (exit status 75), naming the first.
 """
 
 from __future__ import annotations
@@ -16,32 +20,25 @@ import json
 import logging
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-from erprm_core import io, prm, steps
-from erprm_core.running import artifacts, config, dryrun, pipeline, processbench_cmd
-from erprm_core.stages import train_prm
+from erprm_core import io, steps
+from erprm_core.running import artifacts, bench, config, pipeline
 
 log = logging.getLogger("erprm")
 
+BUSY = 75  # exit status when another process runs the profile (EX_TEMPFAIL: try again later)
 OFFLINE_COMMANDS = ("reproduce", "figures", "compare", "golden", "bench")
 """Commands that run with ``HF_HUB_OFFLINE=1`` unless the environment says otherwise (``train-prm`` and
 ``score`` may load a hub model)."""
 
 
-def run_benchmarks(names: list[str] | None = None) -> int:
-    """Run benchmarks/bench_*.py one after the other; returns the number that failed."""
-    bench_dir = artifacts.repo_root() / "benchmarks"
-    failed = 0
-    for script in sorted(bench_dir.glob("bench_*.py")):
-        if names and not any(n in script.stem for n in names):
-            continue
-        log.info("benchmark %s", script.name)
-        rc = subprocess.run([sys.executable, str(script)], cwd=artifacts.repo_root()).returncode
-        failed += rc != 0
-    return failed
+def run_benchmarks(names: list[str] | None = None, json_path: str | None = None, threads: int = 0,
+                   quick: bool = False) -> int:  # fmt: skip
+    """Measure the matmul peak, run the workload benchmarks (:mod:`erprm_core.running.bench`), print throughput,
+    ratio and MFU per workload, write them to ``json_path`` if given; returns the number that failed."""
+    return bench.run(names, json_path, threads=threads, quick=quick)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,8 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "golden", help="rerun the smoke chain in a temporary folder and rewrite the golden digests"
     )
-    bench = sub.add_parser("bench", help="run the speed benchmarks")
-    bench.add_argument("names", nargs="*")
+    bn = sub.add_parser("bench", help="speed benchmarks: matmul peak, tokens/s, ratio and MFU per workload")
+    bn.add_argument(
+        "names", nargs="*", help="workloads to run (sampling, scoring, training; numerics if named)"
+    )
+    bn.add_argument("--json", dest="json_path", metavar="FILE", help="also write the figures as JSON")
+    bn.add_argument("--threads", type=int, default=0, help="CPU threads (0: the stages' rule, idle cores)")
+    bn.add_argument("--quick", action="store_true", help="tiny workloads (seconds; for tests)")
     tr = sub.add_parser(
         "train-prm",
         help="train one PRM per label rule of a profile with 03_train_prm's parameters "
@@ -87,19 +89,22 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--model", required=True, help="PRM hub name or folder (Math-Shepherd format)")
     sc.add_argument("--input", required=True, help="JSONL with question and steps per line")
     sc.add_argument("--output", required=True)
-    sc.add_argument("--scoring", default="two_token", choices=prm.SCORING_MODES)
+    sc.add_argument("--scoring", default="two_token", help="one of erprm_core.prm.SCORING_MODES")
     sc.add_argument("--batch-size", type=int, default=16)
     sc.add_argument("--device", default="auto")
     sc.add_argument("--step-tag", default=steps.STEP_TAG)
     sc.add_argument("--good-token", default=steps.GOOD_TOKEN)
     sc.add_argument("--bad-token", default=steps.BAD_TOKEN)
-    pb = sub.add_parser("processbench", help="score ProcessBench with a PRM (first wrong step, F1 per split)")
-    processbench_cmd.add_arguments(pb)
+    sub.add_parser(  # its options are parsed by erprm_core.running.processbench_cmd (loaded when used)
+        "processbench", help="score ProcessBench with a PRM (first wrong step, F1 per split)", add_help=False
+    )
     return parser
 
 
 def _reproduce(args: argparse.Namespace) -> int:
     if args.dry_run:
+        from erprm_core.running import dryrun
+
         if args.check:
             for stage in dryrun.plan(args.profile, args.start, args.stop, args.param):
                 print(f"{stage.name}: {json.dumps(stage.parameters, sort_keys=True)}")
@@ -125,6 +130,8 @@ def _reproduce(args: argparse.Namespace) -> int:
 def _train_prm_command(args: argparse.Namespace) -> int:
     """Train the PRMs of 03_train_prm with the profile's parameters, so ``accelerate launch`` can train
     them on several GPUs and the notebook then evaluates the finished checkpoints."""
+    from erprm_core.stages import train_prm
+
     (stage,) = config.plan(args.profile, "03", "03", args.param)
     stage_config = train_prm.TrainPRMConfig(**stage.parameters)
     train_prm.train(stage_config)
@@ -135,6 +142,10 @@ def _train_prm_command(args: argparse.Namespace) -> int:
 def _score_command(args: argparse.Namespace) -> int:
     """Score JSONL records with ``question`` and ``steps``; write them back with ``step_scores`` and the
     PRM's scoring info."""
+    from erprm_core import prm
+
+    if args.scoring not in prm.SCORING_MODES:
+        raise config.ConfigError(f"--scoring {args.scoring!r} unknown; choose one of {prm.SCORING_MODES}")
     records = artifacts.read_jsonl(args.input, ["question", "steps"])
     model = prm.ProcessRewardModel.from_pretrained(
         args.model, args.step_tag, args.good_token, args.bad_token, args.scoring, device=args.device
@@ -155,9 +166,13 @@ def _score_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``erprm`` command; returns the exit status (2: bad input, 130: interrupted)."""
-    args = _parser().parse_args(argv)
+    """Entry point of the ``erprm`` command; returns the exit status (2: bad input, 75: the profile is being
+    run by another process, 130: interrupted)."""
+    args, rest = _parser().parse_known_args(argv)
+    if rest and args.command != "processbench":
+        _parser().error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("papermill").setLevel(logging.WARNING)  # the pipeline logs each stage itself
     if args.command in OFFLINE_COMMANDS:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -170,16 +185,21 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "golden":
             pipeline.write_golden_digests()
         elif args.command == "bench":
-            return 1 if run_benchmarks(args.names) else 0
+            return 1 if run_benchmarks(args.names, args.json_path, args.threads, args.quick) else 0
         elif args.command == "train-prm":
             return _train_prm_command(args)
         elif args.command == "score":
             return _score_command(args)
         elif args.command == "processbench":
-            return processbench_cmd.run(args)
+            from erprm_core.running import processbench_cmd
+
+            return processbench_cmd.main(rest)
     except (config.ConfigError, pipeline.StageFailed, io.ArtifactError) as exc:
         log.error("%s", exc)
         return 2
+    except pipeline.ProfileBusy as exc:
+        log.error("%s", exc)
+        return BUSY
     except pipeline.Interrupted as exc:
         log.error("%s", exc)
         return 130

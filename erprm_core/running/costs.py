@@ -88,6 +88,9 @@ class Assumptions:
     # Full fine-tuning, 7-8B, bf16, DeepSpeed ZeRO-2, gradient checkpointing (tokens/s/GPU; ~8N FLOPs/token
     # at ~40% of an H100's dense bf16 peak).
     train_tokens_per_s: float = 3000.0
+    # A ProcessBench record (problem + steps + step tags) in the 8B PRMs' tokenizer: the first release's mean
+    # over its 3,400 records, estimated as characters / 3.6 (GSM8K ~335, MATH ~455, the olympiad sets ~680).
+    processbench_tokens: float = 620.0
 
     def for_task(self, task: str) -> tuple[float, float, float]:
         """``(solution_tokens, steps_per_solution, question_tokens)`` of ``task`` (math500 counts as math)."""
@@ -381,6 +384,30 @@ def _figure_rows(params: Mapping[str, Mapping[str, Any]], s: _Shapes) -> list[di
     return [_row("06_figures", "figures from tables (CPU, seconds)", "-")]
 
 
+# Records per ProcessBench split (first release; the hub copy has the same counts).
+PROCESSBENCH_RECORDS = {"gsm8k": 400, "math": 1000, "olympiadbench": 1000, "omnimath": 1000}
+
+
+def _processbench_rows(params: Mapping[str, Mapping[str, Any]], s: _Shapes) -> list[dict[str, Any]]:
+    p7 = params["07_processbench"]
+    if p7.get("benchmark", "synthetic") != "processbench":
+        return [_row("07_processbench", "first-error F1 from 04's scores (CPU, seconds)", "-")]
+    rules = str(p7.get("rules", "all")).strip()
+    n_rules = (
+        _prm_rules(params.get("02_labels", {}), params.get("03_train_prm", {}))
+        if rules == "all"
+        else len(config.parse_names(rules))
+    )
+    n_prms = n_rules + len(config.parse_names(str(p7.get("released_prms") or "")))
+    limit = int(p7.get("limit") or 0)
+    splits = config.parse_names(str(p7.get("splits", "")))
+    records = sum(min(PROCESSBENCH_RECORDS.get(x, 0), limit) if limit else PROCESSBENCH_RECORDS.get(x, 0)
+                  for x in splits)  # fmt: skip
+    base = params.get("03_train_prm", {}).get("base_model") or s.policy
+    work = f"score ProcessBench with {n_prms} PRMs"
+    return [_scoring("07_processbench", work, base, n_prms * records, s.a.processbench_tokens, s.a)]
+
+
 _STAGE_ROWS = {
     "00_policy": _policy_rows,
     "01_rollouts": _rollout_rows,
@@ -389,6 +416,7 @@ _STAGE_ROWS = {
     "04_best_of_n": _bon_rows,
     "05_rlhf_raft": _raft_rows,
     "06_figures": _figure_rows,
+    "07_processbench": _processbench_rows,
 }
 
 
@@ -464,6 +492,7 @@ ASSUMPTION_HELP = {
     "hf_tokens_per_s": "HF backend generation, 7B, bf16, batch 64, output tokens/s/GPU",
     "score_tokens_per_s": "PRM scoring forward passes, 8B, bf16, tokens/s/GPU",
     "train_tokens_per_s": "full fine-tuning 7-8B, bf16, ZeRO-2, gradient checkpointing, tokens/s/GPU",
+    "processbench_tokens": "mean PRM input of a ProcessBench record (first release, characters / 3.6)",
 }
 
 

@@ -16,7 +16,9 @@ GPU-scale profile is wired, on a laptop, without the hub and without a GPU. It
    text (it holds "ки", "+", "-" as single tokens; unseen words map to ``<unk>``); the policy is also put
    into a local Hugging Face cache (``hf-cache/``, :func:`save_to_hub_cache`) under the hub-style name
    :data:`HUB_POLICY`, and the stages run with ``HF_HUB_CACHE`` pointing there (offline), so the policy goes
-   the way of the paper's hub policy: 00 keeps no copy, later stages load it by name;
+   the way of the paper's hub policy: 00 keeps no copy, later stages load it by name; the PRM base is also
+   cached as :data:`HUB_RELEASED_PRM`, the stand-in of a released PRM that 07_processbench scores with a pinned
+   revision, on six ProcessBench records of the fixtures (``data/processbench``);
 3. runs :func:`erprm_core.running.pipeline.run` with the profile's own configs plus the overrides of
    ``configs/<profile>/dry-run.yaml`` (applied like ``-p key=value`` to every stage that declares the key;
    ``{models}`` and ``{data}`` in a value are replaced by the folders above), so the paper configuration is
@@ -55,6 +57,9 @@ PLACEHOLDERS = ("models", "data")
 HUB_POLICY = "erprm-dry-run/tiny-metamath-mistral"
 """The hub-style name under which the dry run's policy is cached (configs/<profile>/dry-run.yaml uses it)."""
 HUB_CACHE = "hf-cache"  # the dry run's local Hugging Face cache, inside its folder
+HUB_RELEASED_PRM = "erprm-dry-run/tiny-released-prm"
+"""The hub-style name of the dry run's stand-in for a released PRM (07_processbench's ``released_prms``)."""
+PROCESSBENCH_FIXTURE = "processbench"  # fixture folder of ProcessBench records (always used by the dry run)
 
 # task of the profile -> {file in the dry-run data folder: (shared data file, fixture file)}.
 # MATH train has no copy in ../shared/data, so its fixture is always used.
@@ -405,10 +410,15 @@ def prepare(profile: str, base: Path | str | None = None, seed: int = 0) -> DryR
         n_test = int(dry.get("n_test", 0))
         prepared.data_sources = write_dry_run_data(task, data_dir, n_train, n_test)
         prepared.data = data_dir
+        shutil.copytree(fixtures_root() / PROCESSBENCH_FIXTURE, data_dir / "processbench")
+        prepared.data_sources["processbench"] = str(fixtures_root() / PROCESSBENCH_FIXTURE)
     texts = texts_of(data_dir) if prepared.data else []
+    for path in sorted((data_dir / "processbench").glob("*.json")) if prepared.data else []:
+        texts.extend(t for rec in json.loads(path.read_text()) for t in [rec["problem"], *rec["steps"]])
     tokenizer = build_dry_run_tokenizer(texts)
     prepared.models = build_tiny_models(root / "models", tokenizer, seed=seed)
     save_to_hub_cache(prepared.models["policy"], prepared.hub_cache, HUB_POLICY)
+    save_to_hub_cache(prepared.models["prm_base"], prepared.hub_cache, HUB_RELEASED_PRM)
     prepared.overrides = dry_run_overrides(profile, root / "models", data_dir)
     io.atomic_write_json(
         root / "dry_run.json",
@@ -418,6 +428,7 @@ def prepare(profile: str, base: Path | str | None = None, seed: int = 0) -> DryR
             "data_sources": prepared.data_sources,
             "models": {k: str(v) for k, v in prepared.models.items()},
             "hub_policy": {"name": HUB_POLICY, "cache": str(prepared.hub_cache)},
+            "hub_released_prm": HUB_RELEASED_PRM,
             "overrides": prepared.overrides,
         },
     )

@@ -5,11 +5,13 @@
 
 Every record's steps are scored in the Math-Shepherd format by :class:`erprm_core.prm.ProcessRewardModel`
 (on the GPU when there is one: ``--device auto``), the first step below ``--threshold`` is the prediction
-(:func:`predict`) and :func:`erprm_core.processbench.f1` gives the split's numbers.
+(:func:`erprm_core.processbench.first_error`) and :func:`erprm_core.processbench.f1` gives the split's numbers;
+the work is :func:`erprm_core.stages.processbench_eval.evaluate` (shared with stage 07_processbench).
 Outputs, beside ``FILE.csv`` (``<stem>`` = FILE):
 
 - ``FILE.csv``: one row per split: split, n, n_error, n_correct, n_excluded, error_acc, correct_acc, f1,
-  threshold, prm, scoring (accuracies as fractions; an empty subset leaves its accuracy and f1 blank = NaN).
+  f1_low, f1_high (95% bootstrap interval over records), threshold, prm, scoring (accuracies as fractions; an
+  empty subset leaves its accuracy and f1 blank = NaN).
 - ``<stem>_records.csv``: one row per record: split, id, label, prediction, n_steps, status, n_tokens and the
   step scores as a JSON list (null = a step whose tag was not located).
 - ``<stem>_audit.csv``: per split and reason, how many records were encoded "ok", "truncated" (tags cut by
@@ -30,8 +32,6 @@ command.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -39,137 +39,15 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
-import pandas as pd
 
 from erprm_core import processbench
-from erprm_core.io import ArtifactError, Audit, atomic_write_json, atomic_write_text
-from erprm_core.prm import ProcessRewardModel
+from erprm_core.io import ArtifactError
 from erprm_core.report import figures, style
-from erprm_core.running.artifacts import prepare_shard_folder, run_sharded
+from erprm_core.stages import processbench_eval as pbe
 
 log = logging.getLogger(__name__)
 
-HUB_DATA = ("hub", processbench.HUB_NAME)
-SHARD_COLUMNS = ("id", "label", "n_steps", "status", "step_scores")
-SUMMARY_COLUMNS = [
-    "split", "n", "n_error", "n_correct", "n_excluded", "error_acc", "correct_acc", "f1", "threshold",
-    "prm", "scoring",
-]  # fmt: skip
-RECORD_COLUMNS = ["split", "id", "label", "prediction", "n_steps", "status", "n_tokens", "step_scores"]
-# The threshold grid of the sweep: 0.05, 0.10, ..., 0.95.
-DEFAULT_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
-
-__all__ = [
-    "DEFAULT_THRESHOLDS", "predict", "metrics", "threshold_sweep", "score_records",
-    "add_arguments", "build_parser", "output_paths", "run", "main",
-]  # fmt: skip
-
-
-# ----------------------------------------------------------------------------------------------------
-# Prediction, metrics and scoring
-# ----------------------------------------------------------------------------------------------------
-
-
-def predict(step_scores: Sequence[float | None], threshold: float = 0.5) -> int | None:
-    """:func:`erprm_core.processbench.first_error` of a solution whose later steps may be unscored (NaN or
-    None, e.g. a tag cut by the PRM's length limit): the first step below ``threshold`` if it comes before
-    the first unscored step, -1 if every step is scored and none is below, None when the answer depends on
-    an unscored step.
-
-    >>> predict([0.9, 0.1, float("nan")])
-    1
-    >>> predict([0.9, float("nan"), 0.1]) is None
-    True
-    """
-    threshold = processbench.check_threshold(threshold)
-    for i, score in enumerate(step_scores):
-        if processbench.is_missing(score):
-            return None
-        if float(score) < threshold:
-            return i
-    return -1
-
-
-def metrics(
-    step_scores: Sequence[Sequence[float | None]], labels: Sequence[int], threshold: float = 0.5
-) -> dict[str, Any]:
-    """The split's numbers at one threshold: :func:`~erprm_core.processbench.f1` of the :func:`predict`
-    predictions, plus counts.
-
-    Records whose prediction is undetermined (None: an unscored step comes before any step below the
-    threshold) are left out of the accuracies and counted in ``n_excluded``. Returns ``n`` (all records),
-    ``n_error`` / ``n_correct`` (records in each subset that enter the metric), ``n_excluded``,
-    ``error_acc``, ``correct_acc``, ``f1`` and ``threshold``.
-
-    >>> metrics([[0.9, 0.2], [0.8, 0.7]], [1, -1])["f1"]
-    1.0
-    """
-    if len(step_scores) != len(labels):
-        raise ValueError(f"{len(step_scores)} step-score lists but {len(labels)} labels")
-    threshold = processbench.check_threshold(threshold)
-    preds = [predict(s, threshold) for s in step_scores]
-    kept = [(p, v) for p, v in zip(preds, labels, strict=True) if p is not None]
-    result = processbench.f1([p for p, _ in kept], [v for _, v in kept])
-    return {
-        "n": len(labels),
-        "n_error": sum(v != -1 for _, v in kept),
-        "n_correct": sum(v == -1 for _, v in kept),
-        "n_excluded": len(labels) - len(kept),
-        **result,
-        "threshold": threshold,
-    }
-
-
-def threshold_sweep(
-    step_scores: Sequence[Sequence[float | None]],
-    labels: Sequence[int],
-    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-) -> list[dict[str, Any]]:
-    """:func:`metrics` at every threshold of ``thresholds`` (default 0.05, 0.10, ..., 0.95): one dict per
-    threshold, in the given order.
-
-    >>> [round(r["f1"], 2) for r in threshold_sweep([[0.9, 0.2], [0.8, 0.7]], [1, -1], [0.1, 0.5, 0.75])]
-    [0.0, 1.0, 0.0]
-    """
-    if not len(thresholds):
-        raise ValueError("thresholds is empty")
-    return [metrics(step_scores, labels, t) for t in thresholds]
-
-
-def score_records(
-    model: ProcessRewardModel, records: Sequence[dict[str, Any]], batch_size: int = 8
-) -> list[dict[str, Any]]:
-    """Score every step of ``records`` (ProcessBench dicts) with a PRM, in input order.
-
-    Each record becomes ``{"id", "label", "n_steps", "status", "n_tags_found", "n_tokens", "step_scores"}``
-    where ``status`` is the encoding status of :func:`erprm_core.prm.encode_for_prm` ("ok", "truncated",
-    "tag_count_mismatch", "empty") and ``step_scores`` holds one P(good) per step, None for a step whose
-    tag was not located (cut by the length limit, or not a single tag token). JSON-ready.
-    """
-    records = list(records)
-    if not records:
-        return []
-    encodings = [model.encode(r["problem"], r["steps"]) for r in records]
-    scores = model.score_batch([r["problem"] for r in records], [r["steps"] for r in records], batch_size)
-    out = []
-    for rec, enc, ss in zip(records, encodings, scores, strict=True):
-        out.append(
-            {
-                "id": rec["id"],
-                "label": int(rec["label"]),
-                "n_steps": len(rec["steps"]),
-                "status": enc.status,
-                "n_tags_found": int(enc.n_tags_found),
-                "n_tokens": len(enc.input_ids),
-                "step_scores": [None if math.isnan(s) else float(s) for s in ss],
-            }
-        )
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# Arguments
-# ----------------------------------------------------------------------------------------------------
+__all__ = ["add_arguments", "build_parser", "run", "main"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -232,128 +110,19 @@ def _check_args(args: argparse.Namespace) -> list[str]:
         raise ArtifactError(f"--limit must be >= 0, got {args.limit}")
     if args.max_length is not None and args.max_length < 2:
         raise ArtifactError(f"--max-length must be >= 2, got {args.max_length}")
-    if args.revision and _local_folder(args.prm) is not None:
+    if args.revision and pbe.local_folder(args.prm) is not None:
         raise ArtifactError(f"--revision applies to hub names only; --prm {args.prm} is a local folder")
-    if args.data_revision and _data_folder(args.data) is not None:
+    if args.data_revision and pbe.data_folder(args.data) is not None:
         raise ArtifactError(f"--data-revision applies to the hub only; --data {args.data} is a local folder")
     return splits
 
 
-def output_paths(out: Path | str) -> dict[str, Path]:
-    """Every file the command writes, from ``--out``: summary, records, audit, sweep, sweep figure stem
-    (``sweep_figure``, without suffix), info and the shard folder."""
-    out = Path(out)
-    stem = out.with_suffix("").name if out.suffix else out.name
-    base = out.parent
-    return {
-        "summary": out,
-        "records": base / f"{stem}_records.csv",
-        "audit": base / f"{stem}_audit.csv",
-        "sweep": base / f"{stem}_sweep.csv",
-        "sweep_figure": base / f"{stem}_sweep",
-        "info": base / f"{stem}_info.json",
-        "shards": base / f"{stem}_shards",
-    }
-
-
-# ----------------------------------------------------------------------------------------------------
-# Inputs: data, model, fingerprints
-# ----------------------------------------------------------------------------------------------------
-
-
-def _local_folder(name: str) -> Path | None:
-    path = Path(name).expanduser()
-    return path if path.is_dir() else None
-
-
-def _data_folder(data: str) -> Path | None:
-    """The local data folder (or file) of ``--data``, None for the hub; anything else is an error."""
-    if data in HUB_DATA:
-        return None
-    path = Path(data).expanduser()
-    if not path.exists():
-        raise ArtifactError(
-            f"--data {data}: no such folder; pass a folder of <split>.json files or "
-            f'"hub" for {processbench.HUB_NAME}'
-        )
-    return path
-
-
-def _folder_digest(folder: Path) -> str:
-    """Digest of a checkpoint folder: file names and sizes, and contents up to 64 MiB (mtime above)."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        st = path.stat()
-        h.update(f"{path.relative_to(folder)}|{st.st_size}|".encode())
-        if st.st_size <= 64 << 20:
-            h.update(hashlib.sha256(path.read_bytes()).digest())
-        else:
-            h.update(str(st.st_mtime_ns).encode())
-    return h.hexdigest()[:16]
-
-
-def _prm_fingerprint(prm: str, revision: str | None) -> str:
-    folder = _local_folder(prm)
-    if folder is not None:
-        return f"folder:{_folder_digest(folder)}"
-    return f"hub:{prm}@{revision or 'default'}"
-
-
-def _records_digest(records: Sequence[dict[str, Any]]) -> str:
-    keys = [[r["id"], r["problem"], r["steps"], r["label"]] for r in records]
-    return hashlib.sha256(json.dumps(keys, ensure_ascii=False).encode()).hexdigest()[:16]
-
-
-def _load_prm(args: argparse.Namespace) -> Any:
-    """The PRM of ``--prm`` (``--revision``: model and tokenizer of that hub revision)."""
-    share = {"off": False, "on": True, "auto": "auto"}[args.share_prefix]
-    kwargs: dict[str, Any] = {"device": args.device, "dtype": args.dtype, "share_prefix": share}
-    if args.max_length is not None:
-        kwargs["max_length"] = args.max_length
-    if args.revision:
-        kwargs["revision"] = args.revision
-    tokens = (args.step_tag, args.good_token, args.bad_token)
-    try:
-        scorer = ProcessRewardModel.from_pretrained(args.prm, *tokens, args.scoring, **kwargs)
-    except (FileNotFoundError, OSError, ValueError) as exc:
-        raise ArtifactError(f"--prm {args.prm}: cannot load the PRM ({type(exc).__name__}: {exc})") from exc
-    if args.revision:
-        scorer.name = f"{args.prm}@{args.revision}"  # the name in the tables says which revision scored
-    return scorer
-
-
-# ----------------------------------------------------------------------------------------------------
-# Tables and the figure
-# ----------------------------------------------------------------------------------------------------
-
-
-def _audit_frame(split: str, rows: Sequence[dict[str, Any]], threshold: float) -> Any:
-    """Counts by reason for one split (see the module docstring)."""
-    audit = Audit(f"processbench/{split}")
-    for r in rows:
-        unscored = sum(s is None for s in r["step_scores"])
-        audit.count(
-            r["status"],
-            example=f"{r['id']}: {r['n_steps'] - unscored} of {r['n_steps']} step tags located "
-            f"({r.get('n_tags_found', '?')} tag tokens in the full text), {r.get('n_tokens', '?')} tokens kept",
-        )
-        if unscored:
-            audit.count("steps_unscored", unscored, example=f"{r['id']}: {unscored} of {r['n_steps']} steps")
-        if predict(r["step_scores"], threshold) is None:
-            audit.count(
-                "excluded_undetermined",
-                example=f"{r['id']}: label {r['label']}, an unscored step before any step below {threshold}",
-            )
-    return audit.to_frame().assign(split=split)[["split", "reason", "count", "example"]]
-
-
-def _csv(df: Any) -> str:
-    return df.to_csv(index=False, float_format="%.6g", lineterminator="\n")
-
-
-# ----------------------------------------------------------------------------------------------------
-# The command
-# ----------------------------------------------------------------------------------------------------
+def _options(args: argparse.Namespace) -> pbe.ScoringOptions:
+    return pbe.ScoringOptions(
+        scoring=args.scoring, max_length=args.max_length, device=args.device, dtype=args.dtype,
+        share_prefix=args.share_prefix, batch_size=args.batch_size, shard_size=args.shard_size,
+        step_tag=args.step_tag, good_token=args.good_token, bad_token=args.bad_token,
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -363,134 +132,20 @@ def run(args: argparse.Namespace) -> int:
     loaded (the message names the option or file).
     """
     splits = _check_args(args)
-    paths = output_paths(args.out)
-    data = _load_splits(args, splits)
-    state: dict[str, Any] = {"scored": 0}
-    prm_fp = _prm_fingerprint(args.prm, args.revision)
-    scored = {split: _score_split(args, loaded, paths, state, prm_fp) for split, loaded in data.items()}
-    prm_name = (
-        state["prm"].name if "prm" in state else args.prm + (f"@{args.revision}" if args.revision else "")
-    )
-    summary_df, records_df, audit_df, sweep_df = _tables(args, scored, prm_name)
-    atomic_write_text(paths["summary"], _csv(summary_df))
-    atomic_write_text(paths["records"], _csv(records_df))
-    atomic_write_text(paths["audit"], _csv(audit_df))
-    atomic_write_text(paths["sweep"], _csv(sweep_df))
-    info = {
-        "prm": prm_name,
-        "prm_fingerprint": prm_fp,
-        "prm_info": state["prm"].info() if "prm" in state else None,
-        "data": {split: {**_split_info(loaded), "limit": args.limit} for split, loaded in data.items()},
-        "parameters": {k: v for k, v in vars(args).items() if not callable(v)},
-        "records_scored_this_run": state["scored"],
-        "outputs": {k: str(v) for k, v in paths.items()},
-    }
-    atomic_write_json(paths["info"], info)
-    short = Path(prm_name).name if _local_folder(args.prm) is not None else prm_name
+    data = pbe.load_splits(args.data, splits, args.limit, args.data_revision)
+    parameters = {k: v for k, v in vars(args).items() if not callable(v)}
+    res = pbe.evaluate(
+        args.prm, data, args.out, revision=args.revision, threshold=args.threshold, options=_options(args),
+        parameters=parameters,
+    )  # fmt: skip
+    short = Path(res.prm).name if pbe.local_folder(args.prm) is not None else res.prm
     fig = figures.figure_processbench_sweep(
-        sweep_df, args.threshold, f"ProcessBench F1 against the threshold ({short})"
+        res.sweep, args.threshold, f"ProcessBench F1 against the threshold ({short})"
     )
-    style.save_figure(fig, paths["sweep_figure"].parent, paths["sweep_figure"].name)
+    style.save_figure(fig, res.paths["sweep_figure"].parent, res.paths["sweep_figure"].name)
     plt.close(fig)
-    _report(summary_df, audit_df, paths, state["scored"])
+    _report(res.summary, res.audit, res.paths, res.scored)
     return 0
-
-
-def _split_info(loaded: processbench.ProcessBenchSplit) -> dict[str, Any]:
-    """What to record with a result: split, source, sha256, revision, record and error counts."""
-    return {
-        "split": loaded.split,
-        "source": loaded.source,
-        "sha256": loaded.sha256,
-        "revision": loaded.revision,
-        "n": len(loaded.records),
-        "n_errors": loaded.n_errors,
-    }
-
-
-def _load_splits(args: argparse.Namespace, splits: Sequence[str]) -> dict[str, Any]:
-    """Each split's records from ``--data`` (first ``--limit`` of them)."""
-    folder = _data_folder(args.data)
-    data = {}
-    for split in splits:
-        loaded = processbench.load(split, folder, revision=args.data_revision)
-        if args.limit is not None:
-            loaded = processbench.ProcessBenchSplit(
-                split, loaded.records[: args.limit], loaded.source, loaded.sha256, loaded.revision
-            )
-        data[split] = loaded
-    return data
-
-
-def _score_split(
-    args: argparse.Namespace, loaded: Any, paths: dict[str, Path], state: dict[str, Any], prm_fp: str
-) -> list[dict[str, Any]]:
-    """Score one split in resumable shards; the PRM is loaded on the first shard that needs it."""
-    split = loaded.split
-    fingerprint = {
-        "split": split,
-        "records": _records_digest(loaded.records),
-        "n": len(loaded),
-        "source_sha256": loaded.sha256,
-        "prm": prm_fp,
-        "scoring": args.scoring,
-        "max_length": args.max_length,
-        "tokens": [args.step_tag, args.good_token, args.bad_token],
-        "shard_size": args.shard_size,
-    }
-    shard_folder = paths["shards"] / split
-    prepare_shard_folder(shard_folder, fingerprint)
-
-    def compute(chunk: Sequence[dict[str, Any]], index: int) -> list[dict[str, Any]]:
-        if "prm" not in state:
-            state["prm"] = _load_prm(args)
-        rows = score_records(state["prm"], chunk, args.batch_size)
-        state["scored"] += len(rows)
-        return [{"split": split, **r} for r in rows]
-
-    rows = run_sharded(
-        loaded.records, args.shard_size, shard_folder, compute, SHARD_COLUMNS, f"ProcessBench {split}"
-    )
-    if [r["id"] for r in rows] != [r["id"] for r in loaded.records]:
-        raise ArtifactError(
-            f"{shard_folder}: the shards do not hold the records of {loaded.source} in order; "
-            "delete the folder and rerun"
-        )
-    return rows
-
-
-def _tables(
-    args: argparse.Namespace, scored: dict[str, list[dict[str, Any]]], prm_name: str
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """The summary (one row per split), per-record, audit and threshold-sweep tables."""
-    summary, records, audits, sweeps = [], [], [], []
-    for split, rows in scored.items():
-        scores = [r["step_scores"] for r in rows]
-        labels = [int(r["label"]) for r in rows]
-        m = metrics(scores, labels, args.threshold)
-        summary.append({"split": split, **m, "prm": prm_name, "scoring": args.scoring})
-        records.extend(
-            {
-                "split": split,
-                "id": r["id"],
-                "label": r["label"],
-                "prediction": predict(r["step_scores"], args.threshold),
-                "n_steps": r["n_steps"],
-                "status": r["status"],
-                "n_tokens": r.get("n_tokens"),
-                "step_scores": json.dumps(r["step_scores"]),
-            }
-            for r in rows
-        )
-        audits.append(_audit_frame(split, rows, args.threshold))
-        sweeps.extend({"split": split, **row} for row in threshold_sweep(scores, labels))
-    summary_df = pd.DataFrame(summary, columns=SUMMARY_COLUMNS)
-    records_df = pd.DataFrame(records, columns=RECORD_COLUMNS).astype({"prediction": "Int64"})
-    audit_df = pd.concat(audits, ignore_index=True)
-    sweep_df = pd.DataFrame(sweeps)[
-        ["split", "threshold", "n", "n_excluded", "error_acc", "correct_acc", "f1"]
-    ]
-    return summary_df, records_df, audit_df, sweep_df
 
 
 def _report(summary: Any, audit: Any, paths: dict[str, Path], n_scored: int) -> None:

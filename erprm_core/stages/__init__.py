@@ -14,5 +14,6 @@ STAGE_MODULES = {
     "04_best_of_n": "erprm_core.stages.best_of_n",
     "05_rlhf_raft": "erprm_core.stages.raft",
     "06_figures": "erprm_core.stages.figures",
+    "07_processbench": "erprm_core.stages.processbench",
 }
 """Stage name (the notebook's file name) -> the module that holds its Config and run()."""

@@ -2,19 +2,21 @@
 
 Every stage Config inherits :class:`StageConfig`, so a notebook builds it from its parameters cell with
 ``<Name>Config.from_namespace(globals())``; :func:`record` writes ``asdict(config)`` plus the stage's
-statistics to the manifest.
+statistics to the manifest, with every path in them relative to the repository root (:func:`repo_relative`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from erprm_core import labels
+from erprm_core import io, labels
 from erprm_core.running import artifacts
+from erprm_core.running.artifacts import repo_relative
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +33,32 @@ class StageConfig:
         return cls(**{f.name: namespace[f.name] for f in fields(cls)})  # type: ignore[arg-type]
 
 
-def record(profile: str, stage: str, config: Any, **stats: Any) -> dict[str, Any]:
-    """Merge ``asdict(config)`` and ``stats`` into the manifest entry of ``stage``; return the entry.
+def _from_repo_relative(name: str) -> Any:
+    """The folder that :func:`repo_relative` wrote as ``name`` when it exists (under the repository root or the
+    runs/results roots' parents), else ``name`` itself (a hub name, or an absolute path)."""
+    if os.path.isabs(name):
+        return name
+    for root in (artifacts.repo_root(), artifacts.runs_root().parent, artifacts.results_root().parent):
+        if (root / name).exists():
+            return root / name
+    return name
 
-    A statistic with the name of a field wins: it is the resolved value (e.g. ``torch_threads``, the thread
-    count actually used when the field says 0 = auto). The ``profile`` field is left out: the manifest is the
-    profile's (its top-level ``profile`` key).
+
+def record(profile: str, stage: str, config: Any, **stats: Any) -> dict[str, Any]:
+    """Write ``asdict(config)`` and ``stats`` as the manifest entry of ``stage``; return the entry.
+
+    The entry is replaced, not merged: what a previous run recorded (and what the pipeline added after it:
+    parameters, wall time, commit) does not linger beside this run's values; the pipeline adds its keys again
+    when the notebook ends. A statistic with the name of a field wins: it is the resolved value (e.g.
+    ``torch_threads``, the thread count actually used when the field says 0 = auto). The ``profile`` field is
+    left out: the manifest is the profile's (its top-level ``profile`` key). Paths are written relative to the
+    repository root (:func:`repo_relative`).
     """
-    entry = {k: v for k, v in asdict(config).items() if k != "profile"}
-    manifest = artifacts.update_manifest(profile, stage, **{**entry, **stats})
-    return manifest["stages"][stage]
+    entry = repo_relative({**{k: v for k, v in asdict(config).items() if k != "profile"}, **stats})
+    manifest = artifacts.load_manifest(profile)
+    manifest.setdefault("stages", {})[stage] = entry
+    io.atomic_write_json(artifacts.paths(profile).manifest, manifest)
+    return entry
 
 
 def resolve_policy(profile: str) -> Any:
@@ -55,7 +73,7 @@ def resolve_policy(profile: str) -> Any:
         return p.policy
     name = artifacts.load_manifest(profile).get("stages", {}).get("00_policy", {}).get("policy_name")
     if name:
-        return str(name)
+        return _from_repo_relative(str(name))
     return artifacts.require(p.policy / "config.json", "00_policy", profile, "policy checkpoint")
 
 

@@ -35,7 +35,14 @@ from erprm_core.report import figures
 from erprm_core.running import artifacts, numerics
 from erprm_core.running.config import parse_names
 from erprm_core.stages import bon_tables
-from erprm_core.stages._common import StageConfig, record, resolve_policy, take_problems, trained_rules
+from erprm_core.stages._common import (
+    StageConfig,
+    record,
+    repo_relative,
+    resolve_policy,
+    take_problems,
+    trained_rules,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,8 @@ CANDIDATE_COLUMNS = (
 )
 UNSCORABLE_SCORE = 0.0  # solution score of a candidate with no scorable step (no steps, or every tag lost)
 BASELINE_METHODS = ("majority", "random", "oracle")
+GREEDY_TABLES = ("policy_eval", "policy_accuracy_by_steps")
+"""00_policy's tables that give the greedy-decoding line of the best-of-N figures (when they exist)."""
 MANIFEST_STATS = ("problems", "candidates", "generated_tokens", "distinct_solutions", "prm_forward_passes",
                   "prm_tokens_scored", "rules", "unanswered_last", "best_er_rule_post_hoc", "prms")  # fmt: skip
 """The statistics of :func:`run` that go to the manifest (beside the config)."""
@@ -342,24 +351,6 @@ def _aggregate_all(step_scores: Sequence[float | None], aggregations: Sequence[s
     return [aggregate(vals, how) for how in aggregations]
 
 
-def _distinct_solutions(
-    pool_records: Sequence[Mapping[str, Any]],
-) -> tuple[list[str], list[dict[str, Any]], str]:
-    """Distinct solutions (question, steps) in pool order, each scored once per rule: the key of every pool
-    record, the distinct items, and the digest of the items (part of each rule's cache fingerprint)."""
-    keys: list[str] = []
-    items: list[dict[str, Any]] = []
-    index: dict[tuple[str, str, tuple[str, ...]], str] = {}
-    for rec in pool_records:
-        k = (str(rec["problem_id"]), rec["question"], tuple(rec["steps"]))
-        if k not in index:
-            index[k] = f"{len(items):07d}"
-            items.append({"key": index[k], "question": rec["question"], "steps": list(rec["steps"])})
-        keys.append(index[k])
-    pool_digest = artifacts.digest([[it["question"], it["steps"]] for it in items], ensure_ascii=False)
-    return keys, items, pool_digest
-
-
 class _RuleScorer:
     """The shard computation of one rule in :func:`score_pool`; the PRM is loaded at the first shard only."""
 
@@ -489,7 +480,7 @@ def score_pool(
     if not pool_records:
         raise ValueError("score_pool: the pool is empty")
     out_dir = Path(out_dir)
-    keys, items, pool_digest = _distinct_solutions(pool_records)
+    keys, items, pool_digest = bon_tables.distinct_solutions(pool_records)
 
     audit = io.Audit(POOL_STAGE)
     table = pd.DataFrame(
@@ -538,18 +529,11 @@ class BestOfNResult:
     stats: dict[str, Any] = field(default_factory=dict)
     aggregations: pd.DataFrame | None = None
     sweep: pd.DataFrame | None = None
+    greedy: dict[str, Any] | None = None  # the policy's greedy accuracy (00_policy), a line of figs. 2 and 3
 
     def headline_methods(self) -> list[str]:
         """The headline reward-model methods (ER, hard, soft, ORM) and the baselines, for tables and figures."""
         return [m for m in self.headline.values() if m] + list(BASELINE_METHODS)
-
-
-def _relative_to(path: str, root: Any) -> str:
-    """``path`` relative to ``root`` when it lies inside it (manifests hold no machine-specific paths)."""
-    try:
-        return str(Path(path).resolve().relative_to(Path(root).resolve()))
-    except (ValueError, OSError):
-        return str(path)
 
 
 def _inputs(c: BestOfNConfig, p: artifacts.ProfilePaths) -> tuple[Any, list[dict[str, Any]], dict, list[str]]:
@@ -664,7 +648,7 @@ def _stats(
         "unanswered_last": c.unanswered_last,
         "best_er_rule_post_hoc": best["rule"],
         "prms": {
-            rule: {**info, "prm": _relative_to(info.get("prm", ""), p.run)}
+            rule: {**info, "prm": repo_relative(info.get("prm", ""))}
             for rule, info in scored.prm_info.items()
         },
         "wall_s_pool": round(t_pool, 2),
@@ -722,6 +706,8 @@ def run(config: BestOfNConfig) -> BestOfNResult:
     artifacts.write_table(res.picks, c.profile, "bon_picks")
     res.sweep = figures.eta_sweep_table(res.bon, c.n_max, c.aggregation)
     res.aggregations = bon_tables.aggregation_table(res.bon, c.n_max)
+    policy = {t: artifacts.read_table(c.profile, t) for t in GREEDY_TABLES if p.table(t).is_file()}
+    res.greedy = figures.greedy_reference(*(policy.get(t) for t in GREEDY_TABLES))
     record(
         c.profile, POOL_STAGE, c, torch_threads=torch_threads, numerics=numerics_info,
         **{k: res.stats[k] for k in MANIFEST_STATS},

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from erprm_core import evaluators, labels, prm, stats
+from erprm_core.running import artifacts
 
 log = logging.getLogger(__name__)
 
@@ -411,3 +412,23 @@ def pick_audit(
     out = pd.DataFrame(rows)
     out.insert(1, "n_problems", int(pd.Series(pid).nunique()))
     return out
+
+
+def distinct_solutions(
+    pool_records: Sequence[Mapping[str, Any]],
+) -> tuple[list[str], list[dict[str, Any]], str]:
+    """Distinct solutions (question, steps) of a best-of-N pool in pool order, each scored once per rule: the
+    key of every pool record, the distinct items (``key``, ``problem_id``, ``question``, ``steps``), and the
+    digest of the items' text (part of each rule's score-cache fingerprint in 04_best_of_n)."""
+    keys: list[str] = []
+    items: list[dict[str, Any]] = []
+    index: dict[tuple[str, str, tuple[str, ...]], str] = {}
+    for rec in pool_records:
+        k = (str(rec["problem_id"]), rec["question"], tuple(rec["steps"]))
+        if k not in index:
+            index[k] = f"{len(items):07d}"
+            items.append({"key": index[k], "problem_id": str(rec["problem_id"]), "question": rec["question"],
+                          "steps": list(rec["steps"])})  # fmt: skip
+        keys.append(index[k])
+    pool_digest = artifacts.digest([[it["question"], it["steps"]] for it in items], ensure_ascii=False)
+    return keys, items, pool_digest

@@ -1,8 +1,9 @@
 """Stage 06_figures: every paper figure and the summary table, from the stage tables only.
 
 :func:`run` reads ``results/<profile>/tables`` (written by 00-05) and the paper's reported numbers, writes the
-tables ``label_curves`` and ``eta_sweep``, saves figs. 1-4 (PNG + PDF) and writes ``summary.md`` (which
-README.md includes). ``erprm figures --profile <profile>`` reruns it alone.
+tables ``label_curves`` and ``eta_sweep``, saves figs. 1-4 (PNG + PDF; the only files of these figures: 02, 04
+and 05 show the same figures inline without saving them) and writes ``summary.md`` (which README.md
+includes). ``erprm figures --profile <profile>`` reruns it alone.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import pandas as pd
 from erprm_core.report import figures, style, summary
 from erprm_core.running import artifacts
 from erprm_core.running.config import parse_eta_grid
-from erprm_core.stages._common import StageConfig
+from erprm_core.stages._common import StageConfig, repo_relative
 
 FACT_TABLES = ("policy_eval", "policy_accuracy_by_steps", "rollouts_summary")
-"""Tables of the earlier stages that the summary's facts use when they exist."""
+"""Tables of the earlier stages that the summary's facts (and the greedy lines of figs. 2 and 3) use when they
+exist."""
 
 
 @dataclass(frozen=True)
@@ -40,11 +42,12 @@ class FiguresConfig(StageConfig):
 
 @dataclass
 class FiguresResult:
-    """What :func:`run` returns: the figures (already saved and closed; a notebook cell displays them), the
-    tables it wrote, the RAFT table it read and the summary."""
+    """What :func:`run` returns: the figures (already saved and closed; a notebook cell that ends with one
+    shows it), their files (relative to the repository root), the tables it wrote, the RAFT table it read and
+    the summary."""
 
     figures: dict[str, plt.Figure] = field(default_factory=dict)
-    files: dict[str, list[Path]] = field(default_factory=dict)
+    files: dict[str, list[str]] = field(default_factory=dict)
     curves: pd.DataFrame | None = None
     sweep: pd.DataFrame | None = None
     raft: pd.DataFrame | None = None
@@ -53,9 +56,8 @@ class FiguresResult:
 
 
 def _save(res: FiguresResult, fig: plt.Figure, folder: Path, name: str) -> None:
-    res.files[name] = style.save_figure(fig, folder, name)
-    res.figures[name] = fig
-    plt.close(fig)  # shown by the notebook cell that asks for it, not all at once
+    res.figures[name] = style.shown(fig, folder, name)  # closed: shown by the cell that asks for it
+    res.files[name] = [repo_relative(folder / f"{name}.{ext}") for ext in ("png", "pdf")]
 
 
 def run(config: FiguresConfig) -> FiguresResult:
@@ -67,6 +69,8 @@ def run(config: FiguresConfig) -> FiguresResult:
     paired = artifacts.read_table(c.profile, "bon_paired", stage="04_best_of_n")
     raft = artifacts.read_table(c.profile, "raft", stage="05_rlhf_raft")
     reference = figures.paper_reference()
+    facts = {t: artifacts.read_table(c.profile, t) if P.table(t).is_file() else None for t in FACT_TABLES}
+    greedy = figures.greedy_reference(facts["policy_eval"], facts["policy_accuracy_by_steps"])
     n_max = int(bon["n"].max())
     res = FiguresResult(raft=raft)
 
@@ -75,29 +79,27 @@ def run(config: FiguresConfig) -> FiguresResult:
     _save(res, figures.figure_label_curves(res.curves), P.figures, "fig1_label_curves")
 
     methods = figures.headline_methods(bon, c.er_rule, c.aggregation, c.orm_aggregation)
-    fig2 = figures.figure_best_of_n(bon, methods, reference, f"This run ({c.profile}), 95% CI")
+    fig2 = figures.figure_best_of_n(bon, methods, reference, f"This run ({c.profile}), 95% CI", greedy)
     _save(res, fig2, P.figures, "fig2_best_of_n")
 
     res.sweep = figures.eta_sweep_table(bon, n_max, c.aggregation)
     artifacts.write_table(res.sweep, c.profile, "eta_sweep")
-    base = bon[(bon["n"] == n_max) & bon["method"].isin(["majority", "oracle"])]
-    _save(res, figures.figure_eta_sweep(res.sweep, base), P.figures, "fig3_eta_sweep")
+    fig3 = figures.figure_eta_sweep(res.sweep, figures.bon_baselines(bon, n_max, greedy))
+    _save(res, fig3, P.figures, "fig3_eta_sweep")
 
-    fig4 = figures.figure_raft(raft, percent=True, title="Fig. 4 · RAFT with each reward model")
-    _save(res, fig4, P.figures, "fig4_raft")
+    _save(res, figures.figure_raft(raft, reference), P.figures, "fig4_raft")
 
     res.summary = summary.summary_table(bon, paired, raft, c.er_rule, c.aggregation, c.orm_aggregation)
-    facts = summary.summary_facts(
-        *(artifacts.read_table(c.profile, t) if P.table(t).is_file() else None for t in FACT_TABLES),
-        res.sweep, n_problems_pool=int(bon["n_problems"].max()) if "n_problems" in bon else None,
+    facts_md = summary.summary_facts(
+        *facts.values(), res.sweep, n_problems_pool=int(bon["n_problems"].max()) if "n_problems" in bon else None,
         aggregation=c.aggregation,
     )  # fmt: skip
-    res.summary_markdown = summary.to_markdown(res.summary) + "\n" + facts
+    res.summary_markdown = summary.to_markdown(res.summary) + "\n" + facts_md
     summary.write_summary(P.results / "summary.md", res.summary_markdown)
     return res
 
 
-def raft_accuracy(raft: pd.DataFrame) -> pd.DataFrame:
+def raft_accuracy_table(raft: pd.DataFrame) -> pd.DataFrame:
     """Greedy accuracy per reward model (rows) and RAFT iteration (columns), from the ``raft`` table."""
     return raft[raft["metric"] == "greedy_accuracy"].pivot_table(
         index="reward_model", columns="iteration", values="value"

@@ -56,6 +56,14 @@ class LabelResult:
     example_table: pd.DataFrame | None = None
     quality: pd.DataFrame | None = None
 
+    def stats_by_rule(self, decimals: int = 4) -> pd.DataFrame:
+        """The ``stats`` table wide, as 02_labels shows it: one row per rule (in rule order), one column per
+        metric, rounded to ``decimals``; ``n_labels`` is a count, shown as an integer."""
+        wide = (
+            self.stats.pivot(index="rule", columns="metric", values="value").loc[self.rules].round(decimals)
+        )
+        return wide.astype({"n_labels": "Int64"}) if "n_labels" in wide else wide
+
 
 def stepwise_labels(
     completion_rewards: list[list[float]], outcome: float, etas: list[float]

@@ -48,7 +48,6 @@ from typing import Any
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from erprm_core import generation, io, models, raft, rollouts, training
 from erprm_core.prm import ProcessRewardModel
@@ -709,7 +708,7 @@ def run_raft(
     policy_path: Path | str = start_policy  # a hub name stays a name
     scorer = _LazyReward(reward, reward_name, st)
     records = []
-    bar = tqdm(range(1, iterations + 1), desc=f"RAFT {reward_name}", unit="iter", disable=not progress)
+    bar = io.progress(range(1, iterations + 1), desc=f"RAFT {reward_name}", unit="iter", disable=not progress)
     for it in bar:
         lr_i = raft.iteration_lr(st.lr, st.lr_decay, it, st.lr_schedule, iterations)
         fp = _digest({**common, "iteration": it, "lr": lr_i, "previous": previous})

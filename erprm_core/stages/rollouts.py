@@ -16,11 +16,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from erprm_core import generation, io, rollouts
 from erprm_core.running import artifacts, numerics
-from erprm_core.stages._common import StageConfig, record, resolve_policy, take_problems
+from erprm_core.stages._common import StageConfig, record, repo_relative, resolve_policy, take_problems
 from erprm_core.tasks import arith_truth
 
 STAGE = "01_rollouts"
@@ -129,13 +130,19 @@ def rollout_stats(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def rollout_summary_table(stats: dict[str, Any]) -> pd.DataFrame:
     """Tidy ``metric, value`` table of :func:`rollout_stats` (wall time and this-run-only counts left out, so a
-    resumed run and an uninterrupted one give the same table)."""
-    rows = [
-        {"metric": key, "value": float(val)}
-        for key, val in stats.items()
-        if key != "wall_s" and not key.startswith("computed_")
-    ]
-    return pd.DataFrame(rows, columns=["metric", "value"])
+    resumed run and an uninterrupted one give the same table). Counts stay integers (shown and written as
+    such, e.g. 1772893, not 1.77289e+06); rates keep 6 significant digits, written as every table's CSV
+    writes them (``%.6g``: 0.0 as 0)."""
+
+    def cell(v: Any) -> int | float:
+        if isinstance(v, int | np.integer):
+            return int(v)
+        text = f"{float(v):.6g}"
+        return int(text) if text.lstrip("-").isdigit() else float(text)
+
+    kept = {k: v for k, v in stats.items() if k != "wall_s" and not k.startswith("computed_")}
+    values = pd.Series([cell(v) for v in kept.values()], dtype=object)
+    return pd.DataFrame({"metric": list(kept), "value": values})
 
 
 def prefix_table(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
@@ -280,7 +287,7 @@ def run(config: RolloutsConfig) -> RolloutResult:
         if c.completer_name
         else None
     )
-    setup = pd.DataFrame({"problems": [len(problems)], "policy": [getattr(policy, "name", policy)],
+    setup = pd.DataFrame({"problems": [len(problems)], "policy": [repo_relative(policy)],
                           "completer": [c.completer_name or "policy"], "backend": [c.backend]})  # fmt: skip
     res = run_rollouts(
         P, policy_sampler, problems, n_solutions=c.n_solutions, k=c.k, temperature=c.temperature, top_p=c.top_p,

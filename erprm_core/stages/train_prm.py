@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
-from erprm_core import labels, processbench, stats, training
+from erprm_core import io, labels, processbench, stats, training
 from erprm_core.prm import ProcessRewardModel
 from erprm_core.running import artifacts, numerics
 from erprm_core.running.config import parse_names
 from erprm_core.stages._common import StageConfig, record
+from erprm_core.stages.processbench_eval import first_error_f1
 from erprm_core.tasks import arith_truth
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def train_prm_rules(
     good_id, bad_id, train_runtime_s, tokens_per_s).
     """
     logs, audits, runs = [], [], []
-    for rule in tqdm(list(rules), desc="PRMs", unit="rule"):
+    for rule in io.progress(list(rules), desc="PRMs", unit="rule"):
         folder = Path(output_dir_for(rule))
         if prm_checkpoint_complete(folder) and not retrain:
             log.info("PRM %s: complete checkpoint in %s, skipped (retrain=True to redo)", rule, folder)
@@ -416,48 +416,6 @@ def within_problem_pairwise(problem_ids: Any, outcomes: Any, scores: Any) -> pd.
     return pd.Series(shares, dtype=float, name="pairwise")
 
 
-def predict_first_error(step_scores: Any, threshold: float = 0.5) -> int | None:
-    """:func:`erprm_core.processbench.first_error` of one solution's step scores; NaN scores (steps the PRM
-    could not score) end the scored part: a step below ``threshold`` before them is the prediction, and
-    None when none is (the prediction depends on an unscored step)."""
-    s = np.asarray(step_scores, dtype=float)
-    missing = np.flatnonzero(np.isnan(s))
-    cut = int(missing[0]) if missing.size else s.size
-    pred = processbench.first_error(s[:cut].tolist(), threshold)
-    return None if pred == -1 and cut < s.size else pred
-
-
-def first_error_f1(
-    predictions: Sequence[int],
-    truth: Sequence[int],
-    n_boot: int = 2000,
-    seed: int = 0,
-    confidence: float = 0.95,
-) -> dict[str, float]:
-    """ProcessBench's :func:`~erprm_core.processbench.f1` of first-error ``predictions`` against the
-    ``truth`` (both ProcessBench-style: index of the first wrong step, -1 for none), with a percentile
-    bootstrap interval of ``f1`` over records (``f1_low``, ``f1_high``; resamples where F1 is undefined are
-    left out) and ``n``, ``n_error`` and ``n_correct`` (records with and without a wrong step).
-
-    >>> r = first_error_f1([1, -1, 2, -1], [1, 3, -1, -1], n_boot=200)
-    >>> (r["error_acc"], r["correct_acc"], r["f1"], r["n_error"])
-    (0.5, 0.5, 0.5, 2)
-    """
-    preds, labs = list(predictions), list(truth)
-    point = processbench.f1(preds, labs)
-    rng = np.random.default_rng(seed)
-    boot = []
-    for _ in range(n_boot if preds else 0):
-        idx = rng.integers(0, len(preds), len(preds))
-        value = processbench.f1([preds[i] for i in idx], [labs[i] for i in idx])["f1"]
-        if not math.isnan(value):
-            boot.append(value)
-    low, high = np.quantile(boot, [(1 - confidence) / 2, (1 + confidence) / 2]) if boot else (math.nan,) * 2
-    n_error = sum(v != -1 for v in labs)
-    return {**point, "f1_low": float(low), "f1_high": float(high), "n": len(labs), "n_error": n_error,
-            "n_correct": len(labs) - n_error}  # fmt: skip
-
-
 def record_first_errors(records: Sequence[dict[str, Any]]) -> dict[tuple[Any, Any], int]:
     """``{(problem_id, sample_index): first_error}`` of the records with a ground truth: the stored
     ``first_error`` (02_labels writes it for ``arith``), else :func:`erprm_core.tasks.arith_truth.first_error`
@@ -501,7 +459,7 @@ def truth_metrics(
     ``within_problem_pairwise`` (``aggregation`` min, last for the ORM: the rule's headline aggregation):
     the mean over problems with both outcomes of :func:`within_problem_pairwise`, bootstrap interval over
     problems, ``n`` problems; ``first_error_f1``: ProcessBench's F1 of the first step scored below
-    ``threshold`` (:func:`predict_first_error`) against the true first error (:func:`first_error_f1`,
+    ``threshold`` (:func:`erprm_core.processbench.first_error`) against the true first error (:func:`first_error_f1`,
     bootstrap interval over records, ``n`` records; solutions whose prediction hinges on an unscored step
     are left out); ``error_acc`` / ``correct_acc``: its two accuracies (Wilson intervals, ``n`` records in
     each subset). A solution that stops after right steps without an answer line has its first error at
@@ -520,7 +478,7 @@ def truth_metrics(
         )
         preds, labs = [], []
         for key, g in known[known["rule"] == rule].groupby(["problem_id", "sample_index"], sort=False):
-            pred = predict_first_error(g.sort_values("step")["score"], threshold)
+            pred = processbench.first_error(g.sort_values("step")["score"].tolist(), threshold)
             if pred is not None:
                 preds.append(pred)
                 labs.append(truth[key])
@@ -545,7 +503,7 @@ def evaluate_prm_rules(
     if not records:
         raise ValueError("no held-out records to evaluate on (raise heldout_fraction or add problems)")
     frames, usage = [], []
-    for rule, folder in tqdm(list(prm_folders.items()), desc="held-out scoring", unit="PRM"):
+    for rule, folder in io.progress(list(prm_folders.items()), desc="held-out scoring", unit="PRM"):
         model = ProcessRewardModel.from_pretrained(folder, scoring=scoring, device=device)
         frames.append(heldout_step_scores(model, records, rule, batch_size))
         usage.append(

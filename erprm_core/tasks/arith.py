@@ -190,14 +190,8 @@ def iter_problems(
         seen.add(key)
         question, steps = _render(rng, start, ops, values)
         digest = hashlib.sha1(f"{key}\n{question}".encode()).hexdigest()[:12]
-        yield {
-            "id": f"arith-{split}-{digest}",
-            "question": question,
-            "solution": join_steps(steps),
-            "answer": str(values[-1]),
-            "task": "arith",
-            "n_steps": n_steps,
-        }
+        yield {"id": f"arith-{split}-{digest}", "question": question, "solution": join_steps(steps),
+               "answer": str(values[-1]), "task": "arith", "n_steps": n_steps}  # fmt: skip
 
 
 def generate_problems(
@@ -218,14 +212,6 @@ def generate_problems(
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    it = iter_problems(
-        seed,
-        split,
-        min_steps=min_steps,
-        max_steps=max_steps,
-        max_value=max_value,
-        max_operand=max_operand,
-        max_factor=max_factor,
-        start_max=start_max,
-    )
+    it = iter_problems(seed, split, min_steps=min_steps, max_steps=max_steps, max_value=max_value,
+                       max_operand=max_operand, max_factor=max_factor, start_max=start_max)  # fmt: skip
     return [next(it) for _ in range(n)]

@@ -56,14 +56,8 @@ from typing import Any
 
 from erprm_core.tasks.arith import DAYS, OP_TEMPLATES, START_TEMPLATES, STEP_TEMPLATE, _apply
 
-ERROR_TYPES = (
-    "arithmetic_slip",
-    "wrong_operand_or_event",
-    "skipped_or_repeated_event",
-    "bad_final_line",
-    "truncation",
-    "none",
-)
+ERROR_TYPES = ("arithmetic_slip", "wrong_operand_or_event", "skipped_or_repeated_event", "bad_final_line",
+               "truncation", "none")  # fmt: skip
 
 __all__ = ["ERROR_TYPES", "ArithTruth", "parse_question", "expected_steps", "first_error", "step_correctness"]
 
@@ -77,14 +71,8 @@ _DAY = re.compile(r"^On (?P<day>\w+), ")
 
 def _template_regex(template: str) -> re.Pattern[str]:
     """A regex for one question template; named groups ``n`` (operand) and ``o`` (object)."""
-    fields = {
-        "N": r"(?P<N>\S+)",
-        "p": r"(?:he|she)",
-        "O": r"(?:him|her)",
-        "F": r"\S+",
-        "o": r"(?P<o>.+?)",
-        "n": r"(?P<n>\d+)",
-    }
+    fields = {"N": r"(?P<N>\S+)", "p": r"(?:he|she)", "O": r"(?:him|her)", "F": r"\S+", "o": r"(?P<o>.+?)",
+              "n": r"(?P<n>\d+)"}  # fmt: skip
     out, pos = [], 0
     for m in re.finditer(r"\{(\w)\}", template):
         out.append(re.escape(template[pos : m.start()]))

@@ -41,14 +41,8 @@ def to_problem(raw: dict[str, Any], problem_id: str) -> dict[str, Any]:
         raise ValueError("the answer field has no '#### N' final line")
     answer = normalize_reference(field, TASK)
     solution = solution_from_answer(field, answer)
-    return {
-        "id": problem_id,
-        "question": str(raw["question"]).strip(),
-        "answer": answer,
-        "solution": solution,
-        "task": TASK,
-        "n_steps": len(split_steps(solution)),
-    }
+    return {"id": problem_id, "question": str(raw["question"]).strip(), "answer": answer, "solution": solution,
+            "task": TASK, "n_steps": len(split_steps(solution))}  # fmt: skip
 
 
 def load_problems(

@@ -44,14 +44,9 @@ def to_problem(raw: dict[str, Any], problem_id: str) -> dict[str, Any]:
     """Turn a MATH500 record into a problem record; ValueError when the answer is empty."""
     answer = normalize_reference(str(raw["answer"]), TASK)
     solution = format_math_solution(str(raw["solution"]), answer)
-    rec: dict[str, Any] = {
-        "id": str(raw.get("unique_id") or problem_id),
-        "question": str(raw["problem"]).strip(),
-        "answer": answer,
-        "solution": solution,
-        "task": TASK,
-        "n_steps": len(split_steps(solution)),
-    }
+    rec: dict[str, Any] = {"id": str(raw.get("unique_id") or problem_id), "question": str(raw["problem"]).strip(),
+                           "answer": answer, "solution": solution, "task": TASK,
+                           "n_steps": len(split_steps(solution))}  # fmt: skip
     for extra in ("subject", "level"):
         if extra in raw:
             rec[extra] = raw[extra]

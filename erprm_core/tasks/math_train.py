@@ -47,14 +47,9 @@ def to_problem(raw: dict[str, Any], problem_id: str) -> dict[str, Any] | None:
     except ValueError:
         return None
     steps = format_math_solution(solution, answer)
-    rec: dict[str, Any] = {
-        "id": str(raw.get("unique_id") or problem_id),
-        "question": str(raw["problem"]).strip(),
-        "answer": answer,
-        "solution": steps,
-        "task": TASK,
-        "n_steps": len(split_steps(steps)),
-    }
+    rec: dict[str, Any] = {"id": str(raw.get("unique_id") or problem_id), "question": str(raw["problem"]).strip(),
+                           "answer": answer, "solution": steps, "task": TASK,
+                           "n_steps": len(split_steps(steps))}  # fmt: skip
     subject = raw.get("subject", raw.get("type"))
     if subject is not None:
         rec["subject"] = subject

@@ -1,0 +1,241 @@
+"""What a reader of the executed notebooks sees (issue 15): figures shown inline (once), the baselines and the
+paper's numbers in figs. 2-4, the prefix-success figure by steps remaining with counts, manifest entries that
+hold this run's values with paths relative to the repository root, and counts shown as integers. The kernel
+test runs 06_figures under papermill on small tables and counts its inline images."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+
+from erprm_core.report import figures, style
+from erprm_core.running import artifacts
+from erprm_core.stages import _common, labels, rollouts
+
+# ----------------------------------------------------------------------------------------------- tables
+
+
+def _rows(method: str, values: dict[int, float], n_problems: int = 20) -> list[dict]:
+    return [
+        {"method": method, "n": n, "metric": "accuracy", "value": v, "ci_low": v - 0.05, "ci_high": v + 0.05,
+         "n_problems": n_problems}
+        for n, v in values.items()
+    ]  # fmt: skip
+
+
+BON = pd.DataFrame(
+    _rows("er_1:min", {1: 0.3, 2: 0.35, 4: 0.4})
+    + _rows("hard:min", {1: 0.3, 2: 0.32, 4: 0.33})
+    + _rows("soft:min", {1: 0.3, 2: 0.34, 4: 0.36})
+    + _rows("orm:last", {1: 0.3, 2: 0.31, 4: 0.3})
+    + _rows("majority", {1: 0.3, 2: 0.3, 4: 0.45})
+    + _rows("random", {1: 0.3, 2: 0.3, 4: 0.3})
+    + _rows("oracle", {1: 0.3, 2: 0.5, 4: 0.7})
+)
+POLICY_EVAL = pd.DataFrame(
+    [{"metric": "greedy_accuracy", "k": 1, "value": 0.42, "ci_low": 0.37, "ci_high": 0.47},
+     {"metric": "pass_at_k", "k": 4, "value": 0.7, "ci_low": 0.6, "ci_high": 0.8}]
+)  # fmt: skip
+BY_STEPS = pd.DataFrame({"n_steps": [2, 3], "n_problems": [60, 40]})
+
+
+def _raft_rows(model: str, values: dict[int, float]) -> list[dict]:
+    return [
+        {"reward_model": model, "iteration": it, "metric": "greedy_accuracy", "value": v, "ci_low": v - 0.05,
+         "ci_high": v + 0.05}
+        for it, v in values.items()
+    ]  # fmt: skip
+
+
+RAFT = pd.DataFrame(
+    _raft_rows("baseline", {0: 0.4})
+    + _raft_rows("er_1", {1: 0.41, 2: 0.42})
+    + _raft_rows("hard", {1: 0.38, 2: 0.36})
+    + _raft_rows("oracle", {1: 0.43, 2: 0.44})
+    + _raft_rows("random", {1: 0.39, 2: 0.38})
+)
+
+
+def _labels(ax) -> list[str]:
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def _line(ax, label: str):
+    found = [ln for ln in ax.get_lines() if ln.get_label() == label]
+    assert found, f"no line {label!r} among {[ln.get_label() for ln in ax.get_lines()]}"
+    return found[0]
+
+
+# ---------------------------------------------------------------------------------------------- figures
+
+
+def test_shown_saves_closes_and_returns_the_figure(tmp_path):
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    assert style.shown(fig, tmp_path, "x") is fig
+    assert (tmp_path / "x.png").is_file() and (tmp_path / "x.pdf").is_file()
+    assert not plt.fignum_exists(fig.number)  # closed: not drawn a second time at the end of a cell
+    fig2, _ = plt.subplots()
+    assert style.shown(fig2) is fig2 and not plt.fignum_exists(fig2.number)
+    assert len(list(tmp_path.iterdir())) == 2  # nothing saved without a folder and a name
+
+
+def test_fig2_has_random_and_greedy_as_horizontal_lines_and_the_papers_greedy():
+    greedy = figures.greedy_reference(POLICY_EVAL, BY_STEPS)
+    assert greedy["value"] == 0.42 and greedy["label"] == "Greedy decoding (00_policy, 100 test problems)"
+    methods = figures.headline_methods(BON, "er_1", "min", "last")
+    fig = figures.figure_best_of_n(BON, methods, figures.paper_reference(), "run", greedy)
+    run, gsm8k, math = fig.axes
+    random = _line(run, "Random pick")
+    assert set(random.get_ydata()) == {30.0} and tuple(random.get_xdata()) == (0, 1)  # axhline: axes width
+    assert set(_line(run, greedy["label"]).get_ydata()) == {42.0}
+    assert "Oracle pass@N" in _labels(run) and "ER-PRM (η=1) [min]" in _labels(run)
+    assert set(_line(gsm8k, "Greedy decoding (its RAFT start policy)").get_ydata()) == {77.9}
+    assert set(_line(math, "Greedy decoding (its RAFT start policy, MATH test)").get_ydata()) == {28.6}
+    plt.close(fig)
+    assert figures.greedy_reference(None) is None
+    assert figures.greedy_reference(POLICY_EVAL[POLICY_EVAL["metric"] != "greedy_accuracy"]) is None
+
+
+def test_fig3_keeps_the_random_line_and_adds_greedy():
+    sweep = figures.eta_sweep_table(BON, 4, "min")
+    base = figures.bon_baselines(BON, 4, figures.greedy_reference(POLICY_EVAL))
+    assert base["method"].tolist() == ["majority", "random", "oracle", "greedy"]
+    fig = figures.figure_eta_sweep(sweep, base)
+    lines = {"Random pick", "Majority vote", "Oracle pass@N", "Greedy decoding (00_policy, test problems)"}
+    assert lines <= set(_labels(fig.axes[0]))
+    assert set(_line(fig.axes[0], "Random pick").get_ydata()) == {30.0}
+    plt.close(fig)
+
+
+def test_fig4_names_raft_controls_and_shows_the_papers_raft_numbers():
+    fig = figures.figure_raft(RAFT, figures.paper_reference())
+    run, gsm8k, math = fig.axes
+    legend = _labels(run)
+    assert {"RAFT with oracle reward (correct picks)", "RAFT with random pick (no reward)"} <= set(legend)
+    assert not any("pass@N" in text for text in legend)
+    assert "Start policy (no RLHF)" in legend and "ER-PRM (η=1)" in legend
+    points = {round(ln.get_ydata()[0], 1) for ln in gsm8k.get_lines() if ln.get_marker() == "o"}
+    assert points == {78.7, 79.0, 79.5}  # soft, hard, ER-PRM after RAFT
+    assert "Start policy (no RLHF) 77.9" in _labels(gsm8k) and "Start policy (no RLHF) 28.6" in _labels(math)
+    plt.close(fig)
+    alone = figures.figure_raft(RAFT)  # without the paper: one panel
+    assert len(alone.axes) == 1
+    plt.close(alone)
+
+
+def test_prefix_success_is_by_steps_remaining_with_counts():
+    # two problems of different lengths: a 3-step and a 5-step solution, prefixes of all but the last step
+    prefixes = pd.DataFrame(
+        [{"problem_id": "a", "sample_index": 0, "step": s, "n_steps": 3, "outcome": 1, "k": 4, "n_correct": 4,
+          "p": 1.0} for s in (1, 2)]
+        + [{"problem_id": "b", "sample_index": 0, "step": s, "n_steps": 5, "outcome": 1, "k": 4, "n_correct": 2,
+            "p": 0.5} for s in (1, 2, 3, 4)]
+    )  # fmt: skip
+    fig = figures.figure_prefix_success(prefixes)
+    ax, ax_n = fig.axes
+    line = ax.get_lines()[0]
+    # steps remaining 1..4: the last two steps of both solutions line up (means of 1.0 and 0.5), the rest is b's
+    assert list(line.get_xdata()) == [1, 2, 3, 4]
+    assert list(line.get_ydata()) == [0.75, 0.75, 0.5, 0.5]
+    assert [t.get_text() for t in ax_n.texts] == ["2", "2", "1", "1"]  # prefixes behind each point
+    assert "steps remaining" in ax_n.get_xlabel()
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------- manifest and tables
+
+
+@dataclass(frozen=True)
+class _Config:
+    profile: str = "t"
+    base_model: str = ""
+    policy_name: str = ""
+    torch_threads: int = 0
+
+
+def test_record_replaces_the_entry_with_repo_relative_paths(tmp_roots):
+    # a previous run, and what the pipeline added after it: none of it may linger beside this run's values
+    artifacts.update_manifest("t", "03_x", parameters={"n_problems": 128}, wall_s=9.0, torch_threads=1)
+    policy = artifacts.paths("t").policy
+    entry = _common.record("t", "03_x", _Config(base_model=str(policy)), torch_threads=2,
+                           files=(policy / "a.png",), hub="org/model", outside="/elsewhere/x")  # fmt: skip
+    assert entry == {
+        "base_model": "runs/t/policy", "policy_name": "", "torch_threads": 2, "files": ["runs/t/policy/a.png"],
+        "hub": "org/model", "outside": "/elsewhere/x",
+    }  # fmt: skip
+    assert artifacts.load_manifest("t")["stages"]["03_x"] == entry
+    assert _common.repo_relative(artifacts.repo_root() / "configs" / "tiny") == "configs/tiny"
+
+
+def test_resolve_policy_finds_a_policy_recorded_relative(tmp_roots):
+    folder = tmp_roots / "models" / "local-policy"
+    folder.mkdir(parents=True)
+    _common.record("t", "00_policy", _Config(policy_name=str(folder)))
+    assert artifacts.load_manifest("t")["stages"]["00_policy"]["policy_name"] == "models/local-policy"
+    assert Path(_common.resolve_policy("t")) == folder
+    _common.record("t", "00_policy", _Config(policy_name="org/model"))
+    assert _common.resolve_policy("t") == "org/model"
+
+
+def test_counts_show_as_integers():
+    stats = {"problems": 256, "solutions": 1024, "solution_accuracy": 0.166015625, "completion_tokens": 1772893,
+             "wall_s": 12.5, "computed_generated_tokens": 5}  # fmt: skip
+    table = rollouts.rollout_summary_table(stats)
+    assert table["metric"].tolist() == ["problems", "solutions", "solution_accuracy", "completion_tokens"]
+    assert table["value"].tolist() == [256, 1024, 0.166016, 1772893]
+    assert "e+" not in table.to_string()
+    assert table.to_csv(index=False, float_format="%.6g").splitlines()[1:] == [
+        "problems,256", "solutions,1024", "solution_accuracy,0.166016", "completion_tokens,1772893",
+    ]  # fmt: skip
+    # rates are written as a float column writes them (0.0 as 0), so the golden table digests stay
+    zero = rollouts.rollout_summary_table({"solution_accuracy": 0.0, "mean_steps": 4.4375})
+    csv_lines = zero.to_csv(index=False, float_format="%.6g").splitlines()[1:]
+    assert csv_lines == ["solution_accuracy,0", "mean_steps,4.4375"]
+    stats_table = pd.DataFrame(
+        [{"rule": r, "eta": 1.0, "metric": m, "value": v} for r in ("soft", "hard")
+         for m, v in (("n_labels", 12.0), ("mean", 0.25))]
+    )  # fmt: skip
+    res = labels.LabelResult(records=[], audit=None, rules=["soft", "hard"], stats=stats_table)
+    wide = res.stats_by_rule()
+    assert wide["n_labels"].tolist() == [12, 12] and str(wide["n_labels"].dtype) == "Int64"
+
+
+# ---------------------------------------------------------------------------------- 06 in a real kernel
+
+
+@pytest.mark.kernel
+def test_06_figures_shows_every_figure_inline(tmp_roots):
+    import papermill
+
+    profile = "t06"
+    tables = artifacts.paths(profile).tables
+    tables.mkdir(parents=True)
+    BON.to_csv(tables / "bon.csv", index=False)
+    pd.DataFrame(
+        [{"method_a": "er_1:min", "method_b": b, "n": 4, "diff": 0.05, "ci_low": -0.01, "ci_high": 0.1,
+          "p_value": 0.2} for b in ("hard:min", "soft:min", "orm:last")]
+    ).to_csv(tables / "bon_paired.csv", index=False)  # fmt: skip
+    RAFT.to_csv(tables / "raft.csv", index=False)
+    POLICY_EVAL.to_csv(tables / "policy_eval.csv", index=False)
+    out = tmp_roots / "06_figures.ipynb"
+    papermill.execute_notebook(
+        str(artifacts.notebooks_root() / "06_figures.ipynb"), str(out), parameters={"profile": profile},
+        kernel_name="python3", cwd=str(artifacts.repo_root()), progress_bar=False,
+    )  # fmt: skip
+    nb = json.loads(out.read_text())
+    outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 4, f"expected figs. 1-4 inline, got {len(images)} images"
+    text = json.dumps(outputs)
+    assert str(tmp_roots) not in text and str(artifacts.repo_root()) not in text, "absolute path in an output"
+    as_repr = [o for o in outputs if "<Figure size" in "".join(o.get("data", {}).get("text/plain", ""))]
+    assert all("image/png" in o["data"] for o in as_repr), "a figure shown only as its repr"
+    assert np.all([(artifacts.paths(profile).figures / f"fig{i}_{n}.png").is_file() for i, n in
+                   enumerate(("label_curves", "best_of_n", "eta_sweep", "raft"), start=1)])  # fmt: skip
