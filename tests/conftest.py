@@ -4,8 +4,14 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from erprm_core.running.numerics import pin_environment
+
+# Property tests check values, not speed: no per-example deadline (a shared 2-core machine or CI host can take
+# longer than hypothesis's default 200 ms for an example that is fast on an idle one).
+settings.register_profile("kit", deadline=None)
+settings.load_profile("kit")
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

