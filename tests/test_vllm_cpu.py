@@ -133,32 +133,48 @@ def test_vllm_and_hf_sample_alike(samples):
         print(f"{b}: {len(rewards)} completions, mean reward {np.mean(rewards):.3f}")
 
 
-@pytest.mark.parametrize("backend", ["hf", "vllm"])
-def test_texts_keep_the_step_and_answer_format(samples, policy, backend):
+def _format_checks(rec: dict, tok, tag_id: int) -> dict[str, bool]:
+    """Format properties of one sampled text (see test_texts_keep_the_step_and_answer_format)."""
+    text, steps = rec["text"], rec["steps"]
+    assert not any(t in text for t in ("<s>", "</s>", "<pad>", "<unk>")), text  # specials are skipped
+    if rec["finish"] == "answer":  # cut after its first answer line
+        assert steps and ANSWER_LINE.match(steps[-1]), text
+    encoded = tok(text, add_special_tokens=False).input_ids
+    n_tags = tok(format_prm_input("Q", steps)).input_ids.count(tag_id)
+    checks = {
+        "re-encodes to itself": tok.decode(encoded) == text,
+        "one step tag per step": n_tags == len(steps),
+    }
+    if rec["finish"] == "eos":  # its tokens are those sampled plus EOS: the detokenizer added or lost nothing
+        checks["EOS text re-encodes to its sampled length"] = len(encoded) + 1 == rec["n_tokens"]
+    if rec["finish"] != "length":
+        checks["finished text ends with an answer line"] = bool(steps) and bool(ANSWER_LINE.match(steps[-1]))
+    return checks
+
+
+def test_texts_keep_the_step_and_answer_format(samples, policy):
+    """Hard checks on every text (no special token, the answer-line cut), and rates of format properties per
+    backend, which the policy itself breaks now and then (it may glue two number tokens into one the tokenizer
+    does not know, or write the step tag): each rate is high for both backends and the two agree (their 95%
+    Wilson intervals overlap). Measured (pool + rollout solutions): re-encoding 97-98%, one tag per step 99.9-100%,
+    EOS length 97.6-98.2%, answer line 94.8-95.3% of the finished texts, alike for both backends."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(policy)
-    ids = prm.resolve_prm_token_ids(tok)
-    s = samples[backend]
-    pool = s["pool"]
-    finished = pool[pool["finish"] != "length"]  # measured: 13% of either backend's candidates hit the limit
-    assert len(finished) >= 0.75 * len(pool), pool["finish"].value_counts()
-    recount = []
-    for rec in s["solutions"] + pool.to_dict("records"):
-        text, steps = rec["text"], rec["steps"]
-        assert "<s>" not in text and "</s>" not in text and "<pad>" not in text and "<unk>" not in text
-        encoded = tok(text, add_special_tokens=False).input_ids
-        assert tok.decode(encoded) == text  # text the tokenizer writes back unchanged
-        if rec["finish"] == "eos":  # the text's tokens are those sampled (+ EOS), as decoded: no space added
-            recount.append(len(encoded) + 1 == rec["n_tokens"])
-        tagged = tok(format_prm_input("Q", steps)).input_ids
-        assert tagged.count(ids.tag_id) == len(steps), text  # one step tag per step, none inside a step
-        if rec["finish"] == "answer":
-            assert ANSWER_LINE.match(steps[-1]), text
-    answered = finished[[bool(ANSWER_LINE.match(st[-1])) if st else False for st in finished["steps"]]]
-    print(f"\n{backend}: {len(answered)} of {len(finished)} finished candidates end with an answer line; finish "
-          f"{pool['finish'].value_counts().to_dict()}")  # fmt: skip
-    print(f"{backend}: {sum(recount)} of {len(recount)} texts ended by EOS re-encode to their sampled length")
-    assert len(answered) >= 0.9 * len(finished)
-    assert sum(recount) >= 0.95 * len(recount)
-    assert answered["pred"].notna().all()
+    tag_id = prm.resolve_prm_token_ids(tok).tag_id
+    rates = {}
+    for backend in ("hf", "vllm"):
+        s = samples[backend]
+        rows = [_format_checks(rec, tok, tag_id) for rec in s["solutions"] + s["pool"].to_dict("records")]
+        names = dict.fromkeys(k for r in rows for k in r)  # first-seen order
+        rates[backend] = {k: [r[k] for r in rows if k in r] for k in names}
+        finish = s["pool"]["finish"].value_counts().to_dict()
+        print(f"\n{backend}: pool finish {finish}")
+        assert finish.get("length", 0) <= 0.25 * len(s["pool"])  # measured: 13% hit max_new_tokens
+    for check in rates["hf"]:
+        ci = {b: stats.accuracy_ci(rates[b][check]) for b in ("hf", "vllm")}
+        print(f"{check}: " + ", ".join(f"{b} {sum(rates[b][check])}/{len(rates[b][check])} "
+                                       f"[{ci[b][1]:.3f}, {ci[b][2]:.3f}]" for b in ci))  # fmt: skip
+        for b in ci:
+            assert ci[b][0] >= 0.9, f"{b}: {check} {ci[b]}"
+        assert ci["vllm"][1] <= ci["hf"][2] and ci["hf"][1] <= ci["vllm"][2], f"{check}: {ci}"
