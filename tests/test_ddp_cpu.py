@@ -3,8 +3,8 @@ runs ``erprm train-prm`` as two processes (torch DDP over gloo). Against the one
 global batch it must give the same loss curve and write one checkpoint, which ProcessRewardModel loads and
 which 03_train_prm then evaluates without training it again.
 
-Slow (two fresh Python processes import torch and transformers: about 20-30 s on a 2-core machine), so
-``make test`` runs it and ``make test-fast`` leaves it out."""
+Slow (two fresh Python processes import torch and transformers: the launch test takes 15 s on 2 idle cores,
+45-60 s on a busy machine), so ``make test`` runs it and ``make test-fast`` leaves it out."""
 
 from __future__ import annotations
 
