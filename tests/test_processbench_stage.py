@@ -64,12 +64,17 @@ def _scores(distinct, right_steps, wrong_steps):
     return out
 
 
-def test_synthetic_benchmark_hand_computed(tmp_roots):
-    probe = arith.generate_problems(4, 0, "test", min_steps=2, max_steps=3)
+def _distinct_steps() -> list[list[str]]:
+    """The 8 distinct solutions that :func:`_write_pool` writes, in pool order (right, slip, per problem)."""
     distinct = []
-    for prob in probe:
+    for prob in arith.generate_problems(4, 0, "test", min_steps=2, max_steps=3):
         right = arith_truth.expected_steps(prob)
         distinct += [right, _slip(right)]
+    return distinct
+
+
+def test_synthetic_benchmark_hand_computed(tmp_roots):
+    distinct = _distinct_steps()
     scores = {
         "exact": _scores(distinct, [0.9], [0.2, 0.9]),  # flags step 0 of the slip, passes the right ones
         "never": _scores(distinct, [0.9], [0.9]),  # flags nothing
@@ -112,11 +117,7 @@ def test_synthetic_benchmark_hand_computed(tmp_roots):
 
 
 def test_synthetic_benchmark_interval_is_over_problems(tmp_roots):
-    probe = arith.generate_problems(4, 0, "test", min_steps=2, max_steps=3)
-    distinct = []
-    for prob in probe:
-        right = arith_truth.expected_steps(prob)
-        distinct += [right, _slip(right)]
+    distinct = _distinct_steps()
     # problems 0-1: this PRM is perfect; problems 2-3: it flags nothing
     mixed = _scores(distinct[:4], [0.9], [0.2, 0.9]) + _scores(distinct[4:], [0.9], [0.9])
     _write_pool(PROFILE, {"mixed": mixed})

@@ -21,7 +21,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -373,7 +373,7 @@ def evaluate(
         "prm_commit": getattr(state["prm"].model.config, "_commit_hash", None) if "prm" in state else None,
         "data": {split: split_info(loaded) for split, loaded in data.items()},
         "threshold": threshold,
-        "options": vars(options).copy() if hasattr(options, "__dict__") else {},
+        "options": asdict(options),
         "parameters": parameters or {},
         "records_scored_this_run": state["scored"],
         "outputs": {k: str(v) for k, v in paths.items()},
