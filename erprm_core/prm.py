@@ -468,7 +468,8 @@ class ProcessRewardModel:
         batches = _scoring_batches(questions, encodings, batch_size, self.share_prefix)
         for batch in progress_bar(batches, desc="PRM scoring", unit="batch", disable=not progress):
             encs = [encodings[i] for i in batch]
-            shared = shared_prefix_length(encs) if self.share_prefix else 0
+            one_question = len({questions[i] for i in batch}) == 1
+            shared = shared_prefix_length(encs) if self.share_prefix and one_question else 0
             scores = self._score_encodings(encs, device, shared)
             for i, s in zip(batch, scores, strict=True):
                 out[i] = s
@@ -532,14 +533,19 @@ def _scoring_batches(
     questions: Sequence[str], encodings: Sequence[PRMEncoding], batch_size: int, by_question: bool
 ) -> list[list[int]]:
     """Index batches, longest first (little padding); with ``by_question`` a batch holds one question only,
-    so that its rows share the question's tokens."""
+    so that its rows share the question's tokens, except that questions with a single solution (nothing to
+    share) are batched together."""
     longest_first = sorted(range(len(encodings)), key=lambda i: -len(encodings[i].input_ids))
     if not by_question:
         return [longest_first[i : i + batch_size] for i in range(0, len(longest_first), batch_size)]
     groups: dict[str, list[int]] = {}
     for i in longest_first:
         groups.setdefault(questions[i], []).append(i)
-    batches = [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+    singles = [g[0] for g in groups.values() if len(g) == 1]
+    batches = [
+        g[i : i + batch_size] for g in groups.values() if len(g) > 1 for i in range(0, len(g), batch_size)
+    ]
+    batches += [singles[i : i + batch_size] for i in range(0, len(singles), batch_size)]
     return sorted(batches, key=lambda b: -len(encodings[b[0]].input_ids))
 
 

@@ -56,7 +56,15 @@ LAYERS: list[tuple[int, str, list[list[str]]]] = [
             ["processbench"],
         ],
     ),
-    (2, "generation", [["generation.prefix_cache"], ["generation.hf", "generation.vllm"], ["generation"]]),
+    (
+        2,
+        "generation",
+        [
+            ["generation.prefix_cache", "generation.lean_decode"],
+            ["generation.hf", "generation.vllm"],
+            ["generation"],
+        ],
+    ),
     (3, "report", [["report"], ["report.style"], ["report.figures"], ["report.summary"]]),
     (
         4,

@@ -174,6 +174,19 @@ def test_shared_prefix_scoring_equals_full_forward(prm_folder):
     assert prm.shared_prefix_length(encs[:1]) == 0
 
 
+def test_questions_with_one_solution_are_batched_together(prm_folder):
+    """Nothing to share in a question with one solution: such solutions share batches (ProcessBench-like
+    input), while a question with several keeps its own batches; the scores do not depend on the batching."""
+    model = prm.ProcessRewardModel.from_pretrained(prm_folder, device="cpu", dtype="float32")
+    q0 = SOLUTIONS[0][0]
+    questions = [f"{q0} ({i})" for i in range(5)] + [q0, q0]
+    steps = [s for _, s in SOLUTIONS][:1] * 5 + [SOLUTIONS[0][1], ["3 + 2 = 5", "The answer is : 5"]]
+    scores = model.score_batch(questions, steps, batch_size=4)
+    assert model.forward_passes == 3  # the 5 single-solution questions in batches of 4 and 1, then q0's pair
+    for q, s, got in zip(questions, steps, scores, strict=True):
+        np.testing.assert_allclose(model.score(q, s), got, atol=1e-5)
+
+
 def test_good_bad_order_is_pinned(prm_folder):
     """Column 0 is the good token: a model biased toward "+" scores near 1; swapping the tokens gives 1 - p."""
     model = prm.ProcessRewardModel.from_pretrained(prm_folder, device="cpu", dtype="float32")

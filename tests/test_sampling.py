@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from erprm_core import grading, rollouts
-from erprm_core.generation import HFSampler, make_sampler
+from erprm_core.generation import HFSampler, hf, make_sampler
 from erprm_core.generation.hf import sample_next
 from erprm_core.sampler import cut_at_answer_line, row_seed
 from erprm_core.stages.policy import build_tiny_model, build_tokenizer
@@ -246,6 +246,47 @@ def test_shared_prefix_attention_equals_expanded_cache(request, which, tok, prob
     ref = _full_forward_greedy(model, tok(prompts[-1]).input_ids, 20)
     greedy = shared.generate(prompts[-1:], 2, keys[-1:], temperature=0.0, max_new_tokens=20)[0]
     assert all(g.text == tok.decode(ref, skip_special_tokens=True) for g in greedy)
+
+
+@pytest.mark.parametrize("which", ["random_llama", "gqa_llama"])
+def test_lean_decoding_step_is_bit_identical_to_the_hf_modules(request, which, tok, problems, monkeypatch):
+    # the lean step runs the same operations as transformers' Llama layers + the shared-prefix attention:
+    # the same records bit for bit, through full and partial layouts (rows and whole prompts dropped)
+    model = request.getfixturevalue(which)
+    prompts = [policy_prompt(p["question"]) for p in problems] + ["Ana has 3 .\n"]
+    keys = [(i,) for i in range(len(prompts))]
+    lean = HFSampler(model, tok, batch_size=16)
+    modules = HFSampler(model, tok, batch_size=16, lean=False)
+    assert lean.lean is not None and modules.lean is None and modules.shared_prefix
+    for sampler in (lean, modules):
+        sampler.eos_ids = torch.arange(0, len(tok), 10)  # rows finish at many different steps
+    logits: list[list[torch.Tensor]] = [[], []]  # the logits of every decoding step, per sampler
+    runs = []
+    for seen, sampler in zip(logits, (lean, modules), strict=True):
+        monkeypatch.setattr(
+            hf, "sample_next", lambda lg, *a, seen=seen: seen.append(lg.clone()) or sample_next(lg, *a)
+        )
+        runs.append(sampler.generate(prompts, 5, keys, seed=4, max_new_tokens=30))
+    a, b = runs
+    assert a == b and len({g.n_tokens for per in a for g in per}) > 5
+    assert lean.stats == modules.stats  # same forward passes, tokens and sequences
+    assert len(logits[0]) == len(logits[1]) > 30
+    assert all(torch.equal(x, y) for x, y in zip(*logits, strict=True))
+
+
+def test_lean_decoding_refuses_architectures_it_does_not_reproduce(tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from erprm_core.generation.lean_decode import supports_lean_decode
+
+    kw = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+              num_attention_heads=4, max_position_embeddings=64)  # fmt: skip
+    assert supports_lean_decode(LlamaForCausalLM(LlamaConfig(**kw)))
+    biased = LlamaForCausalLM(LlamaConfig(**kw, attention_bias=True))
+    assert not supports_lean_decode(biased)
+    assert HFSampler(biased, tok).lean is None  # "auto": decodes through the HF modules
+    with pytest.raises(ValueError, match="lean=True"):
+        HFSampler(biased, tok, lean=True)
 
 
 def test_prompt_runs_once_per_batch_and_is_shared(random_llama, tok, problems):

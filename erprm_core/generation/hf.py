@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from erprm_core import io
+from erprm_core.generation.lean_decode import LeanDecoder, supports_lean_decode
 from erprm_core.generation.prefix_cache import (
     ACTIVE_CACHE,
     preallocated_layer_class,
@@ -78,11 +79,17 @@ class HFSampler:
     samples is split into several groups); each batch runs its distinct prompts once (left padded), shares
     them with their samples, then decodes token by token, dropping finished rows. ``shared_prefix``:
     ``"auto"`` (shared-prefix attention where supported, see the module docstring), True or False (copy the
-    prompt's cache rows to each sample). ``stats`` counts prompt and generated tokens, forward passes and
+    prompt's cache rows to each sample). ``lean``: ``"auto"`` (with shared-prefix attention on a Llama-family
+    model, decoding steps run through :class:`~erprm_core.generation.lean_decode.LeanDecoder`: the same
+    operations on the model's weights without the HF modules' Python, bit-identical and ~1.4x faster on
+    the tiny policy), True or False. ``stats`` counts prompt and generated tokens, forward passes and
     sequences.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 64, shared_prefix: bool | str = "auto"):
+    def __init__(
+        self, model: Any, tokenizer: Any, batch_size: int = 64, shared_prefix: bool | str = "auto",
+        lean: bool | str = "auto",
+    ):  # fmt: skip
         import torch
 
         self.model = model
@@ -110,6 +117,13 @@ class HFSampler:
         if shared_prefix == "auto":
             shared_prefix = supports_shared_prefix(model) and self._plain_cache()
         self.shared_prefix = bool(shared_prefix)
+        if lean == "auto":
+            lean = self.shared_prefix and supports_lean_decode(model)
+        if lean and not (self.shared_prefix and supports_lean_decode(model)):
+            raise ValueError(
+                "lean=True needs shared-prefix attention and a Llama-family model (supports_lean_decode)"
+            )
+        self.lean = LeanDecoder(model) if lean else None
         self.stats = {"prompt_tokens": 0, "generated_tokens": 0, "forward_passes": 0, "sequences": 0}
 
     # -- one forward pass -------------------------------------------------------------------------
@@ -282,8 +296,14 @@ class HFSampler:
                 rows, n_dead = [rows[b] for b in keep], 0
             next_pos = next_pos + 1
             mask[:, width + step] = 1
-            step_mask = None if self.shared_prefix else mask[:, : width + step + 1]  # shared: masks itself
-            logits = self._forward(nxt.unsqueeze(1), step_mask, next_pos.unsqueeze(1), cache)
+            if self.lean is not None:
+                logits = self.lean.step(nxt, next_pos, cache)
+                self.stats["forward_passes"] += 1
+            else:
+                step_mask = (
+                    None if self.shared_prefix else mask[:, : width + step + 1]
+                )  # shared: masks itself
+                logits = self._forward(nxt.unsqueeze(1), step_mask, next_pos.unsqueeze(1), cache)
         for row in rows:
             if row >= 0:
                 results[row] = self._finish(tokens[row], len(tokens[row]), "length")

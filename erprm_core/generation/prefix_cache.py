@@ -155,7 +155,8 @@ def shared_prefix_layer_class() -> type:
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             if self.prefix_k is None:
-                self.prefix_k, self.prefix_v = key_states, value_states
+                # contiguous once here: the projections' views would be copied by every decoding step's matmul
+                self.prefix_k, self.prefix_v = key_states.contiguous(), value_states.contiguous()
                 return key_states, value_states
             if self.length == 0:
                 b, h, _, d = key_states.shape
