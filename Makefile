@@ -6,6 +6,7 @@ TORCH_SPEC  ?= 2.13.0
 # CPU); https://download.pytorch.org/whl/cpu = PyTorch's CPU-only build (about 200 MB)
 TORCH_INDEX_URL ?=
 PROFILE     ?= tiny
+SEEDS       ?= 1,2
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.erprm-installed
 VLLM_VENV   ?= .venv-vllm
@@ -15,7 +16,7 @@ VLLM_STAMP  := $(VLLM_VENV)/.erprm-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup test test-fast test-vllm smoke reproduce figures bench golden lint lab clean
+.PHONY: help setup test test-fast test-vllm smoke reproduce seeds figures bench golden lint lab clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -58,6 +59,9 @@ smoke: setup  ## run the smoke profile end to end (about 2 minutes)
 
 reproduce: setup  ## run the whole study on the tiny profile (CPU, no downloads)
 	$(VENV)/bin/erprm reproduce --profile $(PROFILE)
+
+seeds: setup  ## after `make reproduce`: retrain the headline PRMs with seeds $(SEEDS), rerun 04-05: seed_variance.csv
+	$(VENV)/bin/erprm seeds --profile $(PROFILE) --seeds $(SEEDS)
 
 figures: setup  ## redraw figures and the summary table from results/$(PROFILE)/tables
 	$(VENV)/bin/erprm figures --profile $(PROFILE)

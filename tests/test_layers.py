@@ -100,7 +100,7 @@ LAYERS: list[tuple[int, str, list[list[str]]]] = [
         [
             ["running.pipeline"],
             ["running.dryrun"],
-            ["running.costs", "running.processbench_cmd", "running.bench"],
+            ["running.costs", "running.processbench_cmd", "running.bench", "running.seeds"],
             ["running.cli"],
         ],
     ),

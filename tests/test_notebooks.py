@@ -79,6 +79,14 @@ def test_override_checks():
         config.plan("no-such-profile")
     stages = config.plan("smoke", "00", "00", overrides=["seed=7"])
     assert [s.name for s in stages] == ["00_policy"] and stages[0].parameters["seed"] == 7
+    # a stage-qualified override changes that stage only (erprm seeds retrains the PRMs with other seeds)
+    stages = {s.name: s.parameters for s in config.plan("smoke", "03", "05", overrides=["03.seed=5"])}
+    assert stages["03_train_prm"]["seed"] == 5 and stages["04_best_of_n"]["seed"] == 0
+    assert config.plan("smoke", "03", "03", overrides=["03_train_prm.seed=6"])[0].parameters["seed"] == 6
+    with pytest.raises(config.ConfigError, match="match no parameter"):
+        config.plan("smoke", "04", "05", overrides=["03.seed=5"])  # stage 03 is not in the plan
+    with pytest.raises(config.ConfigError, match="stage.name"):
+        config.parse_override("03 x.seed=1")
 
 
 def test_parse_override_types():

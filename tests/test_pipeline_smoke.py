@@ -131,3 +131,32 @@ def test_nbval_on_executed_notebooks(smoke_run):
     ]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900, env=os.environ.copy())
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
+
+
+def test_seeds_retrain_the_prms_on_the_same_pool(smoke_run):
+    # `erprm seeds`: 03 again with another seed in a forked run, 04 on the same candidate pool (run last: it
+    # adds a table to the main run)
+    from erprm_core.running import seeds
+
+    root, _, _ = smoke_run
+    with artifacts.redirected_roots(root / "runs", root / "results"):
+        table = seeds.run(seeds.SeedsConfig("smoke", "1", rules="er_1,soft,hard", reward_models=""))
+        forked_runs, forked_results = seeds.seed_roots("smoke", 1)
+        main = artifacts.paths("smoke")
+        manifest = artifacts.load_manifest("smoke")
+    values = table.set_index(["quantity", "seed"])["value"]
+    n_max = int(pd.read_csv(main.table("bon"))["n"].max())
+    for method in ("er_1:min", "hard:min", "random", "majority"):
+        assert {(f"bon@{n_max} {method}", s) for s in ("0", "1", "mean", "sd")} <= set(values.index)
+    for control in ("random", "majority"):  # the same pool for every seed: the controls cannot move
+        assert values[(f"bon@{n_max} {control}", "0")] == values[(f"bon@{n_max} {control}", "1")]
+    forked = forked_runs / "smoke"
+    assert (forked / "pool" / "candidates.jsonl").read_bytes() == (
+        main.pool / "candidates.jsonl"
+    ).read_bytes()
+    seed_manifest = json.loads((forked_results / "smoke" / "manifest.json").read_text())
+    assert seed_manifest["stages"]["03_train_prm"]["seed"] == 1
+    assert sorted(p.name for p in (forked / "prms").iterdir()) == ["er_1", "hard", "soft"]
+    weights = "model.safetensors"
+    assert (forked / "prms" / "er_1" / weights).read_bytes() != (main.prm("er_1") / weights).read_bytes()
+    assert manifest["stages"]["seeds"]["main_seed"] == 0 and manifest["stages"]["seeds"]["seeds"] == "1"

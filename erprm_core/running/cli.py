@@ -3,7 +3,8 @@
 ``erprm reproduce --profile NAME [--from NN] [--to NN] [-p key=value ...]`` runs notebooks/NN_*.ipynb in
 order, each with ``configs/NAME/NN_*.yaml`` plus the overrides (:mod:`erprm_core.running.pipeline`);
 ``--dry-run`` runs a paper profile offline with tiny models (:mod:`erprm_core.running.dryrun`). ``figures``
-redraws stage 06, ``compare`` and ``golden`` check tables, ``bench`` runs the speed benchmarks.
+redraws stage 06, ``compare`` and ``golden`` check tables, ``bench`` runs the speed benchmarks, ``seeds``
+retrains the PRMs with other seeds for the run-to-run variance (:mod:`erprm_core.running.seeds`).
 ``train-prm`` trains one PRM per label rule of a profile with 03_train_prm's parameters (also under
 ``accelerate launch -m erprm_core.running.cli train-prm ...``), and ``score`` scores the steps of a JSONL
 file with any Math-Shepherd-format PRM. ``python -m erprm_core.running.cli`` is the same command.
@@ -29,7 +30,7 @@ from erprm_core.running import artifacts, bench, config, pipeline
 log = logging.getLogger("erprm")
 
 BUSY = 75  # exit status when another process runs the profile (EX_TEMPFAIL: try again later)
-OFFLINE_COMMANDS = ("reproduce", "figures", "compare", "golden", "bench")
+OFFLINE_COMMANDS = ("reproduce", "figures", "compare", "golden", "bench", "seeds")
 """Commands that run with ``HF_HUB_OFFLINE=1`` unless the environment says otherwise (``train-prm`` and
 ``score`` may load a hub model)."""
 
@@ -63,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
         help="offline wiring check of a paper profile: tiny random-weight models, a few problems, CPU, "
         "outputs under runs/dry-run/<profile> (configs/<profile>/dry-run.yaml)",
     )
+    sd = sub.add_parser("seeds", help="retrain the headline PRMs with other seeds: run-to-run variance table")
+    sd.add_argument("--profile", default="tiny")
+    sd.add_argument(
+        "--seeds", default="1,2", help="comma list of further 03 seeds (the main run is the first)"
+    )
+    sd.add_argument("--rules", default="er_1,soft,hard,orm", help="03 rules retrained per seed")
+    sd.add_argument("--reward-models", default="er_1,soft,hard,orm", help="05 reward models ('': skip RAFT)")
     fig = sub.add_parser("figures", help="redraw figures and the summary table from the tables (stage 06)")
     fig.add_argument("--profile", default="tiny")
     cmp = sub.add_parser("compare", help="compare another run's tables with results/<profile>/tables")
@@ -127,6 +135,20 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seeds_command(args: argparse.Namespace) -> int:
+    from erprm_core.running import seeds
+
+    c = seeds.SeedsConfig(args.profile, args.seeds, args.rules, args.reward_models)
+    table = seeds.run(c)
+    spread = table[table["seed"].isin(["mean", "sd", "min", "max"])]
+    print(spread.pivot(index="quantity", columns="seed", values="value")[["mean", "sd", "min", "max"]]
+          .to_string(float_format=lambda v: f"{v:.3f}"))  # fmt: skip
+    print(
+        f"per-seed rows and intervals: {artifacts.repo_relative(artifacts.paths(c.profile).table('seed_variance'))}"
+    )
+    return 0
+
+
 def _train_prm_command(args: argparse.Namespace) -> int:
     """Train the PRMs of 03_train_prm with the profile's parameters, so ``accelerate launch`` can train
     them on several GPUs and the notebook then evaluates the finished checkpoints."""
@@ -186,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             pipeline.write_golden_digests()
         elif args.command == "bench":
             return 1 if run_benchmarks(args.names, args.json_path, args.threads, args.quick) else 0
+        elif args.command == "seeds":
+            return _seeds_command(args)
         elif args.command == "train-prm":
             return _train_prm_command(args)
         elif args.command == "score":

@@ -108,13 +108,18 @@ def notebook_parameters(notebook: Path) -> dict[str, dict[str, Any]]:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """Parse ``key=value`` (value read as YAML, so 3 -> int, 0.5 -> float, true -> bool)."""
+    """Parse ``key=value`` (value read as YAML, so 3 -> int, 0.5 -> float, true -> bool).
+
+    ``key`` is a parameter name (every stage that declares it) or ``stage.name`` for one stage only, the
+    stage given by a prefix of its notebook name (``03.seed=1``, ``03_train_prm.seed=1``).
+    """
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key=value")
     key, raw = text.split("=", 1)
     key = key.strip()
-    if not key.isidentifier():
-        raise ConfigError(f"override {text!r}: {key!r} is not a parameter name")
+    stage, _, name = key.rpartition(".")
+    if not name.isidentifier() or (stage and not stage.replace("_", "").isalnum()):
+        raise ConfigError(f"override {text!r}: {key!r} is not a parameter name (or stage.name)")
     return key, yaml.safe_load(raw) if raw.strip() else ""
 
 
@@ -182,8 +187,9 @@ def plan(
                     )
                 params[key] = _check_type(key, value, declared[key], str(cfg_path))
         for key, value in parsed:
-            if key in declared:
-                params[key] = _check_type(key, value, declared[key], f"-p {key}")
+            stage, _, name_ = key.rpartition(".")
+            if name_ in declared and (not stage or name.startswith(stage)):
+                params[name_] = _check_type(name_, value, declared[name_], f"-p {key}")
                 used.add(key)
         if "profile" not in declared:
             raise ConfigError(f"notebook {notebooks[name]} has no 'profile' parameter")
