@@ -60,7 +60,8 @@ LAYERS: list[tuple[int, str, list[list[str]]]] = [
         2,
         "generation",
         [
-            ["generation.prefix_cache", "generation.lean_decode"],
+            ["generation.prefix_cache"],
+            ["generation.lean_decode"],
             ["generation.hf", "generation.vllm"],
             ["generation"],
         ],

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from erprm_core.generation.prefix_cache import attend_shared_prefix
+
 _MODEL_TYPES = {"llama", "mistral"}
 
 
@@ -99,35 +101,9 @@ class LeanDecoder:
             q = q * cos + self._rotate_half(q) * sin
             k = k * cos + self._rotate_half(k) * sin
             keys, values = layer.update(k, v)
-            attn = self._attend(layer, q, keys, values)  # [B, heads, 1, d]
+            attn = attend_shared_prefix(layer, q, keys, values, self.scale)  # [B, heads, 1, d]
             h = h + F.linear(attn.transpose(1, 2).reshape(b, 1, -1).contiguous(), wo)
             x = self._rms_norm(h, ln2, eps2)
             h = h + F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
         h = self._rms_norm(h, self.norm_weight, self.norm_eps)
         return F.linear(h[:, -1, :], self.lm_head)
-
-    def _attend(
-        self, layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
-    ) -> torch.Tensor:
-        """Attention of one new token per row over its prompt (stored once per prompt) and its own tokens."""
-        b, h, _, d = query.shape
-        kp, vp = layer.prefix_k, layer.prefix_v  # [P, hk, T, d]
-        p, hk, t, _ = kp.shape
-        g, m = h // hk, layer.m
-        q = query.view(b, hk, g, d)
-        full = b == p * m  # every prompt has m rows: the padded layout is the batch itself
-        qp = q if full else q.new_zeros((p * m, hk, g, d)).index_put_((layer.pad_index,), q)
-        qp = qp.view(p, m, hk, g, d).permute(0, 2, 1, 3, 4).reshape(p, hk, m * g, d)
-        sp = torch.matmul(qp, kp.transpose(-1, -2)).float() * self.scale  # [P, hk, m*g, T]
-        sp = sp.masked_fill(~layer.prompt_mask[:, None, None, :], float("-inf"))
-        sp = sp.view(p, hk, m, g, t).permute(0, 2, 1, 3, 4).reshape(p * m, hk, g, t)
-        ss = torch.matmul(q, key.transpose(-1, -2)).float() * self.scale  # [B, hk, g, L]
-        w = torch.softmax(torch.cat([sp if full else sp[layer.pad_index], ss], dim=-1), dim=-1).to(
-            query.dtype
-        )
-        wp, ws = w[..., :t], w[..., t:]
-        wpp = wp if full else wp.new_zeros((p * m, hk, g, t)).index_put_((layer.pad_index,), wp)
-        wpp = wpp.reshape(p, m, hk, g, t).permute(0, 2, 1, 3, 4).reshape(p, hk, m * g, t)
-        op = torch.matmul(wpp, vp).view(p, hk, m, g, d).permute(0, 2, 1, 3, 4).reshape(p * m, hk, g, d)
-        out = (op if full else op[layer.pad_index]) + torch.matmul(ws, value)  # [B, hk, g, d]
-        return out.reshape(b, h, 1, d)

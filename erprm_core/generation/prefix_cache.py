@@ -204,14 +204,42 @@ def shared_prefix_layer_class() -> type:
     return SharedPrefixLayer
 
 
+def attend_shared_prefix(layer: Any, query: Any, key: Any, value: Any, scale: float) -> Any:
+    """One decoding step's attention on a :func:`shared_prefix_layer_class` layer: ``[B, heads, 1, d]``.
+
+    The keys split into the prompt part, read once per prompt for all its rows (``[P, kv_heads, m * groups,
+    T]`` matmuls), and each row's own new tokens (``key``/``value``: ``[B, kv_heads, L, d]``); one softmax
+    over both parts; grouped-query heads as in ``repeat_kv``. While every prompt has ``m`` rows, the padded
+    layout is the batch itself and no row is scattered or gathered (the same values either way).
+    """
+    import torch
+
+    b, h, _, d = query.shape
+    kp, vp = layer.prefix_k, layer.prefix_v  # [P, hk, T, d]
+    p, hk, t, _ = kp.shape
+    g, m = h // hk, layer.m
+    q = query.view(b, hk, g, d)
+    full = b == p * m
+    qp = q if full else q.new_zeros((p * m, hk, g, d)).index_put_((layer.pad_index,), q)
+    qp = qp.view(p, m, hk, g, d).permute(0, 2, 1, 3, 4).reshape(p, hk, m * g, d)
+    sp = torch.matmul(qp, kp.transpose(-1, -2)).float() * scale  # [P, hk, m*g, T]
+    sp = sp.masked_fill(~layer.prompt_mask[:, None, None, :], float("-inf"))
+    sp = sp.view(p, hk, m, g, t).permute(0, 2, 1, 3, 4).reshape(p * m, hk, g, t)
+    ss = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # [B, hk, g, L]
+    w = torch.softmax(torch.cat([sp if full else sp[layer.pad_index], ss], dim=-1), dim=-1).to(query.dtype)
+    wp, ws = w[..., :t], w[..., t:]
+    wpp = wp if full else wp.new_zeros((p * m, hk, g, t)).index_put_((layer.pad_index,), wp)
+    wpp = wpp.reshape(p, m, hk, g, t).permute(0, 2, 1, 3, 4).reshape(p, hk, m * g, t)
+    op = torch.matmul(wpp, vp).view(p, hk, m, g, d).permute(0, 2, 1, 3, 4).reshape(p * m, hk, g, d)
+    out = (op if full else op[layer.pad_index]) + torch.matmul(ws, value)  # [B, hk, g, d]
+    return out.reshape(b, h, 1, d)
+
+
 def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention for shared-prefix decoding (registered with transformers' AttentionInterface).
 
-    Prefill goes to the standard SDPA path. A decoding step splits the keys into the prompt part, read once
-    per prompt for all its rows (``[P, kv_heads, m * groups, T]`` matmuls), and each row's own new tokens;
-    one softmax over both parts; grouped-query heads as in ``repeat_kv``.
+    Prefill goes to the standard SDPA path; a decoding step to :func:`attend_shared_prefix`.
     """
-    import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cache = ACTIVE_CACHE.get()
@@ -219,29 +247,8 @@ def _shared_prefix_attention(module, query, key, value, attention_mask, scaling=
     if layer is None or getattr(layer, "prefix_k", None) is None or layer.length == 0 or query.shape[2] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)  # fmt: skip
-    b, h, _, d = query.shape
-    kp, vp = layer.prefix_k, layer.prefix_v  # [P, hk, T, d]
-    p, hk, t, _ = kp.shape
-    g, m = h // hk, layer.m
-    scale = scaling if scaling is not None else d**-0.5
-    q = query.view(b, hk, g, d)
-    # prompt part: scatter rows into a padded [P, m] layout, one matmul per (prompt, kv head)
-    qp = q.new_zeros((p * m, hk, g, d))
-    qp[layer.pad_index] = q
-    qp = qp.view(p, m, hk, g, d).permute(0, 2, 1, 3, 4).reshape(p, hk, m * g, d)
-    sp = torch.matmul(qp, kp.transpose(-1, -2)).float() * scale  # [P, hk, m*g, T]
-    sp = sp.masked_fill(~layer.prompt_mask[:, None, None, :], float("-inf"))
-    sp = sp.view(p, hk, m, g, t).permute(0, 2, 1, 3, 4).reshape(p * m, hk, g, t)[layer.pad_index]
-    # new tokens of each row
-    ss = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # [B, hk, g, L]
-    w = torch.softmax(torch.cat([sp, ss], dim=-1), dim=-1).to(query.dtype)
-    wp, ws = w[..., :t], w[..., t:]
-    wpp = wp.new_zeros((p * m, hk, g, t))
-    wpp[layer.pad_index] = wp
-    wpp = wpp.view(p, m, hk, g, t).permute(0, 2, 1, 3, 4).reshape(p, hk, m * g, t)
-    op = torch.matmul(wpp, vp).view(p, hk, m, g, d).permute(0, 2, 1, 3, 4).reshape(p * m, hk, g, d)
-    out = op[layer.pad_index] + torch.matmul(ws, value)  # [B, hk, g, d]
-    return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return attend_shared_prefix(layer, query, key, value, scale).transpose(1, 2).contiguous(), None
 
 
 @functools.cache
