@@ -165,6 +165,23 @@ POOL = [
 ]  # fmt: skip
 
 
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    # tables and manifests are written through a temp file; they must not stay owner-only (mkstemp's 0600)
+    import os
+
+    from erprm_core import io
+
+    umask = os.umask(0o022)
+    try:
+        path = io.atomic_write_text(tmp_path / "t.csv", "a,b\n")
+        assert path.read_text() == "a,b\n"
+        assert path.stat().st_mode & 0o777 == 0o666 & ~io._UMASK
+        assert path.stat().st_mode & 0o044  # group and others can read it
+        assert not list(tmp_path.glob(".t.csv.*"))  # no temp file left
+    finally:
+        os.umask(umask)
+
+
 def test_cached_prm_scores_are_discarded_when_the_prm_is_retrained(tmp_path, monkeypatch):
     monkeypatch.setattr(
         best_of_n.ProcessRewardModel,
