@@ -159,4 +159,5 @@ def test_seeds_retrain_the_prms_on_the_same_pool(smoke_run):
     assert sorted(p.name for p in (forked / "prms").iterdir()) == ["er_1", "hard", "soft"]
     weights = "model.safetensors"
     assert (forked / "prms" / "er_1" / weights).read_bytes() != (main.prm("er_1") / weights).read_bytes()
-    assert manifest["stages"]["seeds"]["main_seed"] == 0 and manifest["stages"]["seeds"]["seeds"] == "1"
+    entry = manifest["stages"]["seeds"]
+    assert entry["main_seed"] == 0 and entry["seeds"] == "1" and len(entry["git_commit"]["1"]) >= 40

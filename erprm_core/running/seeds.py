@@ -96,7 +96,7 @@ def run(c: SeedsConfig) -> pd.DataFrame:
         overrides.append(f"05.reward_models={c.reward_models}")
     stop = "05" if c.reward_models else "04"
     tables = {main_seed: artifacts.paths(c.profile).tables}
-    walls = {}
+    walls, commits = {}, {}
     for seed in seeds:
         runs, results = fork(c.profile, seed)
         t0 = time.perf_counter()
@@ -105,13 +105,15 @@ def run(c: SeedsConfig) -> pd.DataFrame:
             config.plan(c.profile, "03", stop, overrides + [f"03.seed={seed}"])  # every error before any work
             pipeline.run(c.profile, "03", stop, overrides + [f"03.seed={seed}"])
             tables[seed] = artifacts.paths(c.profile).tables
+            stage = artifacts.load_manifest(c.profile)["stages"]["03_train_prm"]
+            commits[seed] = f"{stage.get('git_commit')}{' (dirty)' if stage.get('git_dirty') else ''}"
         walls[seed] = round(time.perf_counter() - t0, 1)
     table = variance_table({s: _read(t) for s, t in tables.items()})
     artifacts.write_table(table, c.profile, "seed_variance")
     p = artifacts.paths(c.profile)
     manifest = artifacts.load_manifest(c.profile)
     manifest.setdefault("stages", {})["seeds"] = {
-        **asdict(c), "main_seed": main_seed, "wall_s": walls,
+        **asdict(c), "main_seed": main_seed, "wall_s": walls, "git_commit": commits,
         "folders": {s: artifacts.repo_relative(seed_roots(c.profile, s)[0]) for s in seeds},
         "command": f"erprm seeds --profile {c.profile} --seeds {c.seeds}",
     }  # fmt: skip
