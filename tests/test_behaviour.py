@@ -165,6 +165,25 @@ POOL = [
 ]  # fmt: skip
 
 
+def test_git_dirty_means_the_code_changed_not_the_results(tmp_path, monkeypatch):
+    # a run's own outputs under results/ do not make the next stage's record "dirty"; a code edit does
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "t.csv").write_text("a\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    monkeypatch.setattr(artifacts, "repo_root", lambda: tmp_path)
+    (tmp_path / "results" / "t.csv").write_text("b\n")
+    (tmp_path / "results" / "new.csv").write_text("c\n")
+    assert pipeline.environment_info()["git_dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert pipeline.environment_info()["git_dirty"] is True
+
+
 def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     # tables and manifests are written through a temp file; they must not stay owner-only (mkstemp's 0600)
     import os
