@@ -34,18 +34,10 @@ def _tables(er: float, hard: float, diff: float, raft_er: float) -> dict[str, pd
             {"method": "er_1:min", "n": 2, "metric": "accuracy", "value": 0.9, "ci_low": 0.8, "ci_high": 1.0},
         ]
     )
-    paired = pd.DataFrame(
-        [
-            {
-                "method_a": "er_1:min",
-                "method_b": "hard:min",
-                "n": 64,
-                "diff": diff,
-                "ci_low": diff - 0.05,
-                "ci_high": diff + 0.05,
-            }
-        ]
-    )
+    row = {"method_a": "er_1:min", "method_b": "hard:min", "n": 64, "diff": diff, "ci_low": diff - 0.05,
+           "ci_high": diff + 0.05, "selection": "prespecified"}  # fmt: skip
+    # the post hoc comparison repeats the row when eta = 1 is also the best eta on the pool: counted once
+    paired = pd.DataFrame([row, {**row, "selection": "post hoc (best ER eta on this pool at N_max)"}])
     raft = pd.DataFrame(
         [
             {
@@ -88,6 +80,8 @@ def test_variance_table_per_seed_rows_and_spread():
         rows[("bon@64 er_1:min - hard:min", "min")] == 0.05
         and rows[("bon@64 er_1:min - hard:min", "max")] == 0.20
     )
+    assert rows[("bon@64 er_1:min - hard:min", "mean")] == pytest.approx(0.125)
+    assert (table["quantity"] == "bon@64 er_1:min - hard:min").sum() == 2 + 4  # one row per seed, 4 summaries
     assert rows[("raft final er_1", "mean")] == pytest.approx(0.72)  # the last iteration, not iteration 2
     assert ("raft final baseline", "0") not in rows.index  # iteration 0 is not a final
     per_seed = table[table["seed"] == "1"].set_index("quantity")
