@@ -85,3 +85,12 @@ def test_train_prm_refuses_an_unknown_parameter(monkeypatch):
     monkeypatch.setattr(train_prm, "train", lambda c: pytest.fail("must not train"))
     assert cli.main(["train-prm", "--profile", "smoke", "-p", "no_such_knob=1"]) == 2
     assert cli.main(["train-prm", "--profile", "no-such-profile"]) == 2
+
+
+def test_seeds_command_errors_exit_2_and_name_the_problem(tmp_path, caplog):
+    with artifacts.redirected_roots(tmp_path / "runs", tmp_path / "results"):
+        assert cli.main(["seeds", "--profile", "smoke", "--seeds", "1,x"]) == 2
+        assert "'x' is not an integer" in caplog.text
+        assert cli.main(["seeds", "--profile", "smoke", "--seeds", "1"]) == 2  # nothing to fork yet
+        assert "produced by stage 00_policy" in caplog.text
+        assert not (tmp_path / "runs" / "seeds").exists()  # no folder made before the error

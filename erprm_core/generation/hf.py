@@ -300,9 +300,8 @@ class HFSampler:
                 logits = self.lean.step(nxt, next_pos, cache)
                 self.stats["forward_passes"] += 1
             else:
-                step_mask = (
-                    None if self.shared_prefix else mask[:, : width + step + 1]
-                )  # shared: masks itself
+                # shared-prefix attention masks itself; the expanded cache needs the padding mask
+                step_mask = None if self.shared_prefix else mask[:, : width + step + 1]
                 logits = self._forward(nxt.unsqueeze(1), step_mask, next_pos.unsqueeze(1), cache)
         for row in rows:
             if row >= 0:

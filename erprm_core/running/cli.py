@@ -139,7 +139,11 @@ def _seeds_command(args: argparse.Namespace) -> int:
     from erprm_core.running import seeds
 
     c = seeds.SeedsConfig(args.profile, args.seeds, args.rules, args.reward_models)
-    table = seeds.run(c)
+    try:
+        table = seeds.run(c)
+    except ValueError as exc:  # bad --seeds, the main run's seed among them, no tables to summarise
+        log.error("%s", exc)
+        return 2
     spread = table[table["seed"].isin(["mean", "sd", "min", "max"])]
     print(spread.pivot(index="quantity", columns="seed", values="value")[["mean", "sd", "min", "max"]]
           .to_string(float_format=lambda v: f"{v:.3f}"))  # fmt: skip

@@ -9,8 +9,8 @@ retrained with ``03.seed=<s>``, and best-of-N and RAFT rerun on them there. The 
 :func:`variance_table` then collects, per seed, best-of-``n_max`` accuracy of ER (eta = 1), soft, hard and
 the ORM, their paired differences, and each reward model's RAFT final with the paired RAFT differences, each
 with its own 95% interval over test problems, and adds mean, standard deviation, min and max over seeds:
-``results/<profile>/tables/seed_variance.csv`` (columns ``quantity, seed, value, ci_low, ci_high``; the
-summary rows have seed ``mean``, ``sd``, ``min``, ``max``) and the manifest entry ``seeds``.
+``results/<profile>/tables/seed_variance.csv`` (columns ``quantity, seed, value, ci_low, ci_high, n_seeds``;
+the summary rows have seed ``mean``, ``sd``, ``min``, ``max``) and the manifest entry ``seeds``.
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ def run(c: SeedsConfig) -> pd.DataFrame:
     if c.reward_models:
         overrides.append(f"05.reward_models={c.reward_models}")
     stop = "05" if c.reward_models else "04"
+    config.plan(c.profile, "03", stop, [*overrides, "03.seed=0"])  # every error before any folder is made
     tables = {main_seed: artifacts.paths(c.profile).tables}
     walls, commits = {}, {}
     for seed in seeds:
@@ -102,7 +103,6 @@ def run(c: SeedsConfig) -> pd.DataFrame:
         t0 = time.perf_counter()
         log.info("seed %d: stages 03-%s in %s", seed, stop, artifacts.repo_relative(runs))
         with artifacts.redirected_roots(runs, results):
-            config.plan(c.profile, "03", stop, overrides + [f"03.seed={seed}"])  # every error before any work
             pipeline.run(c.profile, "03", stop, overrides + [f"03.seed={seed}"])
             tables[seed] = artifacts.paths(c.profile).tables
             stage = artifacts.load_manifest(c.profile)["stages"]["03_train_prm"]
