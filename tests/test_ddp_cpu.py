@@ -8,6 +8,7 @@ Slow (two fresh Python processes import torch and transformers: the launch test 
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -89,7 +90,7 @@ def _launch_two_processes(base: Path, runs: Path, results: Path) -> subprocess.C
         "-p", f"base_model={base}", "-p", "batch_size=2", *[a for p in RECIPE for a in ("-p", p)],
     ]  # fmt: skip
     with artifacts.redirected_roots(runs, results):
-        env = {**__import__("os").environ, "PYTHONPATH": str(root)}
+        env = {**os.environ, "PYTHONPATH": str(root)}
         return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -117,9 +117,10 @@ class HFSampler:
         if shared_prefix == "auto":
             shared_prefix = supports_shared_prefix(model) and self._plain_cache()
         self.shared_prefix = bool(shared_prefix)
+        lean_ok = self.shared_prefix and supports_lean_decode(model)
         if lean == "auto":
-            lean = self.shared_prefix and supports_lean_decode(model)
-        if lean and not (self.shared_prefix and supports_lean_decode(model)):
+            lean = lean_ok
+        elif lean and not lean_ok:
             raise ValueError(
                 "lean=True needs shared-prefix attention and a Llama-family model (supports_lean_decode)"
             )

@@ -68,7 +68,6 @@ class LeanDecoder:
         self.inv_freq = base.rotary_emb.inv_freq.float()
         self.rope_scaling = float(base.rotary_emb.attention_scaling)
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.scale = self.head_dim**-0.5
 
     @staticmethod
