@@ -85,6 +85,9 @@ def test_override_checks():
     assert config.plan("smoke", "03", "03", overrides=["03_train_prm.seed=6"])[0].parameters["seed"] == 6
     with pytest.raises(config.ConfigError, match="match no parameter"):
         config.plan("smoke", "04", "05", overrides=["03.seed=5"])  # stage 03 is not in the plan
+    for loose in ("0.seed=5", "03_train.seed=5"):  # a qualifier names one stage, not a prefix of several
+        with pytest.raises(config.ConfigError, match="match no parameter"):
+            config.plan("smoke", "03", "05", overrides=[loose])
     with pytest.raises(config.ConfigError, match="stage.name"):
         config.parse_override("03 x.seed=1")
 

@@ -97,8 +97,18 @@ def test_variance_table_with_one_seed_has_no_sd_and_empty_input_fails():
         seeds.variance_table({0: empty})
 
 
+def test_headline_methods_come_from_the_prespecified_comparison():
+    t = _tables(0.3, 0.2, 0.1, 0.7)
+    t["bon"]["method"] = t["bon"]["method"].str.replace("er_1:min", "er_2:mean").str.replace(":min", ":mean")
+    t["bon_paired"]["method_a"], t["bon_paired"]["method_b"] = "er_2:mean", "hard:mean"
+    quantities = set(seeds.variance_table({0: t})["quantity"])
+    assert {"bon@64 er_2:mean", "bon@64 hard:mean", "bon@64 er_2:mean - hard:mean"} <= quantities
+    assert not any("er_1" in q for q in quantities if q.startswith("bon"))
+
+
 def test_parse_seeds():
     assert seeds.parse_seeds(["1,2", "5"]) == [1, 2, 5]
+    assert seeds.parse_seeds("3,4") == [3, 4]
     with pytest.raises(ValueError, match="'x' is not an integer"):
         seeds.parse_seeds(["1,x"])
 

@@ -188,7 +188,7 @@ def plan(
                 params[key] = _check_type(key, value, declared[key], str(cfg_path))
         for key, value in parsed:
             stage, _, name_ = key.rpartition(".")
-            if name_ in declared and (not stage or name.startswith(stage)):
+            if name_ in declared and (not stage or _names_stage(name, stage)):
                 params[name_] = _check_type(name_, value, declared[name_], f"-p {key}")
                 used.add(key)
         if "profile" not in declared:
@@ -203,6 +203,12 @@ def plan(
     if unused:
         raise ConfigError(f"override(s) {unused} match no parameter of stages {[s.name for s in stages]}")
     return stages
+
+
+def _names_stage(name: str, qualifier: str) -> bool:
+    """Whether an override's stage qualifier names stage ``name``: its number (``03``) or its full name
+    (``03_train_prm``); a mere prefix such as ``0`` or ``03_train`` names no stage."""
+    return qualifier in (name, name.split("_", 1)[0])
 
 
 def _stage_index(names: list[str], prefix: str | None, default: int) -> int:
