@@ -25,7 +25,10 @@ def test_paper_tables_are_positive_and_sum_to_the_total(tables, profile):
     assert set(body["stage"]) == {f"0{i}_{n}" for i, n in enumerate(
         ["policy", "rollouts", "labels", "train_prm", "best_of_n", "rlhf_raft", "figures", "processbench"])}  # fmt: skip
     gpu = body.groupby("stage")["gpu_hours"].sum()
-    assert (gpu[["00_policy", "01_rollouts", "03_train_prm", "04_best_of_n", "05_rlhf_raft", "07_processbench"]] > 0).all()
+    assert (
+        gpu[["00_policy", "01_rollouts", "03_train_prm", "04_best_of_n", "05_rlhf_raft", "07_processbench"]]
+        > 0
+    ).all()
     assert gpu["02_labels"] == 0 and gpu["06_figures"] == 0
     assert 1 < total["gpu_hours"] < 1000  # a paper run is GPU-hours to GPU-days, not minutes or years
 

@@ -83,7 +83,9 @@ def environment_info() -> dict[str, Any]:
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(  # results/ is what the pipeline writes: not a change of the code that ran
-            ["git", "status", "--porcelain", "--", ".", ":(exclude)results"], cwd=root, capture_output=True,
+            ["git", "status", "--porcelain", "--", ".", ":(exclude)results"],
+            cwd=root,
+            capture_output=True,
             text=True,
         ).stdout
         info["git_dirty"] = bool(dirty.strip())
