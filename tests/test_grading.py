@@ -272,9 +272,8 @@ def test_math_in_threads_uses_guarded_helper(monkeypatch):
     threads = [threading.Thread(target=work, args=(i, t, r)) for i, (t, r, _) in enumerate(cases)]
     for th in threads:
         th.start()
-    for (
-        th
-    ) in threads:  # a comparison that hung would keep its thread alive (no wall-time bound: CI is shared)
+    # a comparison that hung would keep its thread alive (no wall-time bound: CI is shared)
+    for th in threads:
         th.join(timeout=120)
     assert not any(th.is_alive() for th in threads)
     assert results == {i: expected for i, (_, _, expected) in enumerate(cases)}

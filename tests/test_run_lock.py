@@ -49,9 +49,8 @@ def test_a_second_run_stops_at_once_naming_the_first(holder):
     )
     elapsed = time.monotonic() - start
     assert proc.returncode == cli.BUSY, proc.stderr
-    print(
-        f"second run refused in {elapsed:.1f} s"
-    )  # ~1-3 s here; a run that waited for the lock would hit 60 s
+    # ~1-3 s here; a run that waited for the lock would hit 60 s
+    print(f"second run refused in {elapsed:.1f} s")
     assert elapsed < 30, f"the second run took {elapsed:.1f} s to stop"
     held = json.loads((artifacts.paths("smoke").run / pipeline.LOCK_FILE).read_text())
     assert held["pid"] == holder.pid and held["started"] and held["host"] and held["command"]

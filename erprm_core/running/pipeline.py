@@ -82,11 +82,9 @@ def environment_info() -> dict[str, Any]:
         info["git_commit"] = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
-        dirty = subprocess.run(  # results/ is what the pipeline writes: not a change of the code that ran
-            ["git", "status", "--porcelain", "--", ".", ":(exclude)results"],
-            cwd=root,
-            capture_output=True,
-            text=True,
+        # results/ is what the pipeline writes: not a change of the code that ran
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", ".", ":(exclude)results"], cwd=root, capture_output=True, text=True
         ).stdout
         info["git_dirty"] = bool(dirty.strip())
     except (OSError, subprocess.CalledProcessError):
