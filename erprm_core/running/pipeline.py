@@ -83,9 +83,8 @@ def environment_info() -> dict[str, Any]:
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         # results/ is what the pipeline writes: not a change of the code that ran
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", ".", ":(exclude)results"], cwd=root, capture_output=True, text=True
-        ).stdout
+        status = ["git", "status", "--porcelain", "--", ".", ":(exclude)results"]
+        dirty = subprocess.run(status, cwd=root, capture_output=True, text=True).stdout
         info["git_dirty"] = bool(dirty.strip())
     except (OSError, subprocess.CalledProcessError):
         info["git_commit"], info["git_dirty"] = None, None
