@@ -72,8 +72,9 @@ bench: setup  ## speed benchmarks (ratios against naive baselines)
 golden: setup  ## rerun the smoke chain and rewrite tests/golden/smoke_tables.sha256 (when a change is meant to change results)
 	$(VENV)/bin/erprm golden
 
-lint: setup  ## ruff check
+lint: setup  ## ruff check and ruff format --check (notebooks are excluded from the formatter)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 lab: setup  ## open JupyterLab on notebooks/ (with the CPU profiles' pinned numerics)
 	ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2,STRICT ONEDNN_MAX_CPU_ISA=AVX2 $(VENV)/bin/jupyter lab --allow-root notebooks/
