@@ -111,7 +111,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     """Parse ``key=value`` (value read as YAML, so 3 -> int, 0.5 -> float, true -> bool).
 
     ``key`` is a parameter name (every stage that declares it) or ``stage.name`` for one stage only, the
-    stage given by a prefix of its notebook name (``03.seed=1``, ``03_train_prm.seed=1``).
+    stage given by its number or its full notebook name (``03.seed=1``, ``03_train_prm.seed=1``).
     """
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key=value")
