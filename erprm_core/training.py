@@ -472,9 +472,9 @@ def train_prm(
     is required; it is trained in place). ``records``: labelled rollouts (``question``, ``steps``,
     ``labels[rule]``), encoded by :func:`erprm_core.prm.prm_training_features`. No evaluation, no
     intermediate checkpoints unless ``extra_args`` (TrainingArguments, overriding the kit's) ask for them
-    (``save_strategy="steps"``: into ``<output_dir>.partial``); ``bf16=None`` means bf16 mixed precision on a bf16-capable GPU (and for a bf16
-    ``dtype``, over float32 master weights: :func:`float32_master`). Works under
-    ``accelerate launch`` (DDP or DeepSpeed ZeRO-2, see configs/accelerate/). With ``save``, the model,
+    (``save_strategy="steps"``: into ``<output_dir>.partial``). ``bf16=None`` means bf16 mixed precision on a
+    bf16-capable GPU (and for a bf16 ``dtype``, over float32 master weights: :func:`float32_master`). Works
+    under ``accelerate launch`` (DDP or DeepSpeed ZeRO-2, see configs/accelerate/). With ``save``, the model,
     tokenizer, log, audit and ``erprm_prm.json`` (written last) go to ``<output_dir>.partial``, renamed to
     ``output_dir`` once complete: an existing ``output_dir`` is always a finished PRM.
 
