@@ -74,12 +74,16 @@ class Audit:
 
 
 PROGRESS_ENV = "ERPRM_PROGRESS_FILE"  # set by `erprm reproduce` in its stage kernels: see progress()
+SILENT_ENV = "ERPRM_NO_PROGRESS"  # set in the worker processes of a stage: their parent counts the units
 
 
 def progress(iterable: Any = None, **kwargs: Any) -> Any:
     """tqdm (same arguments) by the kit's one rule: ``tqdm.auto`` draws the bar (a widget in Jupyter, text in a
     terminal), except in a stage kernel of ``erprm reproduce`` (:data:`PROGRESS_ENV` set), where the open bars
-    go to that JSON file instead, at most once a second, and the pipeline shows them in the terminal."""
+    go to that JSON file instead, at most once a second, and the pipeline shows them in the terminal. No bar
+    is drawn where :data:`SILENT_ENV` is set (a stage's worker processes)."""
+    if os.environ.get(SILENT_ENV):
+        return std_tqdm(iterable, **{**kwargs, "disable": True})
     if not os.environ.get(PROGRESS_ENV):
         return auto_tqdm(iterable, **kwargs)
     return _FileBar(iterable, **{"disable": False, **kwargs, "file": StringIO(), "mininterval": 1.0})

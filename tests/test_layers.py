@@ -72,6 +72,7 @@ LAYERS: list[tuple[int, str, list[list[str]]]] = [
         "running-base",
         [
             ["running"],
+            ["running.workers"],
             ["running.artifacts", "running.numerics", "running.reproducibility"],
             ["running.config"],
         ],
@@ -82,7 +83,7 @@ LAYERS: list[tuple[int, str, list[list[str]]]] = [
         [
             ["stages"],
             ["stages._common"],
-            ["stages.bon_tables", "stages.raft_tables", "stages.processbench_eval"],
+            ["stages.bon_tables", "stages.raft_tables", "stages.raft_models", "stages.processbench_eval"],
             [
                 "stages.policy",
                 "stages.rollouts",

@@ -26,7 +26,8 @@ from typing import Any
 
 import pandas as pd
 
-from erprm_core.io import ArtifactError, atomic_write_json, atomic_write_text, progress
+from erprm_core.io import ArtifactError, atomic_write_json, atomic_write_text
+from erprm_core.running.workers import fork_map
 
 log = logging.getLogger(__name__)
 
@@ -273,38 +274,67 @@ def run_sharded(
     compute: Callable[[Sequence[Any], int], list[dict[str, Any]]],
     required: Sequence[str] = (),
     desc: str = "shards",
+    *,
+    workers: int = 1,
+    tallies: Sequence[dict[str, Any]] = (),
 ) -> list[dict[str, Any]]:
     """Process ``items`` in shards of ``shard_size``, each written atomically to ``folder/shard-NNNNN.jsonl``.
 
     A shard file that already exists and reads cleanly is reused (resume); one that is corrupt is reported
     (file and line, as a warning) and recomputed. ``compute(chunk, shard_index)`` must be deterministic
     given its arguments (seed per item, not per process). Returns all records in shard order.
+
+    With ``workers > 1`` the missing shards are computed in that many forked one-thread processes
+    (:func:`erprm_core.running.workers.fork_map`; the same records). ``tallies`` are counter dicts that
+    ``compute`` adds to (e.g. a sampler's ``stats``): what the workers add comes back into them.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     n_shards = (len(items) + shard_size - 1) // shard_size
-    out: list[dict[str, Any]] = []
-    reused = 0
     present = sum((folder / f"shard-{i:05d}.jsonl").exists() for i in range(n_shards))
     if present:  # shown in the notebook (print), not only in the log: a resume should be visible
         print(
             f"{desc}: resuming, {present} of {n_shards} shards already in {repo_relative(folder)}", flush=True
         )
-    for index in progress(range(n_shards), desc=desc, unit="shard"):
+    by_shard: dict[int, list[dict[str, Any]]] = {}
+    for index in range(n_shards):
         shard_path = folder / f"shard-{index:05d}.jsonl"
         if shard_path.exists():
             try:
-                out.extend(read_jsonl(shard_path, required))
-                reused += 1
+                by_shard[index] = read_jsonl(shard_path, required)
                 continue
             except ArtifactError as exc:
                 log.warning("recomputing corrupt shard: %s", exc)
+    reused = len(by_shard)
+    missing = [i for i in range(n_shards) if i not in by_shard]
+
+    def compute_shard(index: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The shard's records, written; and what computing it added to each tally (taken back out of the
+        tally here, so that the caller adds it once, whichever process ran the shard)."""
+        before = [dict(t) for t in tallies]
         records = compute(items[index * shard_size : (index + 1) * shard_size], index)
-        atomic_write_jsonl(shard_path, records)
-        out.extend(records)
+        atomic_write_jsonl(folder / f"shard-{index:05d}.jsonl", records)
+        deltas = [_tally_delta(b, t) for b, t in zip(before, tallies, strict=True)]
+        for tally, b in zip(tallies, before, strict=True):
+            tally.clear()
+            tally.update(b)
+        return records, deltas
+
+    computed = fork_map(compute_shard, missing, workers, desc, "shard")
+    for index, (records, deltas) in zip(missing, computed, strict=True):
+        by_shard[index] = records
+        for tally, delta in zip(tallies, deltas, strict=True):
+            for key, value in delta.items():
+                tally[key] = tally.get(key, 0) + value
     if reused:
         log.info("reused %d of %d finished shards in %s", reused, n_shards, folder)
-    return out
+    return [r for index in range(n_shards) for r in by_shard[index]]
+
+
+def _tally_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """What a computation added to the numeric counters of ``after`` since ``before``."""
+    numbers = {k: v for k, v in after.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    return {k: v - before.get(k, 0) for k, v in numbers.items() if v != before.get(k, 0)}
 
 
 def prepare_shard_folder(folder: Path | str, fingerprint: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ from erprm_core.prm import AGGREGATIONS, ProcessRewardModel, aggregate
 from erprm_core.report import figures
 from erprm_core.running import artifacts, numerics
 from erprm_core.running.config import parse_names
+from erprm_core.running.workers import fork_map, worker_count
 from erprm_core.stages import bon_tables
 from erprm_core.stages._common import (
     StageConfig,
@@ -226,6 +227,17 @@ class _PoolSampler:
 
     def __call__(self, chunk: Sequence[Mapping[str, Any]], index: int) -> list[dict[str, Any]]:
         st = self.st
+        self.load()
+        sols = rollouts.sample_solutions(
+            self.sampler, list(chunk), self.n_max, st["temperature"], st["top_p"], st["max_new_tokens"],
+            st["seed"], st["prompt_template"],
+        )  # fmt: skip
+        by_id = {str(p["id"]): p for p in chunk}
+        return [_candidate_record(by_id[str(sol["problem_id"])], sol) for sol in sols]
+
+    def load(self) -> Any:
+        """The sampler, loaded at the first call."""
+        st = self.st
         if self.sampler is None and st["backend"] == "vllm":
             if not isinstance(self.policy, str | Path):
                 raise TypeError("backend='vllm' needs the policy as a folder or hub name, not a loaded model")
@@ -235,12 +247,7 @@ class _PoolSampler:
         elif self.sampler is None:
             model, tokenizer = _load_policy(self.policy, st["device"], st["dtype"])
             self.sampler = generation.make_sampler(model, tokenizer, st["backend"], st["batch_size"])
-        sols = rollouts.sample_solutions(
-            self.sampler, list(chunk), self.n_max, st["temperature"], st["top_p"], st["max_new_tokens"],
-            st["seed"], st["prompt_template"],
-        )  # fmt: skip
-        by_id = {str(p["id"]): p for p in chunk}
-        return [_candidate_record(by_id[str(sol["problem_id"])], sol) for sol in sols]
+        return self.sampler
 
 
 def _pool_stats(problems: Sequence[Any], records: Sequence[dict[str, Any]], sampler: Any) -> dict[str, Any]:
@@ -271,6 +278,7 @@ def build_candidate_pool(
     backend: str = "hf",
     device: str = "auto",
     dtype: str = "auto",
+    workers: int = 1,
 ) -> CandidatePool:
     """Sample ``n_max`` solutions per problem from the policy, grade them, write resumable shards.
 
@@ -286,6 +294,9 @@ def build_candidate_pool(
     Every candidate is kept. ``correct`` is the grade (:func:`erprm_core.grading.is_correct`), except that a
     truncated candidate (cut at ``max_new_tokens``) counts as wrong and casts no vote; ``answer`` is the
     vote key (:func:`vote_answer`); ``pred``/``outcome`` keep the raw extraction and grade.
+
+    ``workers > 1`` (the HF backend on the CPU) samples shards in that many forked one-thread processes
+    (:func:`erprm_core.running.workers.fork_map`): the same candidates.
     """
     if not problems:
         raise ValueError("build_candidate_pool: no problems")
@@ -316,9 +327,14 @@ def build_candidate_pool(
                             batch_size=batch_size, prompt_template=prompt_template, backend=backend,
                             device=device, dtype=dtype),
     )  # fmt: skip
+    if workers > 1 and backend == "hf":  # loaded once here, inherited by the workers
+        tallies = [compute.load().stats]
+    else:
+        workers, tallies = 1, []
     records = artifacts.run_sharded(
-        list(problems), shard_size, folder, compute, CANDIDATE_COLUMNS, "pool shards"
-    )
+        list(problems), shard_size, folder, compute, CANDIDATE_COLUMNS, "pool shards", workers=workers,
+        tallies=tallies,
+    )  # fmt: skip
     artifacts.atomic_write_jsonl(out_dir / "candidates.jsonl", records)
     stats = _pool_stats(problems, records, compute.sampler)
     if compute.sampler is not None:  # the engine leaves the GPU before any PRM is loaded for scoring
@@ -455,6 +471,7 @@ def score_pool(
     max_length: int | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    workers: int = 1,
 ) -> ScoredPool:
     """Score every candidate with every reward model once, and aggregate into solution-score columns.
 
@@ -471,6 +488,7 @@ def score_pool(
     ``UNSCORABLE_SCORE`` = 0.0, the lowest probability, for every aggregation; counted in the audit as
     ``unscorable[<rule>]``, and lost steps as ``steps_unscored[<rule>]``. ``last`` of a candidate whose final
     tag was lost is NaN: it gets ``UNSCORABLE_SCORE`` too, counted as ``unscorable[<rule>:last]``.
+    ``workers > 1`` scores the rules in that many forked one-thread processes (the same scores).
     """
     if out_dir is None:
         raise ValueError("score_pool: out_dir is required (the step-score cache lives there)")
@@ -494,11 +512,17 @@ def score_pool(
     step_scores: dict[str, list[list[float]]] = {}
     infos: dict[str, dict[str, Any]] = {}
     totals = {"prm_forward_passes": 0, "prm_tokens_scored": 0, "rules_computed": 0}
-    for rule in sorted(prm_paths, key=labels.rule_sort_key):
-        by_key, infos[rule], rule_totals = _score_rule(
+    rules = sorted(prm_paths, key=labels.rule_sort_key)
+
+    def score_rule(rule: str) -> tuple[dict[str, list[Any]], dict[str, Any], dict[str, int]]:
+        return _score_rule(
             rule, prm_paths[rule], items, out_dir / "scores" / rule, pool_digest, scoring=scoring,
             max_length=max_length, device=device, dtype=dtype, batch_size=batch_size, shard_size=shard_size,
         )  # fmt: skip
+
+    for rule, (by_key, infos[rule], rule_totals) in zip(
+        rules, fork_map(score_rule, rules, workers, "scoring", "PRM"), strict=True
+    ):
         for name, value in rule_totals.items():
             totals[name] += value
         per_cand = [[float("nan") if v is None else float(v) for v in by_key[k]] for k in keys]
@@ -563,18 +587,19 @@ def _inputs(c: BestOfNConfig, p: artifacts.ProfilePaths) -> tuple[Any, list[dict
 
 def _pool_and_scores(
     c: BestOfNConfig, p: artifacts.ProfilePaths, policy: Any, problems: list[dict[str, Any]], prms: dict,
-    t0: float,
+    t0: float, workers: int,
 ) -> tuple[CandidatePool, ScoredPool, float, float]:  # fmt: skip
-    """The candidate pool and its scores (with the scoring audit merged into the pool's), and their wall times."""
+    """The candidate pool and its scores (with the scoring audit merged into the pool's), and their wall times
+    (``workers``: one-thread processes for the pool's shards and for the PRMs)."""
     cands = build_candidate_pool(
         policy, problems, c.n_max, temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
         seed=c.seed, batch_size=c.batch_size, shard_size=c.shard_size, out_dir=p.pool,
-        prompt_template=c.prompt_template, backend=c.backend, device=c.device, dtype=c.dtype,
+        prompt_template=c.prompt_template, backend=c.backend, device=c.device, dtype=c.dtype, workers=workers,
     )  # fmt: skip
     t_pool = time.perf_counter() - t0
     scored = score_pool(
         cands.records, prms, AGGREGATIONS, c.score_batch_size, p.pool, scoring=c.scoring, device=c.device,
-        dtype=c.dtype,
+        dtype=c.dtype, workers=workers,
     )  # fmt: skip
     t_score = time.perf_counter() - t0 - t_pool
     io.atomic_write_text(p.pool / "pool.csv", scored.table.to_csv(index=False, lineterminator="\n"))
@@ -682,10 +707,11 @@ def run(config: BestOfNConfig) -> BestOfNResult:
     policy, problems, available, wanted = _inputs(c, p)
     numerics_info = numerics.configure(c.cpu_numerics, c.torch_threads)  # first: before any tensor operation
     torch_threads = numerics_info["torch_threads"]
+    workers = worker_count(torch_threads, pinned=c.cpu_numerics != "default")
 
     t0 = time.perf_counter()
     cands, scored, t_pool, t_score = _pool_and_scores(
-        c, p, policy, problems, {r: available[r] for r in wanted}, t0
+        c, p, policy, problems, {r: available[r] for r in wanted}, t0, workers
     )
     tables = _tables(c, cands, scored, wanted)
     t_eval = time.perf_counter() - t0 - t_pool - t_score
@@ -709,7 +735,7 @@ def run(config: BestOfNConfig) -> BestOfNResult:
     policy = {t: artifacts.read_table(c.profile, t) for t in GREEDY_TABLES if p.table(t).is_file()}
     res.greedy = figures.greedy_reference(*(policy.get(t) for t in GREEDY_TABLES))
     record(
-        c.profile, POOL_STAGE, c, torch_threads=torch_threads, numerics=numerics_info,
+        c.profile, POOL_STAGE, c, torch_threads=torch_threads, workers=workers, numerics=numerics_info,
         **{k: res.stats[k] for k in MANIFEST_STATS},
     )  # fmt: skip
     return res

@@ -35,7 +35,6 @@ as :class:`RaftError` naming the reward model and the iteration.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -50,10 +49,11 @@ import pandas as pd
 import torch
 
 from erprm_core import generation, io, models, raft, rollouts, training
-from erprm_core.prm import ProcessRewardModel
 from erprm_core.raft import BASELINE, CONTROLS, RaftSettings
 from erprm_core.running import artifacts, numerics
+from erprm_core.running.workers import fork_map, worker_count
 from erprm_core.stages._common import PROBLEM_COLUMNS, StageConfig, record, resolve_policy, take_problems
+from erprm_core.stages.raft_models import LazyReward, Policy, reward_identity, takes_turns
 from erprm_core.stages.raft_tables import (
     load_records,
     manifest_info,
@@ -182,71 +182,6 @@ def _sample(
     )
 
 
-def _load_policy(path: Path | str, settings: RaftSettings, dtype: str = "auto"):
-    return models.load_causal_lm(path, device=settings.device, dtype=dtype)
-
-
-def takes_turns(settings: RaftSettings) -> bool:
-    """True when the big models of an iteration take turns on the accelerator (the module's memory plan): with
-    the vLLM backend or on a GPU. False on a CPU with the hf backend, where everything stays loaded."""
-    return settings.backend == "vllm" or models.resolve_device(settings.device).type == "cuda"
-
-
-class _Policy:
-    """What an iteration needs from one checkpoint folder or hub name (a name stays a ``str``), loaded lazily:
-    the Hugging Face model (fine-tuning and the ``hf`` sampling backend) and, with ``backend="vllm"``, a vLLM
-    sampler of the same folder or name."""
-
-    def __init__(self, path: Path | str, settings: RaftSettings):
-        self.path, self.settings = path, settings
-        self.model: Any = None
-        self.tokenizer: Any = None
-        self.sampler: Any = None
-
-    def hf(self) -> tuple[Any, Any]:
-        """(model, tokenizer) from the checkpoint (a vLLM sampler is released first to free its memory)."""
-        if self.model is None:
-            self.release_sampler()
-            self.model, self.tokenizer = _load_policy(self.path, self.settings)
-        return self.model, self.tokenizer
-
-    def for_sampling(self) -> Any:
-        """A sampler of the configured backend (hf: a new one over the loaded model, in the run's dtype; vllm:
-        one engine started from the folder or name, with nothing else of this policy on the accelerator)."""
-        st = self.settings
-        if st.backend != "vllm":
-            model, tokenizer = self.hf()
-            run_dtype = models.resolve_dtype("auto", st.device)
-            if next(model.parameters()).dtype != run_dtype:
-                model.to(run_dtype)  # a policy just trained with float32 master weights
-            return generation.make_sampler(model, tokenizer, st.backend, st.batch_size)
-        if self.sampler is None:
-            self.model = self.tokenizer = None
-            generation.free_accelerator_memory()
-            self.sampler = generation.load_sampler(self.path, "vllm", st.device, batch_size=st.batch_size)
-        return self.sampler
-
-    def for_training(self) -> tuple[Any, Any]:
-        """(model, tokenizer) to fine-tune, with float32 weights: the loaded model when it is float32 (the CPU
-        path), else everything of this policy is freed and the checkpoint loaded afresh in float32."""
-        if self.model is None or next(self.model.parameters()).dtype != torch.float32:
-            self.close()
-            self.model, self.tokenizer = _load_policy(self.path, self.settings, dtype="float32")
-        return self.model, self.tokenizer
-
-    def release_sampler(self) -> None:
-        """Shut the vLLM engine (if any) down before the HF model needs the accelerator."""
-        if self.sampler is not None:
-            sampler, self.sampler = self.sampler, None
-            generation.release_sampler(sampler)
-
-    def close(self) -> None:
-        """Drop everything."""
-        self.model = self.tokenizer = None
-        self.release_sampler()
-        generation.free_accelerator_memory()
-
-
 def _save_checkpoint_atomically(folder: Path, write: Callable[[Path], Any], fingerprint: str) -> Any:
     """``write(tmp)`` fills a temp folder, then renamed to ``folder`` (never a half-written checkpoint);
     returns what ``write`` returned."""
@@ -295,11 +230,11 @@ def _iteration_fingerprint(
 
 
 def _sample_candidates(
-    current: _Policy, policy_path: Path | str, prompts: Sequence[dict[str, Any]], st: RaftSettings,
-    samples_dir: Path, prompts_digest: str, desc: str,
+    current: Policy, policy_path: Path | str, prompts: Sequence[dict[str, Any]], st: RaftSettings,
+    samples_dir: Path, prompts_digest: str, desc: str, workers: int = 1,
 ) -> tuple[list[dict[str, Any]], dict[str, Any], int]:  # fmt: skip
     """Candidates in shards, content-addressed so identical sampling is shared between reward models:
-    (samples, the samples' fingerprint, shards computed here)."""
+    (samples, the samples' fingerprint, shards computed here); ``workers`` one-thread processes."""
     sample_fp = {"policy": artifacts.fingerprint(policy_path), **_sampling_key(st), "prompts": prompts_digest}
     artifacts.prepare_shard_folder(samples_dir, sample_fp)
 
@@ -308,7 +243,7 @@ def _sample_candidates(
 
     computed_before = len(artifacts.shard_status(samples_dir))
     samples = artifacts.run_sharded(list(prompts), st.shard_size, samples_dir, sample_shard, raft.SAMPLE_COLUMNS,
-                                    desc=desc)  # fmt: skip
+                                    desc=desc, workers=workers)  # fmt: skip
     sampled_here = len(artifacts.shard_status(samples_dir)) - computed_before
     return samples, sample_fp, sampled_here
 
@@ -338,9 +273,9 @@ def _score_candidates_sharded(
 
 
 def _finetune(
-    current: _Policy, selected: Sequence[dict[str, Any]], by_id: dict[str, dict[str, Any]], st: RaftSettings,
+    current: Policy, selected: Sequence[dict[str, Any]], by_id: dict[str, dict[str, Any]], st: RaftSettings,
     fingerprint: str, out_dir: Path,
-) -> tuple[dict[str, Any], _Policy]:  # fmt: skip
+) -> tuple[dict[str, Any], Policy]:  # fmt: skip
     """Fine-tune on (prompt, best solution) and save the checkpoint ``out_dir/policy`` atomically; returns the
     training info and the fine-tuned policy (in memory: exactly the saved checkpoint)."""
     ckpt = out_dir / "policy"
@@ -380,14 +315,14 @@ def _finetune(
         "final_train_loss": attrs.get("final_train_loss"),
     }
     io.atomic_write_json(out_dir / "train.json", train_info)
-    trained = _Policy(ckpt, st)  # the fine-tuned model in memory is exactly the saved checkpoint
+    trained = Policy(ckpt, st)  # the fine-tuned model in memory is exactly the saved checkpoint
     trained.model, trained.tokenizer = model, tok
     current.model = current.tokenizer = model = tok = None
     return train_info, trained
 
 
 def _evaluate_and_record(
-    trained: _Policy, test_problems: Sequence[dict[str, Any]], st: RaftSettings, out_dir: Path,
+    trained: Policy, test_problems: Sequence[dict[str, Any]], st: RaftSettings, out_dir: Path,
     head: dict[str, Any], *, stats: dict[str, Any], audit: io.Audit, samples: list[dict[str, Any]],
     samples_dir: Path, train_info: dict[str, Any], t0: float, sampled_here: int,
 ) -> dict[str, Any]:  # fmt: skip
@@ -468,7 +403,7 @@ def raft_iteration(
 
     # 1. candidates; 2. scores; 3. selection
     samples_dir = Path(samples_dir) if samples_dir is not None else out_dir / "samples"
-    current = _Policy(policy_path, st)
+    current = Policy(policy_path, st)
     samples, sample_fp, sampled_here = _sample_candidates(
         current,
         policy_path,
@@ -491,7 +426,7 @@ def raft_iteration(
     )
 
     # 4. fine-tune on (prompt, best solution); 5. save
-    trained: _Policy | None = None
+    trained: Policy | None = None
     if _finished_checkpoint(out_dir / "policy", fingerprint) and (out_dir / "train.json").is_file():
         train_info = json.loads((out_dir / "train.json").read_text())
     else:
@@ -506,7 +441,7 @@ def raft_iteration(
         "fingerprint": fingerprint,
     }
     return _evaluate_and_record(
-        trained or _Policy(out_dir / "policy", st), test_problems, st, out_dir, head, stats=stats, audit=audit,
+        trained or Policy(out_dir / "policy", st), test_problems, st, out_dir, head, stats=stats, audit=audit,
         samples=samples, samples_dir=samples_dir, train_info=train_info, t0=t0, sampled_here=sampled_here,
     )  # fmt: skip
 
@@ -514,26 +449,6 @@ def raft_iteration(
 # ----------------------------------------------------------------------------------------------------
 # The loop over iterations of one reward model
 # ----------------------------------------------------------------------------------------------------
-
-
-def _reward_identity(reward: Any, reward_name: str) -> str:
-    if reward_name in CONTROLS:
-        return reward_name
-    if isinstance(reward, str | Path):
-        return artifacts.fingerprint(reward)
-    return str(getattr(reward, "fingerprint", None) or getattr(reward, "name", None) or type(reward).__name__)
-
-
-def _load_reward(reward: Any, reward_name: str, settings: RaftSettings) -> Any:
-    if reward_name in CONTROLS:
-        return None
-    if isinstance(reward, str | Path):
-        return ProcessRewardModel.from_pretrained(reward, device=settings.device)
-    if not hasattr(reward, "score_batch"):
-        raise TypeError(
-            f"reward model {reward_name!r}: expected a checkpoint path or an object with score_batch"
-        )
-    return reward
 
 
 def _aggregation_for(reward_name: str, aggregation: str) -> str:
@@ -563,7 +478,7 @@ def baseline_record(
     old = read_record(out_dir / "record.json")
     if old is not None and old.get("fingerprint") == fp:
         return old
-    start = _Policy(policy_path, settings)
+    start = Policy(policy_path, settings)
     evaluation, eval_records = raft.evaluate_greedy(start.for_sampling(), test_problems, settings)
     start.close()
     artifacts.atomic_write_jsonl(out_dir / "eval.jsonl", eval_records)
@@ -578,38 +493,32 @@ def baseline_record(
     return rec
 
 
-class _LazyReward:
-    """The reward model of a run, loaded at its first scoring call (never for the controls, nor when every
-    score shard is finished); :meth:`release` drops a PRM loaded here (the memory plan frees it after each
-    iteration's scoring)."""
+def _samples_dir(out_root: Path, previous: str, st: RaftSettings, it: int, prompts_digest: str) -> Path:
+    """The content-addressed folder of iteration ``it``'s candidates, sampled from the policy ``previous``
+    (its fingerprint): shared by every reward model whose chain reaches the same policy."""
+    key = {**_sampling_key(st), "seed": raft.iteration_seed(st.seed, it)}
+    return out_root / "samples" / _digest({"policy": previous, **key, "prompts": prompts_digest})
 
-    def __init__(self, reward: Any, reward_name: str, settings: RaftSettings):
-        self.reward, self.reward_name, self.settings = reward, reward_name, settings
-        self.scorer: Any = None
 
-    def get(self) -> Any:
-        """The scorer (None for the controls)."""
-        if self.scorer is None and self.reward_name not in CONTROLS:
-            self.scorer = _load_reward(self.reward, self.reward_name, self.settings)
-        return self.scorer
-
-    def score_batch(
-        self, questions: Sequence[str], list_of_steps: Sequence[Sequence[str]], batch_size: int | None = None
-    ) -> list[list[float]]:
-        """The scorer's ``score_batch`` (``batch_size`` passed on only where the scorer takes one)."""
-        scorer = self.get()
-        takes = batch_size is not None and "batch_size" in inspect.signature(scorer.score_batch).parameters
-        return scorer.score_batch(questions, list_of_steps, **({"batch_size": batch_size} if takes else {}))
-
-    def release(self) -> None:
-        """Drop a PRM loaded from a checkpoint path (a scorer object given by the caller is kept)."""
-        if isinstance(self.reward, str | Path) and self.scorer is not None:
-            self.scorer = None
-            generation.free_accelerator_memory()
+def sample_first_iteration(
+    start_policy: Path | str, prompts: Sequence[dict[str, Any]], out_root: Path | str, st: RaftSettings,
+    workers: int,
+) -> None:  # fmt: skip
+    """Sample iteration 1's candidates (the same for every reward model: they all start from
+    ``start_policy``) in ``workers`` one-thread processes, into the folder the chains read them from."""
+    it_st = _iteration_settings(st, seed=raft.iteration_seed(st.seed, 1))
+    previous = f"start:{artifacts.fingerprint(start_policy)}"
+    digest = _problems_digest(prompts)
+    samples_dir = _samples_dir(Path(out_root), previous, st, 1, digest)
+    policy = Policy(start_policy, it_st)
+    _sample_candidates(
+        policy, start_policy, prompts, it_st, samples_dir, digest, "RAFT it1: sampling", workers
+    )
+    policy.close()
 
 
 def _run_iteration(
-    reward: _LazyReward, reward_name: str, it: int, iterations: int, *, old: dict[str, Any] | None,
+    reward: LazyReward, reward_name: str, it: int, iterations: int, *, old: dict[str, Any] | None,
     it_dir: Path, fp: str, lr_i: float, aggregation: str, policy_path: Path | str, previous: str,
     prompts: Sequence[dict[str, Any]], test_problems: Sequence[dict[str, Any]], out_root: Path,
     common: dict[str, Any], st: RaftSettings,
@@ -621,10 +530,7 @@ def _run_iteration(
         (it_dir / "record.json").unlink()
     try:
         scorer = None if reward_name in CONTROLS else reward  # loaded at its first scoring call
-        key = {**_sampling_key(st), "seed": raft.iteration_seed(st.seed, it)}
-        samples_dir = (
-            out_root / "samples" / _digest({"policy": previous, **key, "prompts": common["prompts"]})
-        )
+        samples_dir = _samples_dir(out_root, previous, st, it, common["prompts"])
         rec = raft_iteration(
             policy_path,
             scorer,
@@ -696,7 +602,7 @@ def run_raft(
     folder = out_root / reward_name
     aggregation = _aggregation_for(reward_name, st.aggregation)
     common = {
-        "reward": _reward_identity(reward, reward_name),
+        "reward": reward_identity(reward, reward_name),
         "reward_model": reward_name,
         "aggregation": aggregation,
         "settings": asdict(st),
@@ -706,7 +612,7 @@ def run_raft(
     }
     previous = f"start:{artifacts.fingerprint(start_policy)}"
     policy_path: Path | str = start_policy  # a hub name stays a name
-    scorer = _LazyReward(reward, reward_name, st)
+    scorer = LazyReward(reward, reward_name, st)
     records = []
     bar = io.progress(range(1, iterations + 1), desc=f"RAFT {reward_name}", unit="iter", disable=not progress)
     for it in bar:
@@ -771,18 +677,25 @@ def run(config: RaftConfig, *, keep_going: bool = True, progress: bool = True) -
     st.check()
     numerics_info = numerics.configure(c.cpu_numerics, c.torch_threads)  # first: before any tensor operation
     torch_threads = numerics_info["torch_threads"]
+    workers = worker_count(torch_threads, pinned=c.cpu_numerics != "default") if st.backend == "hf" else 1
     base = baseline_record(start_policy, test, st, P.raft / BASELINE)
-    records: list[dict[str, Any]] = []
-    failures: list[str] = []
-    for name, path in rewards.items():
+    if workers > 1 and c.iterations >= 1:
+        sample_first_iteration(start_policy, prompts, P.raft, st, workers)
+
+    def chain(name: str) -> tuple[list[dict[str, Any]], str | None]:
+        """One reward model's iterations: (records, None), or ([], the failure) with ``keep_going``."""
         try:
-            records += run_raft(name, path, start_policy=start_policy, prompts=prompts, test_problems=test,
-                                out_root=P.raft, iterations=c.iterations, settings=st, progress=progress)  # fmt: skip
+            return run_raft(name, rewards[name], start_policy=start_policy, prompts=prompts, test_problems=test,
+                            out_root=P.raft, iterations=c.iterations, settings=st, progress=progress), None  # fmt: skip
         except RaftError as exc:
             if not keep_going:
                 raise
             log.error("%s", exc)
-            failures.append(str(exc))
+            return [], str(exc)
+
+    chains = fork_map(chain, list(rewards), workers, "RAFT", "reward model")
+    records = [r for recs, _ in chains for r in recs]
+    failures = [failure for _, failure in chains if failure]
     if failures:
         raise RaftError("; ".join(failures))
     table = raft_table(base, records)
@@ -791,5 +704,5 @@ def run(config: RaftConfig, *, keep_going: bool = True, progress: bool = True) -
     artifacts.write_table(paired, c.profile, "raft_paired")
     audit = raft_audit(c.profile, c.reward_models, c.iterations)
     info = manifest_info(c.profile, c.reward_models, c.iterations)
-    record(c.profile, STAGE, c, torch_threads=torch_threads, numerics=numerics_info, **info)
+    record(c.profile, STAGE, c, torch_threads=torch_threads, workers=workers, numerics=numerics_info, **info)
     return RaftStageResult(table, paired, audit, info)

@@ -21,6 +21,7 @@ import pandas as pd
 
 from erprm_core import generation, io, rollouts
 from erprm_core.running import artifacts, numerics
+from erprm_core.running.workers import worker_count
 from erprm_core.stages._common import StageConfig, record, repo_relative, resolve_policy, take_problems
 from erprm_core.tasks import arith_truth
 
@@ -197,6 +198,7 @@ def run_rollouts(
     backend: str = "hf",
     completer: Any = None,
     on_shard: Callable[[int], None] | None = None,
+    workers: int = 1,
 ) -> RolloutResult:
     """Solutions, step-prefix completions, grading, shards, merge, audit.
 
@@ -209,6 +211,8 @@ def run_rollouts(
     prefix but the last, ``k`` completions from ``completer`` (default: the policy itself, pi_0). Every random
     draw is seeded per problem/sample/step, so an interrupted-and-resumed run writes the same
     ``rollouts.jsonl`` as an uninterrupted one. ``on_shard(index)`` is called after each computed shard.
+    ``workers > 1`` computes shards in that many forked one-thread processes (HF samplers on the CPU only;
+    the same records, :func:`erprm_core.running.workers.fork_map`).
     """
     paths = artifacts.paths(out) if isinstance(out, str) else out
     if not problems:
@@ -254,9 +258,11 @@ def run_rollouts(
         return records
 
     t0 = time.perf_counter()
+    tallies = [policy.stats] if comp is policy else [policy.stats, comp.stats]
     records = artifacts.run_sharded(
-        list(problems), shard_size, paths.rollouts, compute, rollouts.ROLLOUT_COLUMNS, "rollouts"
-    )
+        list(problems), shard_size, paths.rollouts, compute, rollouts.ROLLOUT_COLUMNS, "rollouts",
+        workers=workers, tallies=tallies,
+    )  # fmt: skip
     wall = time.perf_counter() - t0
     add_ground_truth(records)  # after the merge: the shards (and their random streams) stay as they were
     artifacts.atomic_write_jsonl(paths.rollouts_file, records)
@@ -280,6 +286,7 @@ def run(config: RolloutsConfig) -> RolloutResult:
     )  # fmt: skip
     numerics_info = numerics.configure(c.cpu_numerics, c.torch_threads)  # first: before any tensor operation
     torch_threads = numerics_info["torch_threads"]
+    workers = worker_count(torch_threads, pinned=c.cpu_numerics != "default") if c.backend == "hf" else 1
     memory = c.vllm_memory or (0.45 if c.completer_name else 0.0)
     policy_sampler = generation.load_sampler(policy, c.backend, c.device, c.dtype, c.batch_size, memory)
     completer = (
@@ -292,7 +299,7 @@ def run(config: RolloutsConfig) -> RolloutResult:
     res = run_rollouts(
         P, policy_sampler, problems, n_solutions=c.n_solutions, k=c.k, temperature=c.temperature, top_p=c.top_p,
         max_new_tokens=c.max_new_tokens, seed=c.seed, shard_size=c.shard_size, batch_size=c.batch_size,
-        prompt_template=c.prompt_template, backend=c.backend, completer=completer,
+        prompt_template=c.prompt_template, backend=c.backend, completer=completer, workers=workers,
     )  # fmt: skip
     res.summary = rollout_summary_table(res.stats)
     artifacts.write_table(res.summary, c.profile, "rollouts_summary")
@@ -302,6 +309,6 @@ def run(config: RolloutsConfig) -> RolloutResult:
     res.setup = setup
     record(
         c.profile, STAGE, c, n_problems_used=len(problems), completer=c.completer_name or "policy",
-        torch_threads=torch_threads, numerics=numerics_info, **res.stats,
+        torch_threads=torch_threads, workers=workers, numerics=numerics_info, **res.stats,
     )  # fmt: skip
     return res
