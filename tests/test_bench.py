@@ -70,6 +70,22 @@ def test_json_keys_with_fake_workloads(tmp_path, monkeypatch):
     )
 
 
+def test_workloads_also_run_as_the_stages_run_their_units(tmp_path, monkeypatch):
+    """With 2 threads each workload is also measured as 2 one-thread processes at once (stubbed here): its
+    summed tokens/s get their own FLOPs and MFU against the same peak."""
+    monkeypatch.setattr(bench, "_measure_peak", lambda threads, quick: {"square": 50.0, "mlp": 40.0})
+    single = {"tokens_per_s": 1000.0, "ratio": 2.0, "baseline": "naive", "block_params": 100, "head_params": 10,
+              "head_per_token": True, "n_layers": 1, "hidden": 4, "context": 3.0, "training": False}  # fmt: skip
+    monkeypatch.setattr(bench, "_run_workload", lambda script, threads, quick, json_out: dict(single))
+    staged = {**single, "tokens_per_s": 1500.0, "ratio": 2.5, "processes": 2}
+    monkeypatch.setattr(bench, "_run_workload_in_workers", lambda script, workers, quick, tmp: dict(staged))
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "sampling", "--threads", "2", "--json", str(out)]) == 0
+    w = json.loads(out.read_text())["workloads"]["sampling"]
+    assert w["in_workers"]["processes"] == 2 and w["in_workers"]["ratio"] == 2.5
+    assert w["in_workers"]["mfu"] == pytest.approx(w["mfu"] * 1.5)
+
+
 @pytest.mark.slow  # fresh processes that import torch and run each workload briefly: a minute or two
 def test_bench_quick_writes_documented_keys(tmp_path):
     out = tmp_path / "bench.json"

@@ -293,9 +293,8 @@ def run_sharded(
     n_shards = (len(items) + shard_size - 1) // shard_size
     present = sum((folder / f"shard-{i:05d}.jsonl").exists() for i in range(n_shards))
     if present:  # shown in the notebook (print), not only in the log: a resume should be visible
-        print(
-            f"{desc}: resuming, {present} of {n_shards} shards already in {repo_relative(folder)}", flush=True
-        )
+        message = f"{desc}: resuming, {present} of {n_shards} shards already in {repo_relative(folder)}\n"
+        print(message, end="", flush=True)  # one write: lines of worker processes do not interleave
     by_shard: dict[int, list[dict[str, Any]]] = {}
     for index in range(n_shards):
         shard_path = folder / f"shard-{index:05d}.jsonl"

@@ -5,7 +5,9 @@ stages use (:mod:`erprm_core.running.numerics`): matmuls of the tiny model's sha
 hidden 128, MLP 256) and one large square matmul; the best of them, over a measurement before and one after
 the workloads (the machine may be shared), is the peak. Then each workload script
 ``benchmarks/bench_*.py`` runs in a fresh process with the same pins and threads and writes its figures as
-JSON (``--json``); this module adds FLOPs per token and MFU.
+JSON (``--json``); this module adds FLOPs per token and MFU. With more than one thread, each workload runs a
+second time as the CPU stages run their independent units (:mod:`erprm_core.running.workers`): that many
+one-thread copies at once, their tokens/s summed, reported under ``in_workers`` (tokens/s, ratio, MFU).
 
 Model FLOPs per token (Kaplan et al. 2020, the convention of PaLM's MFU): ``2 N`` for a forward token and
 ``6 N`` for a training token (forward + backward), plus attention ``2 x n_layers x context x hidden`` per
@@ -169,6 +171,23 @@ def _run_workload(script: Path, threads: int, quick: bool, json_out: Path) -> di
     return json.loads(json_out.read_text())
 
 
+def _run_workload_in_workers(script: Path, workers: int, quick: bool, tmp: Path) -> dict[str, Any] | None:
+    """The workload as the CPU stages run their units (:mod:`erprm_core.running.workers`): ``workers``
+    one-thread copies of the script at once. Their figures with ``tokens_per_s`` summed over the copies (the
+    machine's throughput) and ``ratio`` = summed kit / summed naive tokens/s; None if a copy failed."""
+    outs = [tmp / f"{script.stem}-worker{i}.json" for i in range(workers)]
+    cmds = [[sys.executable, str(script), "--threads", "1", "--json", str(o)] + (["--quick"] if quick else [])
+            for o in outs]  # fmt: skip
+    procs = [subprocess.Popen(c, cwd=artifacts.repo_root(), env=_pinned_env(1)) for c in cmds]
+    if any(p.wait() != 0 for p in procs) or not all(o.is_file() for o in outs):
+        log.error("benchmark %s in %d one-thread processes failed", script.name, workers)
+        return None
+    copies = [json.loads(o.read_text()) for o in outs]
+    kit = sum(c["tokens_per_s"] for c in copies)
+    naive = sum(c["tokens_per_s"] / c["ratio"] for c in copies if c.get("ratio"))
+    return {**copies[0], "tokens_per_s": kit, "ratio": kit / naive if naive else None, "processes": workers}
+
+
 def summarise(figures: dict[str, Any], peak_gflops: float) -> dict[str, Any]:
     """A workload's JSON entry from its script's figures: adds ``flops_per_token``, ``n_params_counted``,
     ``achieved_gflops`` and ``mfu`` (the script gives ``tokens_per_s``, ``ratio``, ``block_params``,
@@ -209,6 +228,16 @@ def _print_report(result: dict[str, Any]) -> None:
             f"  | N={w['n_params_counted']:,} context={w['context']:.1f} -> {w['flops_per_token'] / 1e6:.2f} "
             f"MFLOP/token, {w['achieved_gflops']:.1f} GFLOP/s, MFU {100 * w['mfu']:.1f}%"
         )
+    staged = {n: w for n, w in result["workloads"].items() if w.get("in_workers")}
+    if staged:
+        print(f"as the CPU stages run their units: {result['threads']} one-thread processes at once (summed)")
+    for name, w in staged.items():
+        s = w["in_workers"]
+        ratio = "  n/a" if s.get("ratio") is None else f"{s['ratio']:5.1f}x"
+        print(
+            f"  {name:9s} {s['tokens_per_s']:9.0f} tokens/s  ratio {ratio}  | {s['achieved_gflops']:.1f} GFLOP/s, "
+            f"MFU {100 * s['mfu']:.1f}%, {s['tokens_per_s'] / w['tokens_per_s']:.2f}x one {result['threads']}-thread process"
+        )
 
 
 def run(names: list[str] | None = None, json_path: str | Path | None = None, *, threads: int = 0,
@@ -236,6 +265,10 @@ def run(names: list[str] | None = None, json_path: str | Path | None = None, *, 
                 failed += 1
                 continue
             result["workloads"][name] = summarise(figures, result["peak_gflops"])
+            if threads > 1:
+                staged = _run_workload_in_workers(bench_dir / script, threads, quick, Path(tmp))
+                if staged is not None:
+                    result["workloads"][name]["in_workers"] = staged
     for script in EXTRA_SCRIPTS:
         if names and any(n in script for n in names):
             failed += (
@@ -251,6 +284,9 @@ def run(names: list[str] | None = None, json_path: str | Path | None = None, *, 
         )
         for name, w in result["workloads"].items():
             result["workloads"][name] = summarise(w, result["peak_gflops"])
+    for w in result["workloads"].values():
+        if w.get("in_workers"):
+            w["in_workers"] = summarise(w["in_workers"], result["peak_gflops"])
     result["wall_s"] = time.perf_counter() - start
     _print_report(result)
     print(f"bench wall time {result['wall_s']:.0f} s")

@@ -1,11 +1,13 @@
-"""Independent units of a stage (shards, PRMs, RAFT chains) in several one-thread processes on the CPU.
+"""Independent units of a stage (sampling shards, RAFT chains) in several one-thread processes on the CPU.
 
-A model this small keeps two cores busy better as two processes of one thread than as one process of two:
-on the 2-core machines the kit is measured on, sampling ran 1.5x and training 1.3x faster that way
-(``erprm bench`` prints the figures). The results do not change: the CPU profiles pin their numerics
+Sampling a model this small keeps two cores busier as two processes of one thread than as one process of
+two: the decoding loop's Python and its many small tensor operations do not spread over threads, processes
+do (01's rollouts: 1.27x on 2 idle cores, measured back to back; ``erprm bench`` prints the figure per
+workload). Batched training and scoring do spread over threads, and gained nothing as one process per PRM,
+so they stay in one process. The results do not change: the CPU profiles pin their numerics
 (:mod:`erprm_core.running.numerics`), and the pinned kernels give the same bits at 1 and 2 threads.
 
-Processes are forked, so a unit sees everything its stage loaded (a sampler, a model, the records) without
+Processes are forked, so a unit sees everything its stage loaded (a sampler, a model, the prompts) without
 pickling it; only its result travels back, pickled. Forking is used only where it is safe and pays: on the
 CPU (a CUDA context does not survive a fork), with more than one thread to spread, and never from inside a
 worker (a worker runs nested units itself, one after the other). Otherwise :func:`fork_map` is a plain loop

@@ -34,7 +34,7 @@ from erprm_core.prm import AGGREGATIONS, ProcessRewardModel, aggregate
 from erprm_core.report import figures
 from erprm_core.running import artifacts, numerics
 from erprm_core.running.config import parse_names
-from erprm_core.running.workers import fork_map, worker_count
+from erprm_core.running.workers import worker_count
 from erprm_core.stages import bon_tables
 from erprm_core.stages._common import (
     StageConfig,
@@ -471,7 +471,6 @@ def score_pool(
     max_length: int | None = None,
     device: str = "auto",
     dtype: str = "auto",
-    workers: int = 1,
 ) -> ScoredPool:
     """Score every candidate with every reward model once, and aggregate into solution-score columns.
 
@@ -488,7 +487,6 @@ def score_pool(
     ``UNSCORABLE_SCORE`` = 0.0, the lowest probability, for every aggregation; counted in the audit as
     ``unscorable[<rule>]``, and lost steps as ``steps_unscored[<rule>]``. ``last`` of a candidate whose final
     tag was lost is NaN: it gets ``UNSCORABLE_SCORE`` too, counted as ``unscorable[<rule>:last]``.
-    ``workers > 1`` scores the rules in that many forked one-thread processes (the same scores).
     """
     if out_dir is None:
         raise ValueError("score_pool: out_dir is required (the step-score cache lives there)")
@@ -512,17 +510,11 @@ def score_pool(
     step_scores: dict[str, list[list[float]]] = {}
     infos: dict[str, dict[str, Any]] = {}
     totals = {"prm_forward_passes": 0, "prm_tokens_scored": 0, "rules_computed": 0}
-    rules = sorted(prm_paths, key=labels.rule_sort_key)
-
-    def score_rule(rule: str) -> tuple[dict[str, list[Any]], dict[str, Any], dict[str, int]]:
-        return _score_rule(
+    for rule in sorted(prm_paths, key=labels.rule_sort_key):
+        by_key, infos[rule], rule_totals = _score_rule(
             rule, prm_paths[rule], items, out_dir / "scores" / rule, pool_digest, scoring=scoring,
             max_length=max_length, device=device, dtype=dtype, batch_size=batch_size, shard_size=shard_size,
         )  # fmt: skip
-
-    for rule, (by_key, infos[rule], rule_totals) in zip(
-        rules, fork_map(score_rule, rules, workers, "scoring", "PRM"), strict=True
-    ):
         for name, value in rule_totals.items():
             totals[name] += value
         per_cand = [[float("nan") if v is None else float(v) for v in by_key[k]] for k in keys]
@@ -590,7 +582,7 @@ def _pool_and_scores(
     t0: float, workers: int,
 ) -> tuple[CandidatePool, ScoredPool, float, float]:  # fmt: skip
     """The candidate pool and its scores (with the scoring audit merged into the pool's), and their wall times
-    (``workers``: one-thread processes for the pool's shards and for the PRMs)."""
+    (``workers``: one-thread processes for the pool's shards; the PRMs score in this process)."""
     cands = build_candidate_pool(
         policy, problems, c.n_max, temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
         seed=c.seed, batch_size=c.batch_size, shard_size=c.shard_size, out_dir=p.pool,
@@ -599,7 +591,7 @@ def _pool_and_scores(
     t_pool = time.perf_counter() - t0
     scored = score_pool(
         cands.records, prms, AGGREGATIONS, c.score_batch_size, p.pool, scoring=c.scoring, device=c.device,
-        dtype=c.dtype, workers=workers,
+        dtype=c.dtype,
     )  # fmt: skip
     t_score = time.perf_counter() - t0 - t_pool
     io.atomic_write_text(p.pool / "pool.csv", scored.table.to_csv(index=False, lineterminator="\n"))

@@ -5,7 +5,9 @@ One iteration (:func:`raft_iteration`) from the current policy pi_i: sample ``m`
 select the best per prompt (:func:`erprm_core.raft.select`), fine-tune on the picks, save the checkpoint
 atomically and evaluate it greedily (:func:`erprm_core.raft.evaluate_greedy`). :func:`run_raft` chains the
 iterations of one reward model; :func:`run` is the notebook's entry (the no-RLHF baseline, every reward
-model, the tables ``raft`` and ``raft_paired``, the manifest entry).
+model, the tables ``raft`` and ``raft_paired``, the manifest entry). On a CPU with pinned numerics it samples
+iteration 1 (the same for every reward model) in shards over one-thread worker processes, then runs the
+reward models' chains side by side in them (:mod:`erprm_core.running.workers`; the same records).
 
 Files under ``runs/<profile>/raft`` (the loop's state; everything is written atomically)::
 

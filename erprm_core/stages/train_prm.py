@@ -24,11 +24,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from erprm_core import labels, processbench, stats, training
+from erprm_core import io, labels, processbench, stats, training
 from erprm_core.prm import ProcessRewardModel
 from erprm_core.running import artifacts, numerics
 from erprm_core.running.config import parse_names
-from erprm_core.running.workers import fork_map, worker_count
 from erprm_core.stages._common import StageConfig, record
 from erprm_core.stages.processbench_eval import first_error_f1
 from erprm_core.tasks import arith_truth
@@ -188,7 +187,6 @@ def train_prm_rules(
     output_dir_for: Callable[[str], Any],
     *,
     retrain: bool = False,
-    workers: int = 1,
     **recipe: Any,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """One PRM per rule, all from ``base_model`` with the same recipe and seed.
@@ -196,14 +194,13 @@ def train_prm_rules(
     ``output_dir_for(rule)`` gives each PRM's folder (e.g. ``artifacts.paths(profile).prm``). A rule whose
     checkpoint is complete (:func:`prm_checkpoint_complete`) is skipped unless
     ``retrain``; its stored log and audit are read back, so the returned tables are the same as after an
-    uninterrupted run. ``workers > 1`` trains the rules in that many forked one-thread processes (CPU,
-    pinned numerics: the same checkpoints). ``recipe`` goes to :func:`erprm_core.training.train_prm`.
-    Returns ``(log, audit, runs)``: the loss log (rule, step, epoch, loss, learning_rate, grad_norm), the audit (rule, reason,
+    uninterrupted run. ``recipe`` goes to :func:`erprm_core.training.train_prm`. Returns ``(log, audit,
+    runs)``: the loss log (rule, step, epoch, loss, learning_rate, grad_norm), the audit (rule, reason,
     count, example) and one row per rule (rule, trained, n_examples, labelled_tags, train_tokens, tag_id,
     good_id, bad_id, train_runtime_s, tokens_per_s).
     """
-
-    def train_one(rule: str) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    logs, audits, runs = [], [], []
+    for rule in io.progress(list(rules), desc="PRMs", unit="rule"):
         folder = Path(output_dir_for(rule))
         if prm_checkpoint_complete(folder) and not retrain:
             log.info("PRM %s: complete checkpoint in %s, skipped (retrain=True to redo)", rule, folder)
@@ -230,12 +227,9 @@ def train_prm_rules(
         run.update({k: info["tokens"][k] for k in ("tag_id", "good_id", "bad_id")})
         log_df = log_df.assign(rule=rule)
         log_df.attrs = {}
-        return log_df, audit_df.assign(rule=rule), run
-
-    trained = fork_map(train_one, list(rules), workers, "PRMs", "rule")
-    logs = [t[0] for t in trained]
-    audits = [t[1] for t in trained]
-    runs = [t[2] for t in trained]
+        logs.append(log_df)
+        audits.append(audit_df.assign(rule=rule))
+        runs.append(run)
     log_cols = ["rule", "step", "epoch", "loss", "learning_rate", "grad_norm"]
     audit_cols = ["rule", "stage", "reason", "count", "example"]
     return (
@@ -245,14 +239,13 @@ def train_prm_rules(
     )
 
 
-def train(config: TrainPRMConfig, workers: int = 1) -> TrainPRMResult:
+def train(config: TrainPRMConfig) -> TrainPRMResult:
     """The training half of 03_train_prm for ``config.profile`` (what ``erprm train-prm`` runs).
 
     Reads the labels file (02_labels), picks ``config.rules`` (:func:`select_rules`), splits problems into
     train / held-out (:func:`split_heldout`), and trains one PRM per rule from ``config.base_model`` ("" =
     the profile's policy checkpoint) into ``paths(profile).prm(rule)`` with :func:`train_prm_rules`
-    (complete checkpoints skipped unless ``config.retrain``; ``workers`` one-thread processes). The held-out
-    tables of the result are empty.
+    (complete checkpoints skipped unless ``config.retrain``). The held-out tables of the result are empty.
     """
     c = config
     P = artifacts.paths(c.profile)
@@ -266,7 +259,7 @@ def train(config: TrainPRMConfig, workers: int = 1) -> TrainPRMResult:
             f"heldout_fraction={c.heldout_fraction} leaves no training problem ({len(records)} records)"
         )
     log_df, audit, runs = train_prm_rules(
-        base, train_records, rule_list, P.prm, retrain=c.retrain, workers=workers, **c.recipe()
+        base, train_records, rule_list, P.prm, retrain=c.retrain, **c.recipe()
     )
     return TrainPRMResult(rule_list, train_records, heldout, log_df, audit, runs, str(base))
 
@@ -501,30 +494,27 @@ def evaluate_prm_rules(
     batch_size: int = 32,
     device: str = "auto",
     n_bins: int = 10,
-    workers: int = 1,
 ) -> dict[str, Any]:
     """Score held-out ``records`` with the PRM of every rule (``{rule: checkpoint folder}``) and compute
     :func:`heldout_metrics`. Adds ``"scores"`` (every step score) and ``"scoring"`` (forward passes and
     tokens per rule); the metrics table gets a ``scoring`` column (the mode is part of every result). Where the
     records have a ground truth (task ``arith``), ``"truth"`` is :func:`truth_metrics` and its values are
-    appended to the metrics table (rule, metric, value, n; after the other rows); else ``"truth"`` is None.
-    ``workers > 1`` scores the rules in that many forked one-thread processes (the same scores)."""
+    appended to the metrics table (rule, metric, value, n; after the other rows); else ``"truth"`` is None."""
     if not records:
         raise ValueError("no held-out records to evaluate on (raise heldout_fraction or add problems)")
-
-    def score_rule(rule: str) -> tuple[pd.DataFrame, dict[str, Any]]:
-        model = ProcessRewardModel.from_pretrained(prm_folders[rule], scoring=scoring, device=device)
-        frame = heldout_step_scores(model, records, rule, batch_size)
-        usage = {
-            "rule": rule,
-            "forward_passes": model.forward_passes,
-            "tokens": model.tokens_scored,
-            "unscored_steps": int(model.audit.counts.get("steps_unscored", 0)),
-        }
-        return frame, usage
-
-    scored = fork_map(score_rule, list(prm_folders), workers, "held-out scoring", "PRM")
-    frames, usage = [f for f, _ in scored], [u for _, u in scored]
+    frames, usage = [], []
+    for rule, folder in io.progress(list(prm_folders.items()), desc="held-out scoring", unit="PRM"):
+        model = ProcessRewardModel.from_pretrained(folder, scoring=scoring, device=device)
+        frames.append(heldout_step_scores(model, records, rule, batch_size))
+        usage.append(
+            {
+                "rule": rule,
+                "forward_passes": model.forward_passes,
+                "tokens": model.tokens_scored,
+                "unscored_steps": int(model.audit.counts.get("steps_unscored", 0)),
+            }
+        )
+        del model
     scores = pd.concat(frames, ignore_index=True)
     out = heldout_metrics(scores, n_bins=n_bins)
     truth = truth_metrics(scores, records)
@@ -554,13 +544,12 @@ def run(config: TrainPRMConfig) -> TrainPRMResult:
     artifacts.require(P.labels_file, "02_labels", c.profile, "step labels")
     numerics_info = numerics.configure(c.cpu_numerics, c.torch_threads)  # first: before any tensor operation
     torch_threads = numerics_info["torch_threads"]
-    workers = worker_count(torch_threads, pinned=c.cpu_numerics != "default")
-    res = train(c, workers)
+    res = train(c)
     res.numerics = numerics_info
     artifacts.write_table(res.log, c.profile, "prm_training")
     artifacts.write_table(res.audit, c.profile, "prm_audit")
     ev = evaluate_prm_rules({r: P.prm(r) for r in res.rules}, res.heldout, scoring=c.scoring,
-                            batch_size=c.score_batch_size, device=c.device, workers=workers)  # fmt: skip
+                            batch_size=c.score_batch_size, device=c.device)  # fmt: skip
     res.metrics, res.calibration, res.min_position = ev["metrics"], ev["calibration"], ev["min_position"]
     res.scores, res.scoring, res.truth = ev["scores"], ev["scoring"], ev["truth"]
     artifacts.write_table(res.metrics, c.profile, "prm_eval")
@@ -570,7 +559,7 @@ def run(config: TrainPRMConfig) -> TrainPRMResult:
     artifacts.write_table(res.min_position, c.profile, "prm_min_position")
     record(
         c.profile, STAGE, c, rules=res.rules, base_model=res.base_model, torch_threads=torch_threads,
-        workers=workers, numerics=numerics_info, n_train_records=len(res.train), n_heldout_records=len(res.heldout),
+        numerics=numerics_info, n_train_records=len(res.train), n_heldout_records=len(res.heldout),
         train_tokens=int(res.runs["train_tokens"].sum()), scored_tokens=int(res.scoring["tokens"].sum()),
         scoring_forward_passes=int(res.scoring["forward_passes"].sum()),
     )  # fmt: skip
