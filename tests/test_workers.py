@@ -53,6 +53,11 @@ def test_worker_count_needs_pinned_numerics_and_several_threads():
     assert workers.worker_count(1, pinned=True) == 1
 
 
+def test_worker_count_is_one_where_processes_do_not_fork_safely(monkeypatch):
+    monkeypatch.setattr(workers.sys, "platform", "darwin")
+    assert workers.worker_count(2, pinned=True) == 1
+
+
 @pytest.mark.parametrize("n_workers", [1, 2])
 def test_sharded_work_in_workers_gives_the_same_records_and_counters(tmp_path, n_workers):
     stats = {"calls": 0, "items": 0, "name": "sampler"}

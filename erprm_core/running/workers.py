@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,9 +36,10 @@ _TASK: tuple[Callable[[Any], Any], Sequence[Any]] | None = None
 
 def worker_count(threads: int, pinned: bool) -> int:
     """How many one-thread processes a stage given ``threads`` CPU threads runs its units in: ``threads`` on
-    a CPU-only machine with pinned numerics (``pinned``: the same bits at any thread count), else 1 (on a
-    GPU the units share the device in one process; unpinned kernels may round differently at 1 thread)."""
-    if _IN_WORKER or threads <= 1 or not pinned:
+    a CPU-only Linux machine with pinned numerics (``pinned``: the same bits at any thread count), else 1 (on
+    a GPU the units share the device in one process; unpinned kernels may round differently at 1 thread;
+    macOS and Windows do not fork safely)."""
+    if _IN_WORKER or threads <= 1 or not pinned or not sys.platform.startswith("linux"):
         return 1
     import torch
 
