@@ -159,12 +159,16 @@ def _peak_figures(by_shape: dict[str, float]) -> dict[str, Any]:
     }
 
 
-def _run_workload(script: Path, threads: int, quick: bool, json_out: Path) -> dict[str, Any] | None:
-    """Run one workload script (``--threads``, ``--json``, ``--quick``); its figures, or None if it failed."""
+def _workload_command(script: Path, threads: int, quick: bool, json_out: Path) -> list[str]:
+    """The command line of one workload script (``--threads``, ``--json``, ``--quick``)."""
     cmd = [sys.executable, str(script), "--threads", str(threads), "--json", str(json_out)]
-    rc = subprocess.run(
-        cmd + (["--quick"] if quick else []), cwd=artifacts.repo_root(), env=_pinned_env(threads)
-    ).returncode
+    return cmd + (["--quick"] if quick else [])
+
+
+def _run_workload(script: Path, threads: int, quick: bool, json_out: Path) -> dict[str, Any] | None:
+    """Run one workload script; its figures, or None if it failed."""
+    cmd = _workload_command(script, threads, quick, json_out)
+    rc = subprocess.run(cmd, cwd=artifacts.repo_root(), env=_pinned_env(threads)).returncode
     if rc != 0 or not json_out.is_file():
         log.error("benchmark %s failed (exit status %s)", script.name, rc)
         return None
@@ -176,8 +180,7 @@ def _run_workload_in_workers(script: Path, workers: int, quick: bool, tmp: Path)
     one-thread copies of the script at once. Their figures with ``tokens_per_s`` summed over the copies (the
     machine's throughput) and ``ratio`` = summed kit / summed naive tokens/s; None if a copy failed."""
     outs = [tmp / f"{script.stem}-worker{i}.json" for i in range(workers)]
-    cmds = [[sys.executable, str(script), "--threads", "1", "--json", str(o)] + (["--quick"] if quick else [])
-            for o in outs]  # fmt: skip
+    cmds = [_workload_command(script, 1, quick, o) for o in outs]
     procs = [subprocess.Popen(c, cwd=artifacts.repo_root(), env=_pinned_env(1)) for c in cmds]
     if any(p.wait() != 0 for p in procs) or not all(o.is_file() for o in outs):
         log.error("benchmark %s in %d one-thread processes failed", script.name, workers)

@@ -34,12 +34,12 @@ _TASK: tuple[Callable[[Any], Any], Sequence[Any]] | None = None
 """The function and items of the running :func:`fork_map`; inherited by the forked workers."""
 
 
-def worker_count(threads: int, pinned: bool) -> int:
+def worker_count(threads: int, pinned: bool, backend: str = "hf") -> int:
     """How many one-thread processes a stage given ``threads`` CPU threads runs its units in: ``threads`` on
-    a CPU-only Linux machine with pinned numerics (``pinned``: the same bits at any thread count), else 1 (on
-    a GPU the units share the device in one process; unpinned kernels may round differently at 1 thread;
-    macOS and Windows do not fork safely)."""
-    if _IN_WORKER or threads <= 1 or not pinned or not sys.platform.startswith("linux"):
+    a CPU-only Linux machine with pinned numerics (``pinned``: the same bits at any thread count) and the HF
+    sampling ``backend``, else 1 (on a GPU the units share the device in one process; a vLLM engine is one
+    process; unpinned kernels may round differently at 1 thread; macOS and Windows do not fork safely)."""
+    if _IN_WORKER or threads <= 1 or not pinned or backend != "hf" or not sys.platform.startswith("linux"):
         return 1
     import torch
 

@@ -699,7 +699,7 @@ def run(config: BestOfNConfig) -> BestOfNResult:
     policy, problems, available, wanted = _inputs(c, p)
     numerics_info = numerics.configure(c.cpu_numerics, c.torch_threads)  # first: before any tensor operation
     torch_threads = numerics_info["torch_threads"]
-    workers = worker_count(torch_threads, pinned=c.cpu_numerics != "default")
+    workers = worker_count(torch_threads, pinned=c.cpu_numerics != "default", backend=c.backend)
 
     t0 = time.perf_counter()
     cands, scored, t_pool, t_score = _pool_and_scores(

@@ -495,6 +495,11 @@ def baseline_record(
     return rec
 
 
+def _start_key(start_policy: Path | str) -> str:
+    """What stands for "the previous iteration" before iteration 1: the starting policy's fingerprint."""
+    return f"start:{artifacts.fingerprint(start_policy)}"
+
+
 def _samples_dir(out_root: Path, previous: str, st: RaftSettings, it: int, prompts_digest: str) -> Path:
     """The content-addressed folder of iteration ``it``'s candidates, sampled from the policy ``previous``
     (its fingerprint): shared by every reward model whose chain reaches the same policy."""
@@ -509,7 +514,7 @@ def sample_first_iteration(
     """Sample iteration 1's candidates (the same for every reward model: they all start from
     ``start_policy``) in ``workers`` one-thread processes, into the folder the chains read them from."""
     it_st = _iteration_settings(st, seed=raft.iteration_seed(st.seed, 1))
-    previous = f"start:{artifacts.fingerprint(start_policy)}"
+    previous = _start_key(start_policy)
     digest = _problems_digest(prompts)
     samples_dir = _samples_dir(Path(out_root), previous, st, 1, digest)
     policy = Policy(start_policy, it_st)
@@ -612,7 +617,7 @@ def run_raft(
         "test": _problems_digest(test_problems),
         "version": RECORD_VERSION,
     }
-    previous = f"start:{artifacts.fingerprint(start_policy)}"
+    previous = _start_key(start_policy)
     policy_path: Path | str = start_policy  # a hub name stays a name
     scorer = LazyReward(reward, reward_name, st)
     records = []
@@ -679,7 +684,7 @@ def run(config: RaftConfig, *, keep_going: bool = True, progress: bool = True) -
     st.check()
     numerics_info = numerics.configure(c.cpu_numerics, c.torch_threads)  # first: before any tensor operation
     torch_threads = numerics_info["torch_threads"]
-    workers = worker_count(torch_threads, pinned=c.cpu_numerics != "default") if st.backend == "hf" else 1
+    workers = worker_count(torch_threads, pinned=c.cpu_numerics != "default", backend=st.backend)
     base = baseline_record(start_policy, test, st, P.raft / BASELINE)
     if workers > 1 and c.iterations >= 1:
         sample_first_iteration(start_policy, prompts, P.raft, st, workers)

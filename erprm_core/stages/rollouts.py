@@ -286,7 +286,7 @@ def run(config: RolloutsConfig) -> RolloutResult:
     )  # fmt: skip
     numerics_info = numerics.configure(c.cpu_numerics, c.torch_threads)  # first: before any tensor operation
     torch_threads = numerics_info["torch_threads"]
-    workers = worker_count(torch_threads, pinned=c.cpu_numerics != "default") if c.backend == "hf" else 1
+    workers = worker_count(torch_threads, pinned=c.cpu_numerics != "default", backend=c.backend)
     memory = c.vllm_memory or (0.45 if c.completer_name else 0.0)
     policy_sampler = generation.load_sampler(policy, c.backend, c.device, c.dtype, c.batch_size, memory)
     completer = (
