@@ -5,6 +5,9 @@ TORCH_SPEC  ?= 2.13.0
 # Where pip looks for torch: empty = PyPI (on Linux x86-64 that is the CUDA build, several GB, which also runs on a
 # CPU); https://download.pytorch.org/whl/cpu = PyTorch's CPU-only build (about 200 MB)
 TORCH_INDEX_URL ?=
+# Exact versions of every package of the CPU profiles (what results/ was made with); LOCK= installs the
+# ranges of pyproject.toml instead (GPU machines that bring their own torch and CUDA libraries)
+LOCK        ?= requirements-lock.txt
 PROFILE     ?= tiny
 SEEDS       ?= 1,2
 PY          := $(VENV)/bin/python
@@ -16,18 +19,28 @@ VLLM_STAMP  := $(VLLM_VENV)/.erprm-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup test test-fast test-vllm smoke reproduce seeds figures bench golden lint lab clean
+.PHONY: help setup lock test test-fast test-vllm smoke reproduce seeds figures bench golden lint lab clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-setup: $(STAMP)  ## create .venv (if missing) and install torch==$(TORCH_SPEC) + this package with dev extras
+setup: $(STAMP)  ## create .venv (if missing), install torch==$(TORCH_SPEC), the locked packages ($(LOCK)) and this package
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "torch==$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+ifneq ($(LOCK),)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r $(LOCK)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+else
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
-	@touch $(STAMP)
+endif
+	@echo "lock=$(LOCK)" > $(STAMP)
+
+lock: setup  ## rewrite $(LOCK) from .venv (after changing a dependency on purpose; results then need a rerun)
+	@echo "# make setup installs these exact versions (pip freeze of the CPU environment, written by make lock)" > $(LOCK).tmp
+	$(PY) -m pip freeze --exclude-editable --disable-pip-version-check | sed 's/+cpu$$//' >> $(LOCK).tmp
+	@mv $(LOCK).tmp $(LOCK)
 
 test: setup  ## run the whole test suite (unit, property, smoke pipeline, nbval)
 	$(PY) -m pytest
@@ -77,7 +90,7 @@ lint: setup  ## ruff check and ruff format --check (notebooks are excluded from 
 	$(VENV)/bin/ruff format --check .
 
 lab: setup  ## open JupyterLab on notebooks/ (with the CPU profiles' pinned numerics)
-	ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2,STRICT ONEDNN_MAX_CPU_ISA=AVX2 $(VENV)/bin/jupyter lab --allow-root notebooks/
+	ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE,STRICT ONEDNN_MAX_CPU_ISA=AVX2 $(VENV)/bin/jupyter lab --allow-root notebooks/
 
 clean:  ## delete runs/ and caches (never results/)
 	rm -rf runs .pytest_cache .ruff_cache .hypothesis

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from erprm_core import models, rollouts  # noqa: E402
 from erprm_core.generation import HFSampler  # noqa: E402
-from erprm_core.running import artifacts, bench  # noqa: E402
+from erprm_core.running import artifacts, bench, numerics  # noqa: E402
 from erprm_core.sampler import cut_at_answer_line  # noqa: E402
 from erprm_core.stages.policy import build_tiny_model, build_tokenizer
 from erprm_core.steps import split_steps  # noqa: E402
@@ -159,7 +159,7 @@ def main() -> None:
         args.prefixes, args.k, args.max_new_tokens, args.repeats = 4, 2, 8, 1
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        numerics.set_cpu_threads(args.threads)  # as the stages do (MKL on one thread under the pins)
     model, tok, what = load_policy()
     texts = prefixes(args.prefixes, args.seed)
     print(f"policy: {what}; {len(texts)} prefixes x k={args.k}, max_new_tokens={args.max_new_tokens}, "

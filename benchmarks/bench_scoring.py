@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from erprm_core import models, prm, training  # noqa: E402
-from erprm_core.running import bench  # noqa: E402
+from erprm_core.running import bench, numerics  # noqa: E402
 from erprm_core.stages.policy import build_tiny_model, build_tokenizer  # noqa: E402
 from erprm_core.steps import format_prm_input, split_steps  # noqa: E402
 from erprm_core.tasks.arith import generate_problems  # noqa: E402
@@ -150,7 +150,7 @@ def main() -> int:
         args.n_solutions, args.batch_size, args.repeats, args.train_steps = 4, 2, 1, 0
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        numerics.set_cpu_threads(args.threads)  # as the stages do (MKL on one thread under the pins)
 
     tokenizer = build_tokenizer()
     model = build_tiny_model(tokenizer, seed=0).eval()

@@ -26,7 +26,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 
 from erprm_core import training  # noqa: E402
-from erprm_core.running import bench  # noqa: E402
+from erprm_core.running import bench, numerics  # noqa: E402
 from erprm_core.stages.policy import build_tiny_model, build_tokenizer  # noqa: E402
 from erprm_core.steps import policy_prompt  # noqa: E402
 from erprm_core.tasks.arith import generate_problems  # noqa: E402
@@ -110,7 +110,7 @@ def main() -> int:
         args.steps, args.warmup, args.batch_size, args.naive_examples = 2, 1, 4, 6
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        numerics.set_cpu_threads(args.threads)  # as the stages do (MKL on one thread under the pins)
     tok = build_tokenizer(max_number=99, model_max_length=TINY["max_position_embeddings"])
     records = problems((args.warmup + args.steps + 1) * args.batch_size)
     kit_tokens, kit_s = kit_run(tok, records, args.batch_size, args.warmup, args.steps)

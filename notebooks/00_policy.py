@@ -75,7 +75,7 @@ prompt_template: str = "plain"  # policy prompt format: plain (tiny policy) or m
 device: str = "auto"  # auto, cpu or cuda
 dtype: str = "auto"  # auto (bf16 on a GPU that has it, else float32), float32, bfloat16
 torch_threads: int = 0  # CPU threads for torch (0: auto, the cores idle at the start)
-cpu_numerics: str = "avx2"  # CPU kernel paths: avx2 (pinned, same bits on any x86-64) or default
+cpu_numerics: str = "portable"  # CPU kernel paths: portable (pinned: the same bits on any x86-64 CPU with AVX2) or default
 
 # %%
 config = policy.PolicyConfig.from_namespace(globals())

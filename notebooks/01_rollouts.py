@@ -56,7 +56,7 @@ shard_size: int = 8  # problems per resumable shard
 device: str = "auto"  # auto, cpu or cuda
 dtype: str = "auto"  # auto (bf16 on a capable GPU, else fp32), float32, bfloat16, float16
 torch_threads: int = 0  # CPU threads for torch (0: auto, the cores idle at the start)
-cpu_numerics: str = "avx2"  # CPU kernel paths: avx2 (pinned, same bits on any x86-64) or default
+cpu_numerics: str = "portable"  # CPU kernel paths: portable (pinned: the same bits on any x86-64 CPU with AVX2) or default
 vllm_memory: float = 0.0  # vLLM gpu_memory_utilization per engine (0: 0.9, or 0.45 each with a completer)
 
 # %%

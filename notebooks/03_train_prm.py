@@ -64,7 +64,7 @@ scoring: str = "two_token"  # held-out step score: two_token (softmax over " +"/
 score_batch_size: int = 32  # solutions per scoring forward pass
 device: str = "auto"  # device for held-out scoring: auto, cpu or cuda (training: the Trainer's choice)
 torch_threads: int = 0  # CPU threads for torch (0: auto, the cores idle at the start)
-cpu_numerics: str = "avx2"  # CPU kernel paths: avx2 (pinned, same bits on any x86-64) or default
+cpu_numerics: str = "portable"  # CPU kernel paths: portable (pinned: the same bits on any x86-64 CPU with AVX2) or default
 
 # %%
 config = train_prm.TrainPRMConfig.from_namespace(globals())

@@ -68,7 +68,7 @@ backend: str = "hf"  # sampling backend: hf or vllm
 device: str = "auto"  # auto, cpu or cuda
 dtype: str = "auto"  # weights dtype of the policy and the PRMs: auto, float32, bfloat16
 torch_threads: int = 0  # CPU threads for torch (0: auto, the cores idle at the start)
-cpu_numerics: str = "avx2"  # CPU kernel paths: avx2 (pinned, same bits on any x86-64) or default
+cpu_numerics: str = "portable"  # CPU kernel paths: portable (pinned: the same bits on any x86-64 CPU with AVX2) or default
 
 # %%
 config = best_of_n.BestOfNConfig.from_namespace(globals())

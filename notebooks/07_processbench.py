@@ -56,7 +56,7 @@ dtype: str = "auto"  # processbench only: weights dtype for scoring (auto: bf16 
 n_boot: int = 2000  # bootstrap resamples of each F1 interval
 seed: int = 0  # seed of the bootstrap
 torch_threads: int = 0  # CPU threads for torch (0: auto)
-cpu_numerics: str = "avx2"  # CPU kernel paths: avx2 (pinned, same bits on any x86-64) or default
+cpu_numerics: str = "portable"  # CPU kernel paths: portable (pinned: the same bits on any x86-64 CPU with AVX2) or default
 
 # %%
 config = processbench.ProcessBenchConfig.from_namespace(globals())

@@ -371,17 +371,19 @@ def test_evaluate_policy_pass_at_k_values(monkeypatch):
 TRAIN_SCRIPT = """
 import hashlib, sys
 from erprm_core.running import numerics
-numerics.configure("avx2", int(sys.argv[1]))  # the pins, before any tensor operation
+numerics.configure("portable", int(sys.argv[1]))  # the pins, before any tensor operation
 import torch
 from erprm_core import training
 from erprm_core.stages.policy import build_tiny_model, build_tokenizer
 from erprm_core.tasks import arith
 assert torch.get_num_threads() == int(sys.argv[1])
 tok = build_tokenizer()
-model = build_tiny_model(tok, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, seed=0)
-problems = arith.generate_problems(32, seed=0, split="train")
-training.train_policy_sft(model, tok, problems, sys.argv[2], max_steps=4, lr=1e-2, batch_size=16,
-                          logging_steps=2, save=False, disable_tqdm=True)
+# the tiny profile's 00_policy: its model, learning rate and batch, the first 6 optimizer steps
+model = build_tiny_model(tok, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256,
+                         max_position_embeddings=384, seed=0)
+problems = arith.generate_problems(96, seed=0, split="train", max_steps=6, max_value=99, max_operand=10)
+training.train_policy_sft(model, tok, problems, sys.argv[2], max_steps=6, lr=3e-3, batch_size=16,
+                          max_length=384, logging_steps=2, save=False, disable_tqdm=True)
 h = hashlib.sha256()
 for name, p in sorted(model.state_dict().items()):
     h.update(name.encode()); h.update(p.detach().contiguous().numpy().tobytes())

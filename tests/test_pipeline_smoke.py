@@ -83,7 +83,7 @@ def test_manifest_records_every_stage(smoke_run):
             "numerics"
         ]  # the thread count it ran with, not the knob (0 = auto)
         assert ran_with["torch_threads"] >= 1
-        assert ran_with["cpu_numerics"] == "avx2" and ran_with["aten_capability"] == "AVX2"
+        assert ran_with["cpu_numerics"] == "portable" and ran_with["aten_capability"] == "AVX2"
         assert ran_with["pins"]["MKL_CBWR"] == "AVX2,STRICT"
 
 

@@ -47,8 +47,8 @@ WORKLOADS = {"sampling": "bench_rollouts.py", "scoring": "bench_scoring.py", "tr
 EXTRA_SCRIPTS = ("bench_numerics.py",)
 """Scripts run only when named (``erprm bench numerics``): they measure something else than one workload."""
 
-PIN_LEVEL = "avx2"
-"""The numerics the CPU profiles' stages run with (``cpu_numerics: avx2``); the bench runs with the same."""
+PIN_LEVEL = "portable"
+"""The numerics the CPU profiles' stages run with (``cpu_numerics: portable``); the bench runs with the same."""
 
 ROWS = 2048
 """Rows of the model-shaped matmuls: batch x tokens (16 sequences of 128 tokens)."""
@@ -108,7 +108,7 @@ def matmul_peak(threads: int, min_time_s: float = 0.3, repeats: int = 3) -> dict
     rounds of at least ``min_time_s`` each). Run it in a process whose numerics are already pinned."""
     import torch
 
-    torch.set_num_threads(threads)
+    numerics.set_cpu_threads(threads)
     gen = torch.Generator().manual_seed(0)
     out = {}
     for name, (m, k, n) in PEAK_SHAPES.items():
@@ -248,7 +248,7 @@ def run(names: list[str] | None = None, json_path: str | Path | None = None, *, 
     """Measure the peak, run the workloads (all of :data:`WORKLOADS`, or those whose name or script matches
     one of ``names``; :data:`EXTRA_SCRIPTS` only when named), print the report and write ``json_path``.
 
-    ``threads=0`` follows the stages' rule (the idle cores, at most ``numerics.MAX_PINNED_THREADS``);
+    ``threads=0`` follows the stages' rule (the usable cores, at most ``numerics.MAX_PINNED_THREADS``);
     ``quick`` shrinks every workload to seconds (for tests; the figures then mean little). Returns the number
     of scripts that failed."""
     bench_dir = artifacts.repo_root() / "benchmarks"

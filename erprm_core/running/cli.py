@@ -73,9 +73,14 @@ def _parser() -> argparse.ArgumentParser:
     sd.add_argument("--reward-models", default="er_1,soft,hard,orm", help="05 reward models ('': skip RAFT)")
     fig = sub.add_parser("figures", help="redraw figures and the summary table from the tables (stage 06)")
     fig.add_argument("--profile", default="tiny")
-    cmp = sub.add_parser("compare", help="compare another run's tables with results/<profile>/tables")
+    cmp = sub.add_parser(
+        "compare", help="this run's results/<profile> against the committed ones (git HEAD), or against OTHER"
+    )
     cmp.add_argument("--profile", default="tiny")
-    cmp.add_argument("other", help="the other run's results/<profile> folder (or its tables/ folder)")
+    cmp.add_argument(
+        "other", nargs="?", help="another run's results/<profile> folder (or its tables/ folder); "
+        "without it: this checkout's results against the committed results"
+    )  # fmt: skip
     sub.add_parser(
         "golden", help="rerun the smoke chain in a temporary folder and rewrite the golden digests"
     )
@@ -207,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "figures":
             pipeline.run(args.profile, "06", "06", force=True)
         elif args.command == "compare":
-            return pipeline.compare(args.profile, Path(args.other))
+            return pipeline.compare(args.profile, Path(args.other) if args.other else None)
         elif args.command == "golden":
             pipeline.write_golden_digests()
         elif args.command == "bench":

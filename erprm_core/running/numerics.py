@@ -1,23 +1,33 @@
-"""Machine setup of a stage: pinned CPU numerics (the same bits on every x86-64 machine), the CPU thread
-count, and a record of what ran.
+"""Machine setup of a stage: pinned CPU numerics (the same bits on every x86-64 CPU with AVX2, Intel or AMD),
+the CPU thread count, and a record of what ran.
 
-PyTorch's CPU kernels pick a code path by the host's instruction set: ATen's vectorised kernels (AVX2 or
-AVX-512), MKL's GEMM (per CPU family, and per thread count) and oneDNN. Different paths round differently in
-the last bit, and float32 training amplifies such differences into different models, so the same commit
-gives other numbers on another host. Pinning the three libraries to the AVX2 level, which every x86-64 CPU of
-the last decade has, removes that: ``ATEN_CPU_CAPABILITY=avx2``, ``MKL_CBWR=AVX2,STRICT`` (MKL's conditional
-numerical reproducibility; STRICT also makes GEMM independent of the thread count) and
-``ONEDNN_MAX_CPU_ISA=AVX2``.
+PyTorch's CPU kernels pick a code path by the host: ATen's vectorised kernels by instruction set (AVX2 or
+AVX-512), MKL's GEMM and vector math (``exp``, ``log``, ``sqrt``, ...) by CPU vendor and family, oneDNN by
+instruction set. Different paths round differently in the last bit, and float32 training amplifies such
+differences into different models. Level ``portable`` fixes all three:
+
+- ``ATEN_CPU_CAPABILITY=avx2``: ATen's AVX2 kernels on every host;
+- ``MKL_CBWR=COMPATIBLE,STRICT``: MKL's conditional-numerical-reproducibility branch that is the same code
+  on Intel and AMD (SSE2, without the approximate ``rcpps``/``rsqrtps``, whose tables differ by vendor);
+  STRICT makes GEMM independent of the thread count. The previous pin ``MKL_CBWR=AVX2`` fixes a branch on
+  Intel CPUs only: MKL documents that elsewhere it runs its AUTO branch, so AMD hosts ran other GEMM code
+  than Intel hosts (and Zen 3 other code than Zen 4). REPRODUCING.md, "Same bits on Intel and AMD", gives
+  the evidence (an operation-by-operation trace under emulated Intel and AMD CPUs) and the cost;
+- ``ONEDNN_MAX_CPU_ISA=AVX2``: oneDNN's AVX2 kernels;
+- MKL's GEMM on one thread (:func:`set_cpu_threads`; ATen's own kernels keep every thread): STRICT holds
+  for MKL's AVX2-and-later branches only, and the COMPATIBLE branch splits a long reduction (the LM head's
+  gradient) over the threads, so 1 and 2 threads gave different weights. Measured on the tiny model, MKL's
+  second thread bought 5% there (COMPATIBLE runs SSE2 code), so nothing is lost by leaving it out.
 
 Each library reads its variable once, at its first use, so the pins must be in the environment before the
 first tensor operation of a process. ``erprm reproduce`` puts them in the environment of every notebook
 kernel it starts (:func:`pin_environment`); the notebooks call :func:`configure` first thing, which sets them
 when a kernel was started by hand (JupyterLab) and fails loudly when it is too late. The CPU profiles
-(``smoke``, ``tiny``) use ``cpu_numerics: avx2``; the GPU/paper profiles keep each library's default
+(``smoke``, ``tiny``) use ``cpu_numerics: portable``; the GPU/paper profiles keep each library's default
 (``cpu_numerics: default``).
 
->>> pin_environment("avx2")["ATEN_CPU_CAPABILITY"]
-'avx2'
+>>> pin_environment("portable")["MKL_CBWR"]
+'COMPATIBLE,STRICT'
 >>> pin_environment("default")
 {}
 """
@@ -28,13 +38,18 @@ import logging
 import os
 import platform
 import re
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 LEVELS: dict[str, dict[str, str]] = {
     "default": {},
-    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "portable": {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "MKL_CBWR": "COMPATIBLE,STRICT",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+    },
 }
 """Pin levels by name: the environment variables that fix each library's kernel path."""
 
@@ -48,7 +63,7 @@ _FLAGS_OF_INTEREST = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", 
 
 
 def pin_environment(level: str) -> dict[str, str]:
-    """The environment variables of pin level ``level`` ("avx2" or "default"); unknown names are errors."""
+    """The environment variables of pin level ``level`` ("portable" or "default"); unknown names are errors."""
     if level not in LEVELS:
         raise ValueError(f"cpu_numerics={level!r} unknown; choose one of {sorted(LEVELS)}")
     return dict(LEVELS[level])
@@ -60,8 +75,8 @@ def configure(level: str, torch_threads: int = 0) -> dict[str, Any]:
     Sets the level's variables in ``os.environ`` (a differing value already there is overridden, with a
     warning), then checks that ATen really runs at the pinned level: if a tensor operation ran before this
     call the library has already chosen its path, and the error says to restart the kernel. ``torch_threads``
-    as in :func:`set_cpu_threads` (0 = the idle cores), capped at
-    :data:`MAX_PINNED_THREADS` when pinned and auto.
+    as in :func:`set_cpu_threads` (0 = the usable cores), capped at :data:`MAX_PINNED_THREADS` when pinned
+    and auto.
     """
     env = pin_environment(level)
     for key, value in env.items():
@@ -84,49 +99,44 @@ def configure(level: str, torch_threads: int = 0) -> dict[str, Any]:
     return {"cpu_numerics": level, **describe()}
 
 
-def _busy_cpu_fraction(window_s: float) -> float | None:
-    """Fraction of all CPU time that was busy during ``window_s`` seconds (Linux /proc/stat), else None."""
-    import time
+def set_cpu_threads(requested: int = 0) -> int:
+    """Set torch's CPU thread count and return it. ``requested`` > 0 is used as is; ``0`` (auto) is the
+    number of cores this process may use, the same on every run of a machine. Under MKL's COMPATIBLE branch
+    (level ``portable``) MKL's calls from this thread then run on one thread, so that GEMM gives the same bits
+    whatever the count; torch's own setter resets that, so code under the pins sets threads through here.
 
-    def sample() -> tuple[int, int] | None:
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(v) for v in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return sum(fields[:8]), idle
-
-    first = sample()
-    time.sleep(window_s)
-    second = sample()
-    if first is None or second is None or second[0] <= first[0]:
-        return None
-    return 1.0 - (second[1] - first[1]) / (second[0] - first[0])
-
-
-def set_cpu_threads(requested: int = 0, window_s: float = 0.5) -> int:
-    """Set torch's CPU thread count and return it. ``requested`` > 0 is used as is.
-
-    ``0`` (auto) uses the cores that are idle right now: the usable cores times the idle fraction measured
-    over ``window_s`` seconds, rounded, at least 1. The reason: torch's OpenMP threads spin while they wait,
-    so two threads on a 2-core machine whose other core is busy run about twice as slowly as one thread,
-    while on an idle machine they run about 1.8x faster than one. The count does not change results (the
-    CPU kernels used here give the same bits for 1 and 2 threads); the manifest records it.
+    The count used to follow the load at a stage's start (the idle cores), so a stage that started beside a
+    busy process ran on one thread for the whole stage (measured: 1,418 s instead of 538 s for the tiny
+    00_policy). Results do not depend on it under the pins (1 and 2 threads give the same weights, a test);
+    pin it with ``torch_threads=1`` on a machine shared with another job. The manifest records it.
     """
     if requested < 0:
         raise ValueError(f"torch_threads must be >= 0 (0 = auto), got {requested}")
     if requested == 0:
         try:
-            cores = len(os.sched_getaffinity(0))
+            requested = len(os.sched_getaffinity(0))
         except AttributeError:  # not Linux
-            cores = os.cpu_count() or 1
-        busy = _busy_cpu_fraction(window_s)
-        requested = cores if busy is None else max(1, min(cores, round(cores * (1.0 - busy))))
+            requested = os.cpu_count() or 1
     import torch
 
     torch.set_num_threads(requested)
+    if os.environ.get("MKL_CBWR", "").startswith("COMPATIBLE"):
+        torch.get_num_threads()  # ATen's lazy per-thread setup, which sets MKL's count, runs at its first call
+        _mkl_call("MKL_Set_Num_Threads_Local", 1)
     return requested
+
+
+def _mkl_call(name: str, *args: int) -> int | None:
+    """Call MKL's C function ``name`` inside torch's CPU library; None when torch was built without MKL.
+    (MKL is linked into ``libtorch_cpu`` statically; torch has no Python API for these two settings.)"""
+    import ctypes
+
+    import torch
+
+    path = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    if not torch.backends.mkl.is_available() or not path.is_file():
+        return None
+    return getattr(ctypes.CDLL(str(path)), name)(*args)
 
 
 def describe() -> dict[str, Any]:
@@ -138,6 +148,7 @@ def describe() -> dict[str, Any]:
         "aten_capability": _aten_capability(),
         "pins": {key: os.environ.get(key) for key in PIN_VARIABLES},
         "torch_threads": torch.get_num_threads(),
+        "blas_threads": _mkl_call("MKL_Get_Max_Threads"),
     }
 
 

@@ -78,6 +78,7 @@ def environment_info() -> dict[str, Any]:
         "packages": versions,
     }
     root = artifacts.repo_root()
+    info["lock"] = reproducibility.lock_status(root / reproducibility.LOCK_FILE)
     try:
         info["git_commit"] = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
@@ -151,6 +152,12 @@ def _run_stages(
     state = _load_state(profile)
     manifest = artifacts.load_manifest(profile)
     env = environment_info()
+    if env.get("lock", {}).get("differs"):
+        log.warning(
+            "installed packages differ from %s, with which the committed results were made; results may "
+            "differ for that reason (`make setup` installs the locked versions): %s",
+            env["lock"]["file"], "; ".join(env["lock"]["differs"]),
+        )  # fmt: skip
     manifest.update(profile=profile, environment=env)
     io.atomic_write_json(p.manifest, manifest)
     previous = {k: v.get("wall_s") for k, v in manifest.get("stages", {}).items()}
@@ -177,6 +184,7 @@ def _run_stages(
         state.pop(stage.name, None)
         io.atomic_write_json(_state_path(profile), state)
         label = f"[{i}/{len(stages)}] {stage.name}"
+        stage_start = time.time()
         wall = _execute(stage, out_nb, p.run / PROGRESS_FILE, label, previous.get(stage.name), cell_timeout)
         upstream_ran = True
         artifacts.update_manifest(
@@ -188,6 +196,7 @@ def _run_stages(
             digest=digest,
             git_commit=env.get("git_commit"),  # per stage: a later `erprm figures` rewrites "environment"
             git_dirty=env.get("git_dirty"),
+            tables=reproducibility.digests_written_since(p.results / "tables", stage_start),
         )
         state[stage.name] = {"digest": digest, "wall_s": round(wall, 1)}
         io.atomic_write_json(_state_path(profile), state)
@@ -467,21 +476,49 @@ def _resume_hint(stage: str, elapsed: float) -> str:
     )
 
 
-def compare(profile: str, other: Path) -> int:
-    """Print how ``other``'s tables differ from ``results/<profile>/tables``; 0 if all are identical, else 1."""
-    mine = artifacts.paths(profile).results / "tables"
-    theirs = next((d for d in (other / "tables", other / profile / "tables") if d.is_dir()), other)
-    if not theirs.is_dir():
-        raise ConfigError(f"compare: {other} is not a results folder (no tables/ inside)")
-    frame = reproducibility.comparison_frame(reproducibility.compare_tables(mine, theirs))
-    print(f"{mine} (A) vs {theirs} (B)")
+def compare(profile: str, other: Path | None = None) -> int:
+    """Compare two runs' tables and print a one-line verdict; 0 when every table is identical, else 1.
+
+    With ``other``: the committed-style ``results/<profile>`` (A) against the results folder ``other`` (B).
+    Without: the committed results (git ``HEAD``, A) against this checkout's ``results/<profile>`` (B), the
+    run ``erprm reproduce`` just wrote. When they differ, the verdict names the first stage whose tables
+    differ and the manifest fields (CPU, packages, threads, pins) that differ between the two runs.
+    """
+    import tempfile
+
+    mine = artifacts.paths(profile).results
+    with tempfile.TemporaryDirectory(prefix="erprm-compare-") as tmp:
+        if other is None:
+            a, b = reproducibility.committed_results(mine, Path(tmp)), mine
+        else:
+            a = mine
+            candidates = (other, other / profile, other.parent if other.name == "tables" else other)
+            b = next((d for d in candidates if (d / "tables").is_dir()), None)
+            if b is None:
+                raise ConfigError(f"compare: {other} is not a results folder (no tables/ inside)")
+        frame = reproducibility.comparison_frame(reproducibility.compare_tables(a / "tables", b / "tables"))
+        manifests = [
+            json.loads(m.read_text()) if m.is_file() else {}
+            for m in (a / "manifest.json", b / "manifest.json")
+        ]
+    label_a = "committed results (git HEAD)" if other is None else str(mine)
+    print(f"A: {label_a}\nB: {b}")
     print(frame.to_string(index=False))
-    n_same = int((frame["status"] == "identical").sum())
-    print(f"{n_same} of {len(frame)} tables identical")
+    differing = set(frame.loc[frame["status"] != "identical", "table"])
+    if not differing:
+        print(f"REPRODUCED: all {len(frame)} tables of B are identical to A")
+        return 0
+    print(f"NOT REPRODUCED: {len(differing)} of {len(frame)} tables differ")
+    first = reproducibility.first_differing_stage(manifests[1], differing)
+    if first:
+        print(f"first stage whose tables differ: {first[0]} ({', '.join(first[1])})")
     if "rows_outside_interval" in frame:
         outside = frame["rows_outside_interval"].dropna().sum()
         print(f"{int(outside)} row(s) of B lie outside A's 95% interval (tables with value, ci_low, ci_high)")
-    return 0 if n_same == len(frame) else 1
+    fields = reproducibility.manifest_differences(*manifests)
+    print("manifest fields that differ (A -> B):" + "".join(f"\n  {line}" for line in fields) if fields
+          else "the manifests record the same CPU, packages, threads and pins")  # fmt: skip
+    return 1
 
 
 def write_golden_digests() -> Path:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from erprm_core.io import SILENT_ENV, progress
+from erprm_core.running import numerics
 
 _IN_WORKER = False
 """True inside a forked worker: its own units run serially there (pool workers cannot fork)."""
@@ -52,9 +53,7 @@ def _start_worker() -> None:
     global _IN_WORKER
     _IN_WORKER = True
     os.environ[SILENT_ENV] = "1"  # the parent's bar counts the units; workers draw none
-    import torch
-
-    torch.set_num_threads(1)
+    numerics.set_cpu_threads(1)
 
 
 def _run_unit(index: int) -> tuple[int, Any]:

@@ -86,8 +86,8 @@ class ProcessBenchConfig(StageConfig):
     """seed of the bootstrap"""
     torch_threads: int = 0
     """CPU threads for torch (0: auto)"""
-    cpu_numerics: str = "avx2"
-    """CPU kernel paths: avx2 (pinned, same bits on any x86-64) or default"""
+    cpu_numerics: str = "portable"
+    """CPU kernel paths: portable (pinned: the same bits on any x86-64 CPU with AVX2) or default"""
 
     def check(self) -> None:
         """Raise ValueError naming the parameter when a value is out of range."""

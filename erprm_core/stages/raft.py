@@ -125,8 +125,8 @@ class RaftConfig(StageConfig):
     """auto, cpu or cuda"""
     torch_threads: int = 0
     """CPU threads for torch (0: auto, the cores idle at the start)"""
-    cpu_numerics: str = "avx2"
-    """CPU kernel paths: avx2 (pinned, same bits on any x86-64) or default"""
+    cpu_numerics: str = "portable"
+    """CPU kernel paths: portable (pinned: the same bits on any x86-64 CPU with AVX2) or default"""
 
     def settings(self) -> RaftSettings:
         """The :class:`~erprm_core.raft.RaftSettings` of these knobs (``shard_size`` keeps its default)."""

@@ -82,8 +82,8 @@ class TrainPRMConfig(StageConfig):
     """device for held-out scoring: auto, cpu or cuda (training: the Trainer's choice)"""
     torch_threads: int = 0
     """CPU threads for torch (0: auto, the cores idle at the start)"""
-    cpu_numerics: str = "avx2"
-    """CPU kernel paths: avx2 (pinned, same bits on any x86-64) or default"""
+    cpu_numerics: str = "portable"
+    """CPU kernel paths: portable (pinned: the same bits on any x86-64 CPU with AVX2) or default"""
 
     def recipe(self) -> dict[str, Any]:
         """The keyword arguments of :func:`erprm_core.training.train_prm` (the same for every rule)."""
