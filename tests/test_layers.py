@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 MAX_INNER_IMPORTS = 10
 MAX_FUNCTION_LINES = 100
 MAX_MODULE_LINES = 800
-MAX_CORE_LINES = 4500
+MAX_CORE_LINES = 4600  # 4500 until issue 30: SmolLM2 from its PyPI package (models), split step tags (prm)
 
 # (layer, name, order). Order: groups from left to right; a module may import the modules of earlier groups
 # of its layer, never those of its own group or a later one. Names are relative to erprm_core ("" is the

