@@ -26,7 +26,7 @@ help:  ## list the targets
 
 setup: $(STAMP)  ## create .venv (if missing), install torch==$(TORCH_SPEC), the locked packages ($(LOCK)) and this package
 
-$(STAMP): pyproject.toml $(LOCK)
+$(STAMP): pyproject.toml $(wildcard $(LOCK))
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "torch==$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 ifneq ($(LOCK),)
@@ -38,7 +38,8 @@ else
 endif
 	@echo "lock=$(LOCK)" > $(STAMP)
 
-lock: setup  ## rewrite $(LOCK) from .venv (after changing a dependency on purpose; results then need a rerun)
+lock:  ## rewrite $(LOCK) from .venv (after changing a dependency on purpose; results then need a rerun)
+	@test -x $(PY) || { echo "make lock: no $(VENV); run make setup first" >&2; exit 1; }
 	@echo "# make setup installs these exact versions with --no-deps (pip freeze of the CPU environment, by make lock)" > $(LOCK).tmp
 	$(PY) -m pip freeze --exclude-editable --disable-pip-version-check | sed 's/+cpu$$//' >> $(LOCK).tmp
 	@mv $(LOCK).tmp $(LOCK)

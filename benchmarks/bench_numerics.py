@@ -1,9 +1,10 @@
 """What the pinned CPU numerics cost: the tiny model's training, sampling and scoring, pinned vs default.
 
 Each measurement runs in a fresh process (the kernel path is fixed at a process's first tensor operation),
-alternating the two levels (default, avx2, default, avx2, ...) so that load from other processes on a shared
-machine falls on both alike. Prints tokens/s per workload and level and the ratio pinned / default
-(1.0 = free; below 1 = the pin slows it down).
+alternating the two levels (default, portable, default, portable, ...) so that load from other processes on a
+shared machine falls on both alike. Prints tokens/s per workload and level and the ratio pinned / default
+(1.0 = free; below 1 = the pin slows it down). Level ``portable`` runs MKL's SSE2 branch on one thread, the
+price of the same bits on Intel and AMD (REPRODUCING.md, "Same bits on Intel and AMD").
 
     python benchmarks/bench_numerics.py [--repeats 3] [--threads 2]
 """
@@ -25,8 +26,9 @@ CHILD = textwrap.dedent(
     import json, sys, time
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from erprm_core.running import numerics
 
-    torch.set_num_threads(int(sys.argv[1]))
+    numerics.set_cpu_threads(int(sys.argv[1]))  # as the stages do: under the pins, MKL on one thread
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=640, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=384,
@@ -81,17 +83,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    runs: dict[str, list[dict]] = {"default": [], "avx2": []}
+    runs: dict[str, list[dict]] = {"default": [], "portable": []}
     for _ in range(args.repeats):
         for level in runs:
             runs[level].append(measure(level, args.threads))
-    print(f"pinned numerics (avx2) vs library defaults, {args.threads} thread(s), {args.repeats} runs each")
-    print(f"kernel level: default={runs['default'][0]['capability']}, avx2={runs['avx2'][0]['capability']}")
+    print(
+        f"pinned numerics (portable) vs library defaults, {args.threads} thread(s), {args.repeats} runs each"
+    )
+    print(
+        f"kernel level: default={runs['default'][0]['capability']}, portable={runs['portable'][0]['capability']}"
+    )
     for workload in ("training", "sampling", "scoring"):
         med = {lvl: statistics.median(r[workload] for r in rs) for lvl, rs in runs.items()}
         print(
-            f"  {workload:9s} default {med['default']:9.0f} tok/s   avx2 {med['avx2']:9.0f} tok/s   "
-            f"ratio avx2/default {med['avx2'] / med['default']:.2f}"
+            f"  {workload:9s} default {med['default']:9.0f} tok/s   portable {med['portable']:9.0f} tok/s   "
+            f"ratio portable/default {med['portable'] / med['default']:.2f}"
         )
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -51,15 +50,7 @@ def trace_training(level: str, steps: int, threads: int, out: Path) -> int:
     from erprm_core.running import numerics
 
     numerics.configure(level, threads)  # before the first tensor operation of this process
-    if False:
-        import ctypes
 
-        import torch
-
-        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
-        lib.MKL_Set_Num_Threads_Local(int(os.environ["TRACE_MKL_THREADS"]))
-
-    import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from erprm_core import tasks, training

@@ -86,3 +86,36 @@ def test_set_cpu_threads_uses_a_requested_count_and_rejects_negative_ones():
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="torch_threads must be >= 0"):
         numerics.set_cpu_threads(-1)
+
+
+def test_the_stages_operations_avoid_the_vendor_specific_kernels(tmp_path):
+    """Training, sampling and PRM scoring of a tiny model call no operation of VENDOR_SPECIFIC_OPS (MKL's
+    square root refines rsqrtps, whose last bits differ between Intel and AMD)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from erprm_core import prm, training
+    from erprm_core.generation import HFSampler
+    from erprm_core.stages.policy import build_tiny_model, build_tokenizer
+    from erprm_core.tasks import arith
+
+    tok = build_tokenizer(max_number=99)
+    model = build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    problems = arith.generate_problems(8, seed=0, max_value=99, max_operand=10)
+    called: set[str] = set()
+
+    class Names(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            called.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Names():
+        training.train_policy_sft(model, tok, problems, tmp_path, max_steps=2, batch_size=4, save=False,
+                                  disable_tqdm=True)  # fmt: skip
+        HFSampler(model, tok, batch_size=4).generate(["Tom has 3 apples."], 2, [("q", 0)], max_new_tokens=4)
+        prm.ProcessRewardModel(model, tok).score(problems[0]["question"], ["A step.", "Another step."])
+    assert {"_fused_adamw_", "mm", "softmax"} <= called  # the workloads ran
+    assert not called & numerics.VENDOR_SPECIFIC_OPS
+    with Names():
+        torch.ones(3).sqrt()  # the check would see one
+    assert "sqrt" in called

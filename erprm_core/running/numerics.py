@@ -56,6 +56,12 @@ LEVELS: dict[str, dict[str, str]] = {
 PIN_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
 """Every variable any level sets; a level that leaves one out leaves it to the library's default."""
 
+VENDOR_SPECIFIC_OPS = frozenset({"sqrt"})
+"""ATen operations whose float32 CPU kernel gives other last bits on Intel and AMD whatever the pins: ``sqrt``
+runs MKL's vector square root, whose kernel refines the approximate ``rsqrtps`` (its table differs by vendor)
+even in the COMPATIBLE branch. The pinned stages must not call them; a test runs the stages' operations and
+checks (the fused AdamW step takes ATen's own, exact square root)."""
+
 MAX_PINNED_THREADS = 2
 """Auto thread count under pins is capped here: bit-identical results are tested for 1 and 2 threads only."""
 
