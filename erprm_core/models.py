@@ -171,3 +171,41 @@ def load_causal_lm(
     model.eval()
     log.info("loaded %s on %s (%s), %d parameters", name, dev, torch_dtype, count_parameters(model))
     return model, tokenizer
+
+
+@torch.no_grad()
+def mean_token_logprobs(
+    model: Any, tokenizer: Any, prompts: list[str], continuations: list[str], batch_size: int = 32
+) -> list[float]:
+    """The mean log-probability per token of each continuation after its prompt under ``model``: a verifier
+    that needs no training (the policy's own likelihood of a candidate, in the format it was sampled in).
+
+    The prompt is encoded as the samplers encode it (``tokenizer(prompt)``, special tokens included) and the
+    continuation after it without special tokens; one right-padded forward pass per batch. NaN for an empty
+    continuation.
+    """
+    if len(prompts) != len(continuations):
+        raise ValueError(f"{len(prompts)} prompts for {len(continuations)} continuations")
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        pairs = [(tokenizer(p).input_ids, tokenizer(c, add_special_tokens=False).input_ids)
+                 for p, c in zip(prompts[start : start + batch_size], continuations[start : start + batch_size],
+                                 strict=True)]  # fmt: skip
+        width = max(len(p) + len(c) for p, c in pairs)
+        ids = torch.full((len(pairs), width), pad, dtype=torch.long)
+        scored = torch.zeros((len(pairs), width), dtype=torch.bool)  # positions whose token is scored
+        for row, (p, c) in enumerate(pairs):
+            ids[row, : len(p) + len(c)] = torch.tensor(p + c)
+            scored[row, len(p) : len(p) + len(c)] = True
+        mask = (
+            torch.arange(width)[None, :] < torch.tensor([len(p) + len(c) for p, c in pairs])[:, None]
+        ).long()
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
+        keep = scored[:, 1:].to(device)
+        counts = keep.sum(dim=1)
+        means = (logp * keep).sum(dim=1) / counts.clamp(min=1)
+        out += [float(m) if n else float("nan") for m, n in zip(means.tolist(), counts.tolist(), strict=True)]
+    return out

@@ -19,7 +19,7 @@ import pytest
 from erprm_core import evaluators, generation, rollouts
 from erprm_core.report import figures, summary
 from erprm_core.running import artifacts, pipeline
-from erprm_core.stages import best_of_n, policy
+from erprm_core.stages import bon_pool, policy
 
 # ------------------------------------------------------------------------------------- pipeline reruns
 
@@ -203,20 +203,20 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
 
 def test_cached_prm_scores_are_discarded_when_the_prm_is_retrained(tmp_path, monkeypatch):
     monkeypatch.setattr(
-        best_of_n.ProcessRewardModel,
+        bon_pool.ProcessRewardModel,
         "from_pretrained",
         staticmethod(lambda folder, **kw: CountingPRM(folder)),
     )
     folder, out = tmp_path / "prm_er_1", tmp_path / "bon"
     _save_prm(folder, 1.0)
-    first = best_of_n.score_pool(POOL, {"er_1": folder}, ["min", "last"], out_dir=out)
+    first = bon_pool.score_pool(POOL, {"er_1": folder}, ["min", "last"], out_dir=out)
     assert first.table["er_1:last"].tolist() == pytest.approx([0.1, 0.2, 0.3], abs=1e-12)
     assert CountingPRM.loads == 1 and first.stats["rules_computed"] == 1
-    again = best_of_n.score_pool(POOL, {"er_1": folder}, ["min", "last"], out_dir=out)
+    again = bon_pool.score_pool(POOL, {"er_1": folder}, ["min", "last"], out_dir=out)
     assert CountingPRM.loads == 1 and again.stats["rules_computed"] == 0  # served from the cache
     pd.testing.assert_frame_equal(again.table, first.table)
     _save_prm(folder, 2.0)  # retrained: same folder, new weights
-    retrained = best_of_n.score_pool(POOL, {"er_1": folder}, ["min", "last"], out_dir=out)
+    retrained = bon_pool.score_pool(POOL, {"er_1": folder}, ["min", "last"], out_dir=out)
     assert CountingPRM.loads == 2 and retrained.stats["rules_computed"] == 1
     assert retrained.table["er_1:last"].tolist() == pytest.approx([0.2, 0.4, 0.6], abs=1e-12)
     assert retrained.table["er_1:min"].tolist() == pytest.approx([0.2, 0.2, 0.2], abs=1e-12)
@@ -232,14 +232,14 @@ class CutPRM(CountingPRM):
 
 def test_score_pool_counts_a_lost_final_tag_under_last(tmp_path, monkeypatch):
     monkeypatch.setattr(
-        best_of_n.ProcessRewardModel, "from_pretrained", staticmethod(lambda folder, **kw: CutPRM(folder))
+        bon_pool.ProcessRewardModel, "from_pretrained", staticmethod(lambda folder, **kw: CutPRM(folder))
     )
     _save_prm(tmp_path / "prm", 1.0)
-    scored = best_of_n.score_pool(POOL, {"orm": tmp_path / "prm"}, ["min", "last"], out_dir=tmp_path / "bon")
+    scored = bon_pool.score_pool(POOL, {"orm": tmp_path / "prm"}, ["min", "last"], out_dir=tmp_path / "bon")
     # candidate 2 (3 steps) lost its final tag: "last" has no score -> the unscorable score, counted;
     # "min" ignores the lost step
     assert scored.table["orm:last"].tolist() == pytest.approx(
-        [0.1, 0.2, best_of_n.UNSCORABLE_SCORE], abs=1e-12
+        [0.1, 0.2, bon_pool.UNSCORABLE_SCORE], abs=1e-12
     )
     assert scored.table["orm:min"].tolist() == pytest.approx([0.1, 0.1, 0.1], abs=1e-12)
     assert (

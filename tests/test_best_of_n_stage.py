@@ -14,7 +14,7 @@ from erprm_core import evaluators, io, labels, models, prm, stats
 from erprm_core.generation import HFSampler
 from erprm_core.running import artifacts
 from erprm_core.sampler import Generation
-from erprm_core.stages import best_of_n, bon_tables
+from erprm_core.stages import best_of_n, bon_pool, bon_tables
 from erprm_core.stages.policy import build_tiny_model, build_tokenizer
 from erprm_core.tasks.arith import generate_problems
 
@@ -96,7 +96,7 @@ def test_bon_sizes_and_names():
 
 
 def test_vote_answer_groups_equivalent_numbers():
-    va = best_of_n.vote_answer
+    va = bon_pool.vote_answer
     assert va("1000", True, "1,000", "arith") == va("1000", True, "1000.0", "arith") == "1000"
     assert va("999", False, "1000", "gsm8k") == "999"
     assert va(None, False, "1000", "gsm8k") is None
@@ -110,7 +110,7 @@ def test_vote_answer_groups_equivalent_numbers():
 def test_build_pool_grades_keeps_everything_and_resumes(tmp_path):
     fake = ScriptedSampler(TEXTS, FINISHES)
     kw = dict(seed=0, shard_size=2, out_dir=tmp_path, max_new_tokens=16)
-    pool = best_of_n.build_candidate_pool((fake, None), PROBLEMS, 5, **kw)
+    pool = bon_pool.build_candidate_pool((fake, None), PROBLEMS, 5, **kw)
     assert len(pool.records) == 15 and fake.calls == 2  # 3 problems in shards of 2
     recs = {(r["problem_id"], r["candidate_index"]): r for r in pool.records}
     assert [recs[("p1", j)]["correct"] for j in range(5)] == [1, 1, 0, 0, 0]
@@ -126,15 +126,15 @@ def test_build_pool_grades_keeps_everything_and_resumes(tmp_path):
     assert artifacts.read_jsonl(tmp_path / "candidates.jsonl") == pool.records
 
     # Resume: finished shards are reused (the sampler is never called); a lost shard is recomputed.
-    again = best_of_n.build_candidate_pool((Boom(), None), PROBLEMS, 5, **kw)
+    again = bon_pool.build_candidate_pool((Boom(), None), PROBLEMS, 5, **kw)
     assert again.records == pool.records
     (tmp_path / "candidates" / "shard-00001.jsonl").unlink()
     fake2 = ScriptedSampler(TEXTS, FINISHES)
-    resumed = best_of_n.build_candidate_pool((fake2, None), PROBLEMS, 5, **kw)
+    resumed = bon_pool.build_candidate_pool((fake2, None), PROBLEMS, 5, **kw)
     assert fake2.calls == 1 and resumed.records == pool.records
     # A changed parameter discards the old shards.
     fake3 = ScriptedSampler(TEXTS, FINISHES)
-    changed = best_of_n.build_candidate_pool((fake3, None), PROBLEMS, 3, **kw)
+    changed = bon_pool.build_candidate_pool((fake3, None), PROBLEMS, 3, **kw)
     assert fake3.calls == 2 and len(changed.records) == 9
 
 
@@ -145,14 +145,14 @@ def test_build_pool_tiny_policy_resume_equals_uninterrupted(tmp_path, tok):
     tok.save_pretrained(folder)
     problems = generate_problems(3, seed=0, split="test")
     kw = dict(seed=5, shard_size=1, max_new_tokens=10, batch_size=8)
-    full = best_of_n.build_candidate_pool(folder, problems, 4, out_dir=tmp_path / "a", **kw)
+    full = bon_pool.build_candidate_pool(folder, problems, 4, out_dir=tmp_path / "a", **kw)
     assert [(r["problem_id"], r["candidate_index"]) for r in full.records] == [
         (p["id"], j) for p in problems for j in range(4)
     ]
     assert all(r["truncated"] and r["correct"] == 0 for r in full.records if r["finish"] == "length")
     # An interrupted run (first shard only) then resumed gives the same records.
-    best_of_n.build_candidate_pool(folder, problems[:1], 4, out_dir=tmp_path / "b", **{**kw, "shard_size": 1})
-    part = best_of_n.build_candidate_pool(folder, problems, 4, out_dir=tmp_path / "b", **kw)
+    bon_pool.build_candidate_pool(folder, problems[:1], 4, out_dir=tmp_path / "b", **{**kw, "shard_size": 1})
+    part = bon_pool.build_candidate_pool(folder, problems, 4, out_dir=tmp_path / "b", **kw)
     assert part.records == full.records
 
 
@@ -172,12 +172,12 @@ def prm_dirs(tmp_path_factory, tok):
 
 def test_score_pool_columns_cache_and_dedup(tmp_path, prm_dirs, monkeypatch):
     torch.set_num_threads(1)
-    pool = best_of_n.build_candidate_pool(
+    pool = bon_pool.build_candidate_pool(
         (ScriptedSampler(TEXTS + ["", TEXTS[0]], FINISHES + ["eos", "answer"]), None),
         PROBLEMS, 7, shard_size=3, out_dir=tmp_path,
     )  # fmt: skip
     rules = {r: prm_dirs[r] for r in ("hard", "er_1")}
-    scored = best_of_n.score_pool(pool.records, rules, batch_size=4, out_dir=tmp_path)
+    scored = bon_pool.score_pool(pool.records, rules, batch_size=4, out_dir=tmp_path)
     table = scored.table
     cols = [f"{r}:{a}" for r in ("er_1", "hard") for a in ("min", "prod", "last", "mean")]
     assert list(table.columns) == ["problem_id", "candidate_index", "correct", "answer", *cols]
@@ -186,7 +186,7 @@ def test_score_pool_columns_cache_and_dedup(tmp_path, prm_dirs, monkeypatch):
     assert scored.stats["distinct_solutions"] == 18
     t1 = table[table["problem_id"] == "p1"].set_index("candidate_index")
     assert t1.loc[0, cols].tolist() == t1.loc[6, cols].tolist()
-    assert (t1.loc[5, cols] == best_of_n.UNSCORABLE_SCORE).all()
+    assert (t1.loc[5, cols] == bon_pool.UNSCORABLE_SCORE).all()
     audit = scored.audit.to_frame().set_index("reason")["count"]
     assert audit["unscorable[hard]"] == 3 and audit["unscorable[er_1]"] == 3
     # Aggregations agree with prm.aggregate on the cached step scores.
@@ -209,7 +209,7 @@ def test_score_pool_columns_cache_and_dedup(tmp_path, prm_dirs, monkeypatch):
         return real(cls, path, *a, **k)
 
     monkeypatch.setattr(prm.ProcessRewardModel, "from_pretrained", classmethod(spy))
-    again = best_of_n.score_pool(
+    again = bon_pool.score_pool(
         pool.records, {**rules, "soft": prm_dirs["soft"]}, batch_size=4, out_dir=tmp_path
     )
     assert loaded == [prm_dirs["soft"]]
@@ -240,19 +240,31 @@ def test_stage_end_to_end_and_resume(tmp_roots, tok, prm_dirs, monkeypatch):
     assert len(score_cols) == 16 and np.isfinite(res.pool[score_cols].to_numpy()).all()
     bon = res.bon
     assert list(bon.columns) == bon_tables.TABLE_COLUMNS
-    expected = set(score_cols) | {"random", "majority", "oracle"}
+    expected = set(score_cols) | {"random", "majority", "oracle", "likelihood", "fewer_steps"}
     expected |= {f"weighted_{r}:min" for r in ("er_1", "hard", "soft")}
+    # the training-free verifiers: the policy's mean log-probability (< 0) and minus the number of steps
+    assert (res.pool["likelihood"] < 0).all() and (res.pool["fewer_steps"] <= 0).all()
     assert set(bon["method"]) == expected
     assert sorted(bon["n"].unique()) == [1, 2, 4] and len(bon) == len(expected) * 3
     assert bon["value"].between(0, 1).all() and bon["n_problems"].eq(3).all()
     paired = res.paired
-    pre = paired[paired["selection"] == "prespecified"]
+    pre = paired[(paired["selection"] == "prespecified") & (paired["method_a"] == "er_1:min")]
     assert set(zip(pre["method_b"], pre["n"], strict=True)) == {
         (b, n) for b in ("hard:min", "soft:min", "orm:last") for n in (1, 2, 4)
-    }
-    assert (pre["method_a"] == "er_1:min").all()
+    } | {("random", 4), ("likelihood", 4)}
+    headline = paired[paired["family"].str.startswith("headline")]
+    assert len(headline) == 3 and (headline["n"] == 4).all()
+    free = paired[paired["family"].str.startswith("reward models vs")]
+    assert len(free) == 8 and set(free["method_b"]) == {"random", "likelihood"}
     post = paired[paired["selection"] != "prespecified"]
     assert len(post) == 3 and (post["n"] == 4).all() and post["selection"].str.contains("post hoc").all()
+    # Holm within each family: never below the raw p, the smallest p of a family of m multiplied by m
+    assert (paired["p_holm"] >= paired["p_value"] - 1e-12).all()
+    smallest = free.loc[free["p_value"].idxmin()]
+    assert smallest["p_holm"] == pytest.approx(min(1.0, 8 * smallest["p_value"]))
+    ranking = res.ranking.set_index("method")
+    assert list(ranking.index) == ["er_1:min", "hard:min", "soft:min", "orm:last", "likelihood", "fewer_steps"]
+    assert ranking["value"].dropna().between(0, 1).all()
     assert res.best_eta["rule"] == "er_1"
     agg = bon_tables.aggregation_table(bon, 4)
     assert list(agg["rule"]) == [r for r in ("soft", "er_1", "hard", "orm") for _ in range(4)]
@@ -260,7 +272,7 @@ def test_stage_end_to_end_and_resume(tmp_roots, tok, prm_dirs, monkeypatch):
     audit = res.audit.set_index("reason")["count"]
     assert audit["candidates"] == 12
     assert res.stats["candidates"] == 12 and res.stats["scoring"] == "two_token"
-    assert list(res.picks["method"]) == ["pool", *score_cols] * 2
+    assert list(res.picks["method"]) == ["pool", *score_cols, "likelihood", "fewer_steps"] * 2
     assert list(res.picks["ranking"].unique()) == ["raw scores", "answered first"]
 
     # Rerun: nothing is sampled or scored again, and the tables are identical.

@@ -456,3 +456,67 @@ def test_paired_comparisons_table():
     d = top_good.to_numpy() - top_noise.to_numpy()
     assert (t.loc[0, "n_a_better"], t.loc[0, "n_b_better"]) == ((d > 0).sum(), (d < 0).sum())
     assert set(t.columns) >= {"method_a", "method_b", "n", "diff", "ci_low", "ci_high", "p_value"}
+
+
+# ------------------------------------------------------------------ intervals that respect problems
+
+
+def _correlated(n_problems=40, per_problem=20, seed=3):
+    """Solutions of one problem succeed or fail together (a problem is either easy or hard)."""
+    rng = np.random.default_rng(seed)
+    easy = rng.random(n_problems) < 0.5
+    hits = np.repeat(easy.astype(float), per_problem)
+    flip = rng.random(hits.size) < 0.05  # a little noise inside problems
+    hits = np.where(flip, 1 - hits, hits)
+    return hits, np.repeat([f"p{i}" for i in range(n_problems)], per_problem)
+
+
+def test_cluster_interval_is_wider_than_wilson_on_correlated_solutions():
+    hits, problems = _correlated()
+    mean, low, high = stats.cluster_mean_ci(hits, problems, n_boot=2000, seed=0)
+    _, w_low, w_high = stats.accuracy_ci(hits)
+    assert mean == pytest.approx(hits.mean())
+    # 800 solutions but only 40 independent problems: about sqrt(20) times wider
+    assert (high - low) > 3 * (w_high - w_low)
+    # with one solution per problem the two agree roughly (nothing to correct)
+    one = hits[::20]
+    c = stats.cluster_mean_ci(one, problems[::20], n_boot=4000, seed=0)
+    w = stats.accuracy_ci(one)
+    assert abs((c[2] - c[1]) - (w[2] - w[1])) < 0.06
+
+
+def test_cluster_interval_matches_a_plain_resampling_loop():
+    """The reference: draw problems with replacement, pool all their solutions, take the mean, percentiles."""
+    hits, problems = _correlated(n_problems=12, per_problem=5)
+    hits[3] = 0.5  # any value, not only 0/1
+    mean, low, high = stats.cluster_mean_ci(hits, problems, n_boot=500, seed=7)
+    names = np.unique(problems)  # the function indexes problems in sorted order
+    members = {n: hits[problems == n] for n in names}
+    rng = np.random.default_rng(7)
+    draws = rng.integers(0, len(names), size=(500, len(names)))
+    boot = [np.concatenate([members[names[j]] for j in row]).mean() for row in draws]
+    ref_low, ref_high = np.quantile(boot, [0.025, 0.975])
+    assert (low, high) == pytest.approx((ref_low, ref_high), abs=1e-12)
+    assert mean == pytest.approx(hits.mean())
+
+
+def test_weighted_cluster_mean_counts_each_unit_by_its_weight():
+    mean, low, high = stats.cluster_mean_ci([1.0, 0.0], ["a", "b"], weights=[3, 1], n_boot=200)
+    assert mean == 0.75 and (low, high) == (0.0, 1.0)
+
+
+def test_holm_within_families():
+    p = [0.01, 0.04, 0.03, 0.2, 0.01]
+    fam = ["a", "a", "a", "a", "b"]
+    assert stats.family_holm(p, fam).round(3).tolist() == [0.04, 0.09, 0.09, 0.2, 0.01]
+    with pytest.raises(ValueError, match="p-values must lie in"):
+        stats.holm([0.1, 1.2])
+
+
+def test_calibration_bins_carry_a_problem_interval():
+    pred = [0.05, 0.05, 0.95, 0.95, 0.95]
+    target = [0.0, 0.0, 1.0, 1.0, 0.0]
+    bins = stats.calibration_bins(pred, target, n_bins=2, problems=["a", "a", "b", "b", "c"], n_boot=300)
+    assert bins["count"].tolist() == [2, 3]
+    assert bins.loc[0, ["ci_low", "ci_high"]].tolist() == [0.0, 0.0]  # one problem, both 0
+    assert bins.loc[1, "ci_low"] == 0.0 and bins.loc[1, "ci_high"] == 1.0

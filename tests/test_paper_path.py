@@ -22,7 +22,7 @@ import torch
 from erprm_core import generation, models, raft, training
 from erprm_core.generation import HFSampler
 from erprm_core.running import artifacts, cli, dryrun, pipeline
-from erprm_core.stages import best_of_n
+from erprm_core.stages import bon_pool
 from erprm_core.stages import raft as raft_stage
 from erprm_core.stages.policy import build_tiny_model, build_tokenizer
 from erprm_core.tasks import arith
@@ -272,10 +272,10 @@ def test_raft_iteration_memory_plan_with_vllm(tmp_path, tiny, problems, monkeypa
 def test_best_of_n_memory_plan_with_vllm(tmp_path, tiny, problems, monkeypatch):
     rec = Recorder(monkeypatch, tiny)
     _, test = problems
-    pool = best_of_n.build_candidate_pool(tiny["policy"], test, 2, max_new_tokens=8, batch_size=16,
+    pool = bon_pool.build_candidate_pool(tiny["policy"], test, 2, max_new_tokens=8, batch_size=16,
                                           shard_size=2, out_dir=tmp_path, backend="vllm", device="cpu")  # fmt: skip
     assert len(pool.records) == 4 and pool.stats["computed_generated_tokens"] > 0
-    scored = best_of_n.score_pool(pool.records, {"er_1": tiny["prm"]}, out_dir=tmp_path, device="cpu")
+    scored = bon_pool.score_pool(pool.records, {"er_1": tiny["prm"]}, out_dir=tmp_path, device="cpu")
     assert "er_1:min" in scored.table
     # no Hugging Face copy of the policy: vLLM got the folder; the engine was gone before the PRM came
     assert [(label, alive) for label, _, alive in rec.events] == [("engine", []), ("prm", [])]

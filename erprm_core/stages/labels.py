@@ -234,74 +234,6 @@ def label_distribution(records: Sequence[dict[str, Any]], bins: int = 10) -> pd.
 QUALITY_COLUMNS = ["rule", "metric", "value", "ci_low", "ci_high", "n", "steps_remaining"]
 
 
-def _problem_resamples(problems: Any, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(problem index of every value, ``n_boot`` x problems weights): how often each problem is drawn in
-    each bootstrap resample of the problems with replacement (seeded by ``seed``)."""
-    _, group = np.unique(np.asarray(problems, dtype=str).ravel(), return_inverse=True)
-    n_groups = int(group.max()) + 1
-    draws = np.random.default_rng(seed).integers(0, n_groups, size=(n_boot, n_groups))
-    draws += n_groups * np.arange(n_boot)[:, None]  # one bincount for all resamples
-    weights = np.bincount(draws.ravel(), minlength=n_boot * n_groups).reshape(n_boot, n_groups)
-    return group, weights.astype(float)
-
-
-def _percentiles(boot: np.ndarray, confidence: float) -> tuple[float, float]:
-    """The percentile interval of bootstrap values (NaN, NaN when there are none)."""
-    if boot.size == 0:
-        return float("nan"), float("nan")
-    low, high = np.quantile(boot, [(1 - confidence) / 2, (1 + confidence) / 2])
-    return float(low), float(high)
-
-
-def problem_bootstrap_auroc(
-    scores: Any, truth: Any, problems: Any, n_boot: int = 2000, seed: int = 0, confidence: float = 0.95
-) -> tuple[float, float, float]:
-    """(AUROC, low, high): :func:`erprm_core.stats.auroc` of ``scores`` for the 0/1 ``truth``, with a
-    percentile bootstrap interval over problems (``problems[i]`` names the problem of value ``i``).
-
-    Steps of one problem are not independent, so whole problems are resampled (``n_boot`` resamples of
-    the problems with replacement, seeded by ``seed``: the same seed draws the same resamples as
-    :func:`problem_bootstrap_brier`); each resample's AUROC is computed from the counts of positives and
-    negatives at every distinct score (ties count one half, as in ``stats.auroc``), so the cost does not
-    grow with ``n_boot`` times the number of steps. Resamples with one class only are left out. All NaN
-    when ``truth`` has one class only (or is empty).
-    """
-    s = np.asarray(scores, dtype=float).ravel()
-    y = np.asarray(truth, dtype=float).ravel()
-    if s.size == 0 or np.ptp(y) == 0:
-        return float("nan"), float("nan"), float("nan")
-    value = stats.auroc(s, y)  # checks shapes, NaN and 0/1 labels
-    group, weights = _problem_resamples(problems, n_boot, seed)
-    if group.size != s.size:
-        raise ValueError(f"problems has {group.size} values, scores has {s.size}")
-    _, level = np.unique(s, return_inverse=True)
-    pos, neg = np.zeros((weights.shape[1], level.max() + 1)), np.zeros((weights.shape[1], level.max() + 1))
-    np.add.at(pos, (group[y == 1], level[y == 1]), 1.0)
-    np.add.at(neg, (group[y == 0], level[y == 0]), 1.0)
-    p, q = weights @ pos, weights @ neg  # resamples x score levels
-    below = np.cumsum(q, axis=1) - q  # negatives scored strictly lower, per level
-    num, den = (p * (below + 0.5 * q)).sum(axis=1), p.sum(axis=1) * q.sum(axis=1)
-    return value, *_percentiles(num[den > 0] / den[den > 0], confidence)
-
-
-def problem_bootstrap_brier(
-    scores: Any, truth: Any, problems: Any, n_boot: int = 2000, seed: int = 0, confidence: float = 0.95
-) -> tuple[float, float, float]:
-    """(Brier score, low, high): :func:`erprm_core.stats.brier_score` of ``scores`` against ``truth``, with a
-    percentile bootstrap interval over problems (the resamples of :func:`problem_bootstrap_auroc`). All NaN
-    when there are no values."""
-    s = np.asarray(scores, dtype=float).ravel()
-    y = np.asarray(truth, dtype=float).ravel()
-    if s.size == 0:
-        return float("nan"), float("nan"), float("nan")
-    value = stats.brier_score(s, y)  # checks shapes, NaN and the [0, 1] range
-    group, weights = _problem_resamples(problems, n_boot, seed)
-    if group.size != s.size:
-        raise ValueError(f"problems has {group.size} values, scores has {s.size}")
-    sums, counts = np.bincount(group, weights=(s - y) ** 2), np.bincount(group).astype(float)
-    return value, *_percentiles((weights @ sums) / (weights @ counts), confidence)
-
-
 def truth_steps(records: Sequence[dict[str, Any]], rule: str) -> pd.DataFrame:
     """One row per labelled step of ``rule`` in records with a ground truth: ``problem_id, label, truth``
     (1 for a step before the solution's first error, 0 at or after it) and ``steps_remaining`` (steps after
@@ -326,9 +258,9 @@ def label_quality_table(records: Sequence[dict[str, Any]], n_boot: int = 2000, s
     ``auroc_vs_truth``: the AUROC of the rule's labels (:func:`truth_steps`) for "step before the first
     error" (positive) against "at or after it", over all labelled steps (``steps_remaining`` "all") and by
     the number of steps that follow the step ("0", "1", ...), with a 95% bootstrap interval over problems
-    (:func:`problem_bootstrap_auroc`) and ``n`` labelled steps (groups with one class only get NaN); and
+    (:func:`erprm_core.stats.problem_bootstrap_auroc`) and ``n`` labelled steps (groups with one class only get NaN); and
     ``brier_vs_truth``, the mean squared difference between label and truth on the same steps
-    (:func:`problem_bootstrap_brier`): AUROC only sees how a rule ranks steps, and every ER label ranks them
+    (:func:`erprm_core.stats.problem_bootstrap_brier`): AUROC only sees how a rule ranks steps, and every ER label ranks them
     as the soft label does (it is increasing in p), while the Brier score also sees how far the labels are
     from the truth, which eta moves.
     Columns: :data:`QUALITY_COLUMNS`. Empty when no record has a ground truth.
@@ -341,8 +273,8 @@ def label_quality_table(records: Sequence[dict[str, Any]], n_boot: int = 2000, s
         groups += [(str(k), g) for k, g in steps.groupby("steps_remaining", sort=True)]
         for remaining, g in groups:
             for metric, fn in (
-                ("auroc_vs_truth", problem_bootstrap_auroc),
-                ("brier_vs_truth", problem_bootstrap_brier),
+                ("auroc_vs_truth", stats.problem_bootstrap_auroc),
+                ("brier_vs_truth", stats.problem_bootstrap_brier),
             ):
                 value, low, high = fn(g["label"], g["truth"], g["problem_id"], n_boot, seed)
                 rows.append(

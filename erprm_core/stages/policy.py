@@ -509,7 +509,7 @@ def evaluate_policy(
     Greedy decoding runs on every problem; ``n_samples`` samples per problem run on the first
     ``n_sample_problems`` (all when None) and give the unbiased pass@k estimator for each k in ``ks``
     (k > n_samples are left out) with a bootstrap 95% interval over problems. The table also has
-    ``sample_accuracy`` (mean sample correctness) and ``truncated`` rates. ``by_steps`` breaks greedy
+    ``sample_accuracy`` (mean sample correctness, interval over problems) and ``truncated`` rates. ``by_steps`` breaks greedy
     accuracy down by the problems' ``n_steps`` (or number of reference lines when absent).
     """
     if not problems:
@@ -538,7 +538,8 @@ def evaluate_policy(
             per_problem = np.asarray(evaluators.pass_at_k(n_correct, n_samples, k), dtype=float)
             mean, lo, hi = stats.bootstrap_ci(per_problem, seed=seed)
             rows.append({"metric": "pass_at_k", "k": k, "value": mean, "ci_low": lo, "ci_high": hi})
-        rows.append({"metric": "sample_accuracy", "k": 1, "value": float(correct.mean())})
+        mean, lo, hi = stats.bootstrap_ci(correct.mean(axis=1), seed=seed)  # samples of a problem: one unit
+        rows.append({"metric": "sample_accuracy", "k": 1, "value": mean, "ci_low": lo, "ci_high": hi})
         rows.append(
             {"metric": "sample_truncated", "k": 1, "value": float(np.mean([r["truncated"] for r in samples]))}
         )

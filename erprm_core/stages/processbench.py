@@ -7,8 +7,10 @@ step scored below a threshold, -1 when none is) and reports the F1 of the accura
 
 - ``synthetic`` (tiny, smoke): the same metric on the 04 best-of-N pool of task ``arith``, whose every step
   has a ground truth (:func:`erprm_core.tasks.arith_truth.first_error`); the step scores are the ones 04
-  computed (no model runs), over the distinct solutions of the test problems, for every rule 04 scored; the
-  F1 interval is a bootstrap over problems (a problem's candidates are not independent). Also the share of
+  computed (no model runs), for every rule 04 scored, in two views (:data:`VIEWS`: the distinct solutions,
+  and the pool with its duplicates), at the paper's threshold 0.5 and at each rule's threshold chosen by 03
+  on validation problems (``prm_truth``), with the threshold-free step AUROC against the truth beside them.
+  Every interval is a bootstrap over problems (a problem's candidates are not independent). Also the share of
   solutions of each error type whose first error is named exactly.
 - ``processbench`` (paper profiles): the real benchmark (hub ``Qwen/ProcessBench`` or a local folder of
   ``<split>.json``) for the PRMs that 03 trained (``rules``) and released checkpoints (``released_prms``,
@@ -42,9 +44,16 @@ log = logging.getLogger(__name__)
 STAGE = "07_processbench"
 BENCHMARKS = ("synthetic", "processbench")
 EVAL_COLUMNS = [
-    "benchmark", "prm", "split", "n", "n_error", "n_correct", "n_excluded", "error_acc", "correct_acc", "f1",
-    "f1_low", "f1_high", "threshold",
+    "benchmark", "prm", "split", "view", "threshold", "threshold_source", "n", "n_error", "n_correct",
+    "n_excluded", "error_acc", "correct_acc", "f1", "f1_low", "f1_high", "step_auroc", "step_auroc_low",
+    "step_auroc_high",
 ]  # fmt: skip
+VIEWS = {
+    "distinct": "each distinct solution once",
+    "pool": "each candidate as often as it occurs in the pool",
+}
+"""The two weightings of the synthetic benchmark: the deduplicated set is mostly wrong solutions (a wrong
+solution is rarely sampled twice), the pool the PRM ranks in 04 is not."""
 SYNTHETIC_SPLIT = "arith-pool"  # the split name of the synthetic twin: the 04 pool's distinct solutions
 
 
@@ -143,12 +152,16 @@ def run(config: ProcessBenchConfig) -> ProcessBenchResult:
 # ----------------------------------------------------------------------------------------------------
 
 
-def pool_step_scores(profile: str, rules: str = "all") -> tuple[list[dict[str, Any]], dict[str, list[Any]]]:
-    """The distinct solutions of the 04 pool (:func:`~erprm_core.stages.bon_tables.distinct_solutions`) and,
-    per rule that 04 scored (all, or the comma list ``rules``), their step scores in the same order."""
+def pool_step_scores(
+    profile: str, rules: str = "all"
+) -> tuple[list[dict[str, Any]], dict[str, list[Any]], list[int]]:
+    """The distinct solutions of the 04 pool (:func:`~erprm_core.stages.bon_tables.distinct_solutions`), per
+    rule that 04 scored (all, or the comma list ``rules``) their step scores in the same order, and how many
+    candidates of the pool each distinct solution stands for."""
     p = artifacts.paths(profile)
     cand_file = artifacts.require(p.pool / "candidates.jsonl", "04_best_of_n", profile, "the candidate pool")
-    _, items, _ = bon_tables.distinct_solutions(artifacts.read_jsonl(cand_file))
+    keys, items, _ = bon_tables.distinct_solutions(artifacts.read_jsonl(cand_file))
+    multiplicity = pd.Series(keys).value_counts()
     root = p.pool / "scores"
     scored = (
         sorted((d.name for d in root.iterdir() if d.is_dir()), key=labels.rule_sort_key)
@@ -174,45 +187,92 @@ def pool_step_scores(profile: str, rules: str = "all") -> tuple[list[dict[str, A
                 f"{root / rule}: step scores missing for {len(lost)} pool solution(s); rerun 04"
             )
         out[rule] = [by_key[it["key"]] for it in items]
-    return items, out
+    return items, out, [int(multiplicity[it["key"]]) for it in items]
+
+
+def validation_thresholds(profile: str) -> dict[str, float]:
+    """Each rule's first-error threshold chosen by 03 on its held-out (validation) problems (``prm_truth``);
+    empty when 03 wrote none (a task without step-level truth)."""
+    if not artifacts.paths(profile).table("prm_truth").is_file():
+        return {}
+    t = artifacts.read_table(profile, "prm_truth")
+    if "threshold_source" not in t.columns:
+        return {}
+    rows = t[(t["metric"] == "first_error_f1") & (t["threshold_source"] == "validation")]
+    return {str(r.rule): float(r.threshold) for r in rows.itertuples()}
+
+
+def step_truth(steps: list[Any], first: int) -> list[int]:
+    """1 for every step before the first error (every step when there is none), 0 from it on."""
+    cut = len(steps) if first < 0 else first
+    return [int(i < cut) for i in range(len(steps))]
+
+
+def _view_rows(
+    rule: str, view: str, scores: list[Any], first: list[int], groups: list[str],
+    thresholds: list[tuple[float, str]],
+    c: ProcessBenchConfig,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """The ``step_eval`` rows of one rule and view: one per threshold, with the step AUROC beside them."""
+    flat = [(g, v, t) for g, s, f in zip(groups, scores, first, strict=True)
+            for v, t in zip(s, step_truth(s, f), strict=True) if v is not None]  # fmt: skip
+    auroc = stats.problem_bootstrap_auroc([v for _, v, _ in flat], [t for *_, t in flat],
+                                          [g for g, *_ in flat], c.n_boot, c.seed)  # fmt: skip
+    rows = []
+    for threshold, source in thresholds:
+        preds = [processbench.first_error(s, threshold) for s in scores]
+        keep = [i for i, p in enumerate(preds) if p is not None]
+        m = pbe.metrics(scores, first, threshold)
+        ci = pbe.first_error_f1([preds[i] for i in keep], [first[i] for i in keep], n_boot=c.n_boot,
+                                seed=c.seed, groups=[groups[i] for i in keep])  # fmt: skip
+        rows.append({"benchmark": "synthetic", "prm": rule, "split": SYNTHETIC_SPLIT, "view": view, **m,
+                     "threshold_source": source, "f1_low": ci["f1_low"], "f1_high": ci["f1_high"],
+                     "step_auroc": auroc[0], "step_auroc_low": auroc[1], "step_auroc_high": auroc[2]})  # fmt: skip
+    return rows
 
 
 def synthetic_benchmark(c: ProcessBenchConfig) -> ProcessBenchResult:
-    """First-error F1 of every rule on the 04 pool's distinct solutions against the arith ground truth."""
-    items, scores = pool_step_scores(c.profile, c.rules)
+    """First-error F1 and step AUROC of every rule on the 04 pool against the arith ground truth, in both
+    :data:`VIEWS`, at ``threshold`` and at the rule's validation threshold (:func:`validation_thresholds`)."""
+    items, scores, multiplicity = pool_step_scores(c.profile, c.rules)
     truth = [arith_truth.first_error(it["question"], it["steps"]) for it in items]
     first, types = [t[0] for t in truth], [t[1] for t in truth]
-    groups = [it["problem_id"] for it in items]
+    groups = [str(it["problem_id"]) for it in items]
+    tuned = validation_thresholds(c.profile)
+    pooled = [i for i, k in enumerate(multiplicity) for _ in range(k)]  # every candidate of the pool
     rows, sweeps, by_type = [], [], []
     for rule, step_scores in scores.items():
-        preds = [processbench.first_error(s, c.threshold) for s in step_scores]
-        keep = [i for i, p in enumerate(preds) if p is not None]
-        m = pbe.metrics(step_scores, first, c.threshold)
-        ci = pbe.first_error_f1([preds[i] for i in keep], [first[i] for i in keep], n_boot=c.n_boot,
-                                seed=c.seed, groups=[groups[i] for i in keep])  # fmt: skip
-        rows.append({"benchmark": "synthetic", "prm": rule, "split": SYNTHETIC_SPLIT, **m,
-                     "f1_low": ci["f1_low"], "f1_high": ci["f1_high"]})  # fmt: skip
+        thresholds = [(float(c.threshold), "paper")] + (
+            [(tuned[rule], "validation")] if rule in tuned else []
+        )
+        for view, idx in (("distinct", range(len(items))), ("pool", pooled)):
+            rows += _view_rows(rule, view, [step_scores[i] for i in idx], [first[i] for i in idx],
+                               [groups[i] for i in idx], thresholds, c)  # fmt: skip
         sweeps.extend(
             {"prm": rule, "split": SYNTHETIC_SPLIT, **r} for r in pbe.threshold_sweep(step_scores, first)
         )
-        by_type.extend(_type_rows(rule, preds, first, types))
+        preds = [processbench.first_error(s, c.threshold) for s in step_scores]
+        by_type.extend(_type_rows(rule, preds, first, types, groups, c))
     table = pd.DataFrame(rows, columns=EVAL_COLUMNS)
     sweep = pd.DataFrame(sweeps)[["prm", *pbe.SWEEP_COLUMNS]]
     counts = pd.Series(types).value_counts()
-    log.info("synthetic benchmark: %d distinct solutions of %d problems; error types %s",
-             len(items), len(set(groups)), counts.to_dict())  # fmt: skip
+    log.info("synthetic benchmark: %d distinct solutions (%d candidates) of %d problems; error types %s",
+             len(items), len(pooled), len(set(groups)), counts.to_dict())  # fmt: skip
     return ProcessBenchResult(table, sweep, pd.DataFrame(by_type))
 
 
-def _type_rows(rule: str, preds: list[Any], first: list[int], types: list[str]) -> list[dict[str, Any]]:
-    """Per error type: the share of solutions whose first error the PRM names exactly (Wilson interval); for
-    type "none" (all steps right) the share it passes (predicts -1). Undetermined predictions are left out."""
+def _type_rows(
+    rule: str, preds: list[Any], first: list[int], types: list[str], groups: list[str], c: ProcessBenchConfig
+) -> list[dict[str, Any]]:
+    """Per error type: the share of distinct solutions whose first error the PRM names exactly (interval over
+    problems); for type "none" (all steps right) the share it passes (predicts -1). Undetermined predictions
+    are left out."""
     rows = []
     for kind in sorted(set(types)):
-        hits = [(p == -1) if kind == "none" else (p == f)
-                for p, f, t in zip(preds, first, types, strict=True) if t == kind and p is not None]  # fmt: skip
+        sel = [i for i, (p, t) in enumerate(zip(preds, types, strict=True)) if t == kind and p is not None]
+        hits = [float(preds[i] == -1) if kind == "none" else float(preds[i] == first[i]) for i in sel]
         if hits:
-            acc, low, high = stats.accuracy_ci(hits)
+            acc, low, high = stats.cluster_mean_ci(hits, [groups[i] for i in sel], c.n_boot, c.seed)
             rows.append({"prm": rule, "error_type": kind, "accuracy": acc, "ci_low": low, "ci_high": high,
                          "n": len(hits)})  # fmt: skip
     return rows
@@ -256,8 +316,9 @@ def real_benchmark(c: ProcessBenchConfig) -> ProcessBenchResult:
             log.warning(
                 "%s: records not fully scored (counted, never dropped):\n%s", name, not_ok.to_string()
             )
-        tables.append(res.summary.assign(benchmark="processbench", prm=name))
+        tables.append(res.summary.assign(benchmark="processbench", prm=name, view="records",
+                                         threshold_source="paper"))  # fmt: skip
         sweeps.append(res.sweep.assign(prm=name))
-    table = pd.concat(tables, ignore_index=True)[EVAL_COLUMNS]
+    table = pd.concat(tables, ignore_index=True).reindex(columns=EVAL_COLUMNS)
     sweep = pd.concat(sweeps, ignore_index=True)[["prm", *pbe.SWEEP_COLUMNS]]
     return ProcessBenchResult(table, sweep, pd.DataFrame())

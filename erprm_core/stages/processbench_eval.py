@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from erprm_core import processbench
+from erprm_core import processbench, stats
 from erprm_core.io import ArtifactError, Audit, atomic_write_json, atomic_write_text
 from erprm_core.prm import ProcessRewardModel
 from erprm_core.running.artifacts import prepare_shard_folder, run_sharded
@@ -112,7 +112,8 @@ def first_error_f1(
     plus ``n``, ``n_error`` and ``n_correct`` (records with and without a wrong step).
 
     The bootstrap resamples records, or whole groups when ``groups`` gives each record's group (use the
-    problem id when several solutions of one problem are scored: they are not independent).
+    problem id when several solutions of one problem are scored: they are not independent). Each resample's
+    two accuracies are ratios of per-group sums (:func:`erprm_core.stats.problem_resample_weights`).
 
     >>> r = first_error_f1([1, -1, 2, -1], [1, 3, -1, -1], n_boot=200)
     >>> (r["error_acc"], r["correct_acc"], r["f1"], r["n_error"])
@@ -120,18 +121,20 @@ def first_error_f1(
     """
     preds, labs = np.asarray(list(predictions), dtype=int), np.asarray(list(truth), dtype=int)
     point = processbench.f1(preds.tolist(), labs.tolist())
-    codes = pd.factorize(pd.Series(list(groups)))[0] if groups is not None else np.arange(len(preds))
-    if len(codes) != len(preds):
-        raise ValueError(f"{len(codes)} groups for {len(preds)} predictions")
-    members = [np.flatnonzero(codes == g) for g in range(int(codes.max()) + 1)] if len(codes) else []
-    rng = np.random.default_rng(seed)
-    boot = []
-    for _ in range(n_boot if members else 0):
-        idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
-        value = processbench.f1(preds[idx].tolist(), labs[idx].tolist())["f1"]
-        if not math.isnan(value):
-            boot.append(value)
-    low, high = np.quantile(boot, [(1 - confidence) / 2, (1 + confidence) / 2]) if boot else (math.nan,) * 2
+    names = [str(g) for g in groups] if groups is not None else [str(i) for i in range(len(preds))]
+    if len(names) != len(preds):
+        raise ValueError(f"{len(names)} groups for {len(preds)} predictions")
+    low = high = math.nan
+    if len(preds):
+        group, draws = stats.problem_resample_weights(names, n_boot, seed)
+        is_error = labs != -1
+        hit = np.where(is_error, preds == labs, preds == -1).astype(float)
+        sums = [np.bincount(group, weights=hit * mask) for mask in (is_error, ~is_error)]
+        counts = [np.bincount(group, weights=mask.astype(float)) for mask in (is_error, ~is_error)]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            err, cor = ((draws @ s_) / (draws @ c_) for s_, c_ in zip(sums, counts, strict=True))
+            f1 = np.where(err + cor > 0, 2 * err * cor / (err + cor), 0.0)
+        low, high = stats.percentile_interval(np.where(np.isnan(err) | np.isnan(cor), np.nan, f1), confidence)
     n_error = int((labs != -1).sum())
     return {**point, "f1_low": float(low), "f1_high": float(high), "n": len(labs), "n_error": n_error,
             "n_correct": len(labs) - n_error}  # fmt: skip

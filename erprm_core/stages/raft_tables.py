@@ -46,6 +46,8 @@ PAIRED_COLUMNS = [
     "n",
     "n_better",
     "n_worse",
+    "family",
+    "selection",
 ]
 
 
@@ -166,7 +168,9 @@ def raft_paired_table(records: Sequence[dict[str, Any]], reference_prefix: str =
 
     ``diff`` = accuracy(reward_model) - accuracy(versus) with a 95% bootstrap interval over problems and a
     sign-flip permutation p-value (:func:`erprm_core.stats.paired_bootstrap_diff`); ``n_better`` /
-    ``n_worse``: problems only the reward_model's policy / only the other one solves.
+    ``n_worse``: problems only the reward_model's policy / only the other one solves. The comparisons of one
+    reward model at one iteration form a ``family`` (fixed in advance by the design: ``selection``
+    "prespecified"); ``p_holm`` is Holm's adjustment of ``p_value`` within it.
     """
     runs = [r for r in records if r["reward_model"] != BASELINE]
     by_key = {(r["reward_model"], r["iteration"]): r for r in runs}
@@ -190,9 +194,12 @@ def raft_paired_table(records: Sequence[dict[str, Any]], reference_prefix: str =
                         "n": d.n_problems,
                         "n_better": d.n_a_better,
                         "n_worse": d.n_b_better,
+                        "family": f"iteration {it}: {ref} vs the other reward models",
+                        "selection": "prespecified",
                     }
                 )
-    return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
+    out = pd.DataFrame(rows, columns=PAIRED_COLUMNS)
+    return out.assign(p_holm=stats.family_holm(out["p_value"], out["family"]))
 
 
 def raft_audit(profile: str, reward_models: str | Sequence[str], iterations: int) -> pd.DataFrame:

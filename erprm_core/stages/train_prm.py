@@ -29,7 +29,7 @@ from erprm_core.prm import ProcessRewardModel
 from erprm_core.running import artifacts, numerics
 from erprm_core.running.config import parse_names
 from erprm_core.stages._common import StageConfig, record
-from erprm_core.stages.processbench_eval import first_error_f1
+from erprm_core.stages.processbench_eval import first_error_f1, threshold_sweep
 from erprm_core.tasks import arith_truth
 
 log = logging.getLogger(__name__)
@@ -355,7 +355,8 @@ def heldout_metrics(scores: pd.DataFrame, n_bins: int = 10, position_bins: int =
     ``auroc_last`` / ``auroc_min`` (last-step / min score against the outcome), ``mean_score``,
     ``argmin_at_first_dead_step`` (incorrect solutions: the min falls on the first step whose hard label
     is 0, i.e. the first step after which no completion reached the answer);
-    calibration (rule, bin, bin_low, bin_high, mean_pred, mean_target, count);
+    calibration (rule, bin, bin_low, bin_high, mean_pred, mean_target, count, ci_low, ci_high: the interval
+    of ``mean_target`` resampling problems);
     min_position (rule, outcome, bin, bin_low, bin_high, count, fraction): where in the solution
     (relative position 0 = first step, 1 = last) the minimum step score falls, solutions of >= 2 steps.
     """
@@ -370,7 +371,11 @@ def heldout_metrics(scores: pd.DataFrame, n_bins: int = 10, position_bins: int =
             metric_rows.append(
                 (rule, "ece", stats.expected_calibration_error(lab["score"], lab["label"], n_bins), len(lab))
             )
-            calib.append(stats.calibration_bins(lab["score"], lab["label"], n_bins).assign(rule=rule))
+            calib.append(
+                stats.calibration_bins(lab["score"], lab["label"], n_bins, lab["problem_id"]).assign(
+                    rule=rule
+                )
+            )
         metric_rows.append((rule, "mean_score", float(g["score"].mean()), len(g)))
         sr = sols[sols["rule"] == rule]
         if len(sr):
@@ -382,7 +387,17 @@ def heldout_metrics(scores: pd.DataFrame, n_bins: int = 10, position_bins: int =
                 metric_rows.append((rule, "argmin_at_first_dead_step", hit, len(wrong)))
         positions += _min_position_rows(rule, sr, edges, position_bins)
     metrics = pd.DataFrame(metric_rows, columns=["rule", "metric", "value", "n"])
-    calib_cols = ["rule", "bin", "bin_low", "bin_high", "mean_pred", "mean_target", "count"]
+    calib_cols = [
+        "rule",
+        "bin",
+        "bin_low",
+        "bin_high",
+        "mean_pred",
+        "mean_target",
+        "count",
+        "ci_low",
+        "ci_high",
+    ]
     calibration = (
         pd.concat(calib, ignore_index=True)[calib_cols] if calib else pd.DataFrame(columns=calib_cols)
     )
@@ -393,27 +408,20 @@ def heldout_metrics(scores: pd.DataFrame, n_bins: int = 10, position_bins: int =
 # Held-out checks against the ground truth (task arith)
 # ----------------------------------------------------------------------------------------------------
 
-TRUTH_COLUMNS = ["rule", "metric", "aggregation", "value", "ci_low", "ci_high", "n"]
+TRUTH_COLUMNS = [
+    "rule",
+    "metric",
+    "aggregation",
+    "threshold",
+    "threshold_source",
+    "value",
+    "ci_low",
+    "ci_high",
+    "n",
+]
 TRUTH_METRICS = ("within_problem_pairwise", "first_error_f1", "error_acc", "correct_acc")
-
-
-def within_problem_pairwise(problem_ids: Any, outcomes: Any, scores: Any) -> pd.Series:
-    """Per problem with at least one correct and one wrong solution: the share of its (correct, wrong)
-    solution pairs whose correct solution has the higher score, a tie counting one half. Indexed by problem
-    id (first-seen order); problems with one outcome only are left out.
-
-    >>> within_problem_pairwise(["a", "a", "a"], [1, 0, 0], [0.9, 0.5, 0.9]).tolist()
-    [0.75]
-    """
-    frame = pd.DataFrame({"problem_id": problem_ids, "outcome": outcomes, "score": scores})
-    shares = {}
-    for pid, g in frame.groupby("problem_id", sort=False):
-        right = g.loc[g["outcome"] == 1, "score"].to_numpy(dtype=float)
-        wrong = g.loc[g["outcome"] == 0, "score"].to_numpy(dtype=float)
-        if right.size and wrong.size:
-            diff = right[:, None] - wrong[None, :]
-            shares[pid] = float(((diff > 0) + 0.5 * (diff == 0)).mean())
-    return pd.Series(shares, dtype=float, name="pairwise")
+PAPER_THRESHOLD = 0.5
+"""ProcessBench's threshold: a step scored below it is the predicted first error."""
 
 
 def record_first_errors(records: Sequence[dict[str, Any]]) -> dict[tuple[Any, Any], int]:
@@ -430,40 +438,58 @@ def record_first_errors(records: Sequence[dict[str, Any]]) -> dict[tuple[Any, An
     return out
 
 
-def _truth_rows(rule: str, shares: pd.Series, preds: list[int], truth: list[int], n_boot: int, seed: int):
-    """The :data:`TRUTH_COLUMNS` rows of one rule (see :func:`truth_metrics`)."""
-    how = "last" if rule == "orm" else "min"
-    pair = stats.bootstrap_ci(shares.to_numpy(), n_boot=n_boot, seed=seed) if len(shares) else (math.nan,) * 3
-    rows = [(rule, "within_problem_pairwise", how, *pair, len(shares))]
-    f1 = first_error_f1(preds, truth, n_boot=n_boot, seed=seed)
-    rows.append((rule, "first_error_f1", "", f1["f1"], f1["f1_low"], f1["f1_high"], f1["n"]))
-    error_hits = [p == t for p, t in zip(preds, truth, strict=True) if t != -1]
-    correct_hits = [p == -1 for p, t in zip(preds, truth, strict=True) if t == -1]
-    for metric, hits in (("error_acc", error_hits), ("correct_acc", correct_hits)):
-        acc = stats.accuracy_ci(hits) if hits else (math.nan,) * 3
-        rows.append((rule, metric, "", *acc, len(hits)))
+def choose_threshold(step_scores: Sequence[Sequence[float]], truth: Sequence[int]) -> float:
+    """The threshold of :data:`~erprm_core.stages.processbench_eval.DEFAULT_THRESHOLDS` with the highest
+    first-error F1 of ``step_scores`` against ``truth`` (ties: the one nearest 0.5). A rule's labels have
+    their own mean (soft labels sit lower than hard ones), so one fixed threshold favours some rules: 03
+    chooses each rule's threshold on its held-out (validation) problems and 07 applies it to the test pool."""
+    sweep = pd.DataFrame(threshold_sweep(step_scores, truth)).dropna(subset=["f1"])
+    if sweep.empty:
+        return PAPER_THRESHOLD
+    best = sweep.assign(_d=(sweep["threshold"] - PAPER_THRESHOLD).abs())
+    return float(best.sort_values(["f1", "_d"], ascending=[False, True], kind="stable")["threshold"].iloc[0])
+
+
+def first_error_rows(
+    rule: str, problems: Sequence[Any], step_scores: Sequence[Sequence[float]], truth: Sequence[int],
+    threshold: float, source: str, n_boot: int = 2000, seed: int = 0,
+) -> list[tuple]:  # fmt: skip
+    """The :data:`TRUTH_COLUMNS` rows ``first_error_f1``, ``error_acc`` and ``correct_acc`` of one rule at
+    ``threshold``: every interval resamples whole problems (``problems[i]`` is solution i's problem).
+    Solutions whose prediction hinges on an unscored step are left out."""
+    preds = [processbench.first_error(s, threshold) for s in step_scores]
+    keep = [i for i, p in enumerate(preds) if p is not None]
+    p_, t_, g_ = ([seq[i] for i in keep] for seq in (preds, truth, problems))
+    f1 = first_error_f1(p_, t_, n_boot=n_boot, seed=seed, groups=g_)
+    rows = [(rule, "first_error_f1", "", threshold, source, f1["f1"], f1["f1_low"], f1["f1_high"], f1["n"])]
+    for metric, is_error in (("error_acc", True), ("correct_acc", False)):
+        sub = [i for i, t in enumerate(t_) if (t != -1) == is_error]
+        hits = [float(p_[i] == t_[i]) if is_error else float(p_[i] == -1) for i in sub]
+        ci = stats.cluster_mean_ci(hits, [g_[i] for i in sub], n_boot, seed) if sub else (math.nan,) * 3
+        rows.append((rule, metric, "", threshold, source, *ci, len(sub)))
     return rows
 
 
 def truth_metrics(
     scores: pd.DataFrame,
     records: Sequence[dict[str, Any]],
-    threshold: float = 0.5,
     n_boot: int = 2000,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Held-out checks of every rule's PRM against the ground truth (:data:`TRUTH_COLUMNS`, 95% intervals).
+    """Held-out checks of every rule's PRM against the ground truth (:data:`TRUTH_COLUMNS`, 95% intervals,
+    each resampling whole problems: solutions of one problem are not independent).
 
     ``scores``: :func:`heldout_step_scores` rows; ``records``: the scored label records (their
     ``first_error``, :func:`record_first_errors`). Per rule, over the solutions with a ground truth:
     ``within_problem_pairwise`` (``aggregation`` min, last for the ORM: the rule's headline aggregation):
-    the mean over problems with both outcomes of :func:`within_problem_pairwise`, bootstrap interval over
-    problems, ``n`` problems; ``first_error_f1``: ProcessBench's F1 of the first step scored below
-    ``threshold`` (:func:`erprm_core.processbench.first_error`) against the true first error (:func:`first_error_f1`,
-    bootstrap interval over records, ``n`` records; solutions whose prediction hinges on an unscored step
-    are left out); ``error_acc`` / ``correct_acc``: its two accuracies (Wilson intervals, ``n`` records in
-    each subset). A solution that stops after right steps without an answer line has its first error at
-    ``len(steps)``, which no step score can name. Empty when no record has a ground truth.
+    the mean over problems with both outcomes of :func:`erprm_core.stats.within_problem_pairwise`, ``n`` problems;
+    ``first_error_f1``: ProcessBench's F1 of the first step scored below ``threshold``
+    (:func:`erprm_core.processbench.first_error`) against the true first error, ``n`` solutions, with its two
+    accuracies ``error_acc`` / ``correct_acc`` (:func:`first_error_rows`), at the paper's threshold 0.5
+    (``threshold_source`` "paper") and at the rule's threshold chosen on these held-out problems
+    (:func:`choose_threshold`, "validation"), the one 07 applies to the test pool. A solution that stops
+    after right steps without an answer line has its first error at ``len(steps)``, which no step score can
+    name. Empty when no record has a ground truth.
     """
     truth = record_first_errors(records)
     if not truth:
@@ -473,16 +499,23 @@ def truth_metrics(
     rows = []
     for rule in known["rule"].unique():
         sr = sols[sols["rule"] == rule]
-        shares = within_problem_pairwise(
-            sr["problem_id"], sr["outcome"], sr["last" if rule == "orm" else "min"]
+        how = "last" if rule == "orm" else "min"
+        shares = stats.within_problem_pairwise(sr["problem_id"], sr["outcome"], sr[how])
+        pair = (
+            stats.bootstrap_ci(shares.to_numpy(), n_boot=n_boot, seed=seed)
+            if len(shares)
+            else (math.nan,) * 3
         )
-        preds, labs = [], []
-        for key, g in known[known["rule"] == rule].groupby(["problem_id", "sample_index"], sort=False):
-            pred = processbench.first_error(g.sort_values("step")["score"].tolist(), threshold)
-            if pred is not None:
-                preds.append(pred)
-                labs.append(truth[key])
-        rows += _truth_rows(rule, shares, preds, labs, n_boot, seed)
+        rows.append((rule, "within_problem_pairwise", how, math.nan, "", *pair, len(shares)))
+        groups = list(known[known["rule"] == rule].groupby(["problem_id", "sample_index"], sort=False))
+        problems = [key[0] for key, _ in groups]
+        step_scores = [g.sort_values("step")["score"].tolist() for _, g in groups]
+        firsts = [truth[key] for key, _ in groups]
+        for threshold, source in (
+            (PAPER_THRESHOLD, "paper"),
+            (choose_threshold(step_scores, firsts), "validation"),
+        ):
+            rows += first_error_rows(rule, problems, step_scores, firsts, threshold, source, n_boot, seed)
     return pd.DataFrame(rows, columns=TRUTH_COLUMNS)
 
 
@@ -520,8 +553,9 @@ def evaluate_prm_rules(
     truth = truth_metrics(scores, records)
     out["truth"] = truth if len(truth) else None
     if len(truth):
+        at_paper = truth[truth["threshold_source"] != "validation"]  # prm_truth holds both thresholds
         out["metrics"] = pd.concat(
-            [out["metrics"], truth[["rule", "metric", "value", "n"]]], ignore_index=True
+            [out["metrics"], at_paper[["rule", "metric", "value", "n"]]], ignore_index=True
         )
     out["metrics"] = out["metrics"].assign(scoring=scoring)
     out["scores"] = scores
