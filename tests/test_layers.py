@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 MAX_INNER_IMPORTS = 10
 MAX_FUNCTION_LINES = 100
 MAX_MODULE_LINES = 800
-MAX_CORE_LINES = 4600  # 4500 until issue 30: SmolLM2 from its PyPI package (models), split step tags (prm)
+MAX_CORE_LINES = 4800  # 4500 until issue 30 (SmolLM2, split step tags); issue 28 moved problem-resampled
+# intervals, within-problem ranking and the policy's likelihood down from the stages
 
 # (layer, name, order). Order: groups from left to right; a module may import the modules of earlier groups
 # of its layer, never those of its own group or a later one. Names are relative to erprm_core ("" is the
@@ -72,8 +73,9 @@ LAYERS: list[tuple[int, str, list[list[str]]]] = [
         "running-base",
         [
             ["running"],
+            ["running.numerics"],
             ["running.workers"],
-            ["running.artifacts", "running.numerics", "running.reproducibility"],
+            ["running.artifacts", "running.reproducibility"],
             ["running.config"],
         ],
     ),
@@ -84,6 +86,7 @@ LAYERS: list[tuple[int, str, list[list[str]]]] = [
             ["stages"],
             ["stages._common"],
             ["stages.bon_tables", "stages.raft_tables", "stages.raft_models", "stages.processbench_eval"],
+            ["stages.bon_pool"],
             [
                 "stages.policy",
                 "stages.rollouts",
@@ -410,8 +413,9 @@ def test_right_to_left_import_in_a_layer_is_reported(tmp_path):
             "labels.py": "from erprm_core import steps\n",
             "running/__init__.py": "",
             "running/config.py": "from erprm_core.running import artifacts, numerics\n",
-            "running/artifacts.py": "from . import numerics\n",  # same group: not allowed either
+            "running/artifacts.py": "from . import reproducibility\n",  # same group: not allowed either
             "running/numerics.py": "",
+            "running/reproducibility.py": "",
         },
     )
     messages = layer_violations(s)
@@ -461,13 +465,13 @@ def test_more_than_ten_imports_inside_functions_fail(tmp_path):
 def test_long_function_large_module_and_large_core_fail(tmp_path):
     long_function = "class A:\n    def f(self):\n" + "        x = 1\n" * 100  # 101 lines from `def`
     s = _tree(
-        tmp_path, {"models.py": long_function, "grading.py": "x = 1\n" * 801, "io.py": "x = 1\n" * 3699}
+        tmp_path, {"models.py": long_function, "grading.py": "x = 1\n" * 801, "io.py": "x = 1\n" * 3899}
     )
     assert long_functions(s) == ["erprm_core/models.py:2: function A.f has 101 lines (limit 100)"]
     assert large_modules(s) == [
         "erprm_core/grading.py:1: 801 lines (limit 800)",
-        "erprm_core/io.py:1: 3699 lines (limit 800)",
+        "erprm_core/io.py:1: 3899 lines (limit 800)",
     ]
-    assert core_lines(s) == 102 + 801 + 3699 >= MAX_CORE_LINES
-    with pytest.raises(AssertionError, match="the core layer has 4602 lines"):
+    assert core_lines(s) == 102 + 801 + 3899 >= MAX_CORE_LINES
+    with pytest.raises(AssertionError, match="the core layer has 4802 lines"):
         test_core_stays_small(s)

@@ -87,7 +87,14 @@ def test_synthetic_benchmark_hand_computed(tmp_roots):
             profile=PROFILE, benchmark="synthetic", n_boot=200, cpu_numerics="default"
         )
     )
-    t = res.table.set_index("prm")
+    assert set(res.table["view"]) == {"distinct", "pool"} and set(res.table["threshold_source"]) == {"paper"}
+    pool = res.table[res.table["view"] == "pool"].set_index("prm")
+    # the pool view counts the duplicated right solution of each problem again: 12 candidates, 8 all-right
+    assert (pool.loc[["exact", "never", "early"], ["n", "n_correct"]] == [12, 8]).all().all()
+    assert pool.loc["exact", "f1"] == 1.0 and pool.loc["never", "correct_acc"] == 1.0
+    # threshold-free: "never" scores every step alike (a coin); nothing scored, nothing to rank
+    assert pool.loc["never", "step_auroc"] == 0.5 and math.isnan(pool.loc["lost", "step_auroc"])
+    t = res.table[res.table["view"] == "distinct"].set_index("prm")
     assert set(t.index) == set(scores)
     assert (t["split"] == processbench.SYNTHETIC_SPLIT).all() and (t["n"] == 8).all()
     exact, never, early, lost = t.loc["exact"], t.loc["never"], t.loc["early"], t.loc["lost"]
@@ -111,7 +118,7 @@ def test_synthetic_benchmark_hand_computed(tmp_roots):
     assert by_type.loc[("exact", "none"), ["accuracy", "n"]].tolist() == [1.0, 4]
 
     written = artifacts.read_table(PROFILE, "step_eval")
-    assert list(written["prm"]) == list(res.table["prm"])
+    assert list(written["prm"]) == list(res.table["prm"]) and list(written.columns) == processbench.EVAL_COLUMNS
     entry = json.loads(artifacts.paths(PROFILE).manifest.read_text())["stages"]["07_processbench"]
     assert entry["benchmark"] == "synthetic" and set(entry["prms"]) == set(scores)
 
