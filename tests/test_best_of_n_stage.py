@@ -262,6 +262,8 @@ def test_stage_end_to_end_and_resume(tmp_roots, tok, prm_dirs, monkeypatch):
     assert (paired["p_holm"] >= paired["p_value"] - 1e-12).all()
     smallest = free.loc[free["p_value"].idxmin()]
     assert smallest["p_holm"] == pytest.approx(min(1.0, 8 * smallest["p_value"]))
+    # 8 random-weight tokens never reach an answer line: no wrong candidate with an answer to show
+    assert res.example.empty and res.example_note == "no wrong candidate with an answer in the pool"
     ranking = res.ranking.set_index("method")
     assert list(ranking.index) == ["er_1:min", "hard:min", "soft:min", "orm:last", "likelihood", "fewer_steps"]
     assert ranking["value"].dropna().between(0, 1).all()
@@ -404,3 +406,26 @@ def test_paired_diff_treats_rounding_as_a_tie():
     )  # fmt: skip
     real = stats.paired_bootstrap_diff(a, np.where(np.arange(50) < 10, a - 0.5, b), n_boot=200)
     assert (real.n_a_better, real.n_b_better) == (10, 0) and real.diff == pytest.approx(0.1)
+
+
+def test_step_score_example_shows_the_top_ranked_wrong_candidate():
+    from erprm_core.tasks import arith_truth
+
+    prob = generate_problems(1, seed=0, split="test", min_steps=3, max_steps=3)[0]
+    right = arith_truth.expected_steps(prob)
+    wrong = list(right)
+    wrong[1] = wrong[1].replace("=", "= 1 +", 1)  # a wrong step 2
+    base = {"problem_id": prob["id"], "question": prob["question"], "task": "arith", "reference": prob["answer"]}
+    records = [
+        {**base, "candidate_index": 0, "steps": right, "correct": 1, "answer": "a", "pred": "a"},
+        {**base, "candidate_index": 1, "steps": wrong, "correct": 0, "answer": "b", "pred": "b"},
+        {**base, "candidate_index": 2, "steps": wrong[:2], "correct": 0, "answer": None, "pred": None},
+    ]
+    assert len(right) == 4  # three arithmetic steps and the answer line
+    scores = {"soft": [[0.9] * 4, [0.8, 0.3, 0.5, 0.6], [0.9, 0.9]],
+              "hard": [[0.9] * 4, [0.9, 0.9, 0.2, 0.4], [0.9, 0.9]]}  # fmt: skip
+    table, why = bon_tables.step_score_example(records, scores, np.array([0.9, 0.5, 0.99]))
+    assert "candidate 1" in why  # candidate 2 ranks higher but has no answer
+    assert table["truth"].tolist()[:4] == ["right", "first error", "after the error", "after the error"]
+    last = table.iloc[-1]
+    assert (last["step"], last["soft"], last["hard"], last["truth"]) == ("min at step", 2, 3, "first error: 2")

@@ -122,6 +122,10 @@ class BestOfNResult:
     audit: pd.DataFrame
     picks: pd.DataFrame
     ranking: pd.DataFrame
+    example: (
+        pd.DataFrame
+    )  # one wrong candidate's step scores under every rule (bon_tables.step_score_example)
+    example_note: str
     best_eta: dict[str, Any]
     headline: dict[str, str]
     stats: dict[str, Any] = field(default_factory=dict)
@@ -227,8 +231,12 @@ def _tables(c: BestOfNConfig, cands: CandidatePool, scored: ScoredPool, wanted: 
     if c.unanswered_last:
         picks.append(bon_tables.pick_audit(ranked, cands.records, methods).assign(ranking="answered first"))
     ranking = bon_tables.ranking_table(ranked, [*reward_models, *SCORE_BASELINES], c.n_boot, c.seed)
+    example = bon_tables.step_score_example(
+        cands.records, {r: scored.step_scores[r] for r in sorted(wanted, key=labels.rule_sort_key)},
+        ranked[headline["er"]].to_numpy(dtype=float),
+    )  # fmt: skip
     return {"bon": bon, "paired": paired["table"], "picks": pd.concat(picks, ignore_index=True),
-            "best": paired["best"], "headline": headline, "ranking": ranking}  # fmt: skip
+            "best": paired["best"], "headline": headline, "ranking": ranking, "example": example}  # fmt: skip
 
 
 def _paired(
@@ -306,7 +314,7 @@ def run(config: BestOfNConfig) -> BestOfNResult:
     With ``unanswered_last`` (default), candidates without a final answer (or truncated) rank below every
     answered candidate for every reward model and verifier; they stay in the pool for the random and oracle
     baselines. ``picks`` shows what each model picks at N_max with the raw and with the evaluated ranking.
-    Writes the tables ``pool_audit``, ``bon``, ``bon_paired``, ``bon_picks``, ``bon_ranking`` and the
+    Writes the tables ``pool_audit``, ``bon``, ``bon_paired``, ``bon_picks``, ``bon_ranking``, ``bon_example`` and the
     manifest entry. Same seed and inputs -> identical tables.
     """
     c = config
@@ -330,6 +338,8 @@ def run(config: BestOfNConfig) -> BestOfNResult:
         audit=cands.audit.to_frame(),
         picks=tables["picks"],
         ranking=tables["ranking"],
+        example=tables["example"][0],
+        example_note=tables["example"][1],
         best_eta=tables["best"],
         headline=tables["headline"],
         stats=stats,
@@ -339,6 +349,7 @@ def run(config: BestOfNConfig) -> BestOfNResult:
     artifacts.write_table(res.paired, c.profile, "bon_paired")
     artifacts.write_table(res.picks, c.profile, "bon_picks")
     artifacts.write_table(res.ranking, c.profile, "bon_ranking")
+    artifacts.write_table(res.example, c.profile, "bon_example")
     res.sweep = figures.eta_sweep_table(res.bon, c.n_max, c.aggregation)
     res.aggregations = bon_tables.aggregation_table(res.bon, c.n_max)
     policy = {t: artifacts.read_table(c.profile, t) for t in GREEDY_TABLES if p.table(t).is_file()}

@@ -466,3 +466,40 @@ def distinct_solutions(
         keys.append(index[k])
     pool_digest = artifacts.digest([[it["question"], it["steps"]] for it in items], ensure_ascii=False)
     return keys, items, pool_digest
+
+
+def step_score_example(
+    records: Sequence[Mapping[str, Any]], step_scores: Mapping[str, Sequence[Sequence[float]]], ranked: np.ndarray,
+) -> tuple[pd.DataFrame, str]:  # fmt: skip
+    """One candidate's step scores under every rule, beside its ground truth: the wrong candidate (with an
+    answer) that ``ranked`` (the headline reward model's evaluated scores, pool order) puts highest in the pool,
+    ties to the first. Rows: each step (its full text, ``truth`` from :mod:`erprm_core.tasks.arith_truth` for
+    the task arith: "right", "first error" or "after the error"; one score column per rule), then a row
+    ``min at step`` naming where each rule's minimum falls, the step a ``min`` aggregation judges by.
+    Returns the table and a sentence saying which candidate it is and why."""
+    from erprm_core.tasks import arith_truth
+
+    wrong = [
+        i for i, r in enumerate(records) if not r["correct"] and r.get("answer") is not None and r["steps"]
+    ]
+    if not wrong:
+        return pd.DataFrame(), "no wrong candidate with an answer in the pool"
+    i = max(wrong, key=lambda j: (ranked[j], -j))
+    rec = records[i]
+    first = arith_truth.first_error(rec["question"], rec["steps"])[0] if rec.get("task") == "arith" else None
+    truth = ["" if first is None else "right" if (first < 0 or k < first) else "first error" if k == first
+             else "after the error" for k in range(len(rec["steps"]))]  # fmt: skip
+    table = pd.DataFrame({"step": range(1, len(rec["steps"]) + 1), "text": rec["steps"], "truth": truth})
+    mins = {
+        "step": "min at step",
+        "text": "",
+        "truth": "" if first is None else f"first error: {first + 1 if first >= 0 else 'none'}",
+    }
+    for rule, per_candidate in step_scores.items():
+        s = np.array([np.nan if v is None else v for v in per_candidate[i]], dtype=float)
+        table[rule] = s
+        mins[rule] = int(np.nanargmin(s)) + 1 if np.isfinite(s).any() else None
+    table = pd.concat([table, pd.DataFrame([mins])], ignore_index=True)
+    why = (f"problem {rec['problem_id']}, candidate {rec['candidate_index']}: the wrong candidate the headline "
+           f"reward model ranks highest in the pool (its answer {rec.get('pred')!r}, the reference {rec.get('reference')!r})")  # fmt: skip
+    return table, why
