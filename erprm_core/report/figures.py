@@ -148,12 +148,15 @@ def plot_curves_with_bands(
 
 
 def headline_methods(bon: pd.DataFrame, er_rule: str, aggregation: str, orm_aggregation: str) -> list[str]:
-    """The methods of the headline comparison that exist in ``bon``: ER, hard, soft, ORM and baselines."""
+    """The methods of the headline comparison that exist in ``bon``: ER, hard, soft, ORM, the two verifiers that
+    need no training (the policy's likelihood, fewer steps) and the baselines."""
     wanted = [
         f"{er_rule}:{aggregation}",
         f"hard:{aggregation}",
         f"soft:{aggregation}",
         f"orm:{orm_aggregation}",
+        "likelihood",
+        "fewer_steps",
         "majority",
         "random",
         "oracle",

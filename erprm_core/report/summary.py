@@ -33,7 +33,8 @@ def summary_table(
     aggregation: str,
     orm_aggregation: str,
 ) -> pd.DataFrame:
-    """One row per method: best-of-N accuracy at N_max [95% CI], paired difference vs ER, RAFT final accuracy."""
+    """One row per method: best-of-N accuracy at N_max [95% CI], paired difference vs ER (raw and Holm-adjusted
+    p within its family, :func:`tests_note`), RAFT final accuracy."""
     n_max = int(bon["n"].max())
     rows = []
     methods = headline_methods(bon, er_rule, aggregation, orm_aggregation)
@@ -53,7 +54,8 @@ def summary_table(
             ]
             if not sel.empty:
                 d = sel.iloc[0]
-                diff = f"{d['diff'] * 100:+.1f} [{d['ci_low'] * 100:+.1f}, {d['ci_high'] * 100:+.1f}], p={d['p_value']:.3g}"
+                holm = f", Holm p={d['p_holm']:.3g}" if "p_holm" in d else ""
+                diff = f"{d['diff'] * 100:+.1f} [{d['ci_low'] * 100:+.1f}, {d['ci_high'] * 100:+.1f}], p={d['p_value']:.3g}{holm}"
         rule, _, weighted = labels.parse_method(method)
         rule = labels.method_name(rule, weighted=weighted)  # the method without its aggregation
         rows.append(
@@ -78,6 +80,21 @@ def summary_table(
     return pd.DataFrame(rows)
 
 
+def tests_note(paired: pd.DataFrame | None) -> str:
+    """Which paired comparisons of the summary were fixed in advance, and the family each p is adjusted in."""
+    if paired is None or "family" not in paired:
+        return ""
+    lines = []
+    for family, group in paired.groupby("family", sort=False):
+        if family.startswith(("headline", "reward models vs", "post hoc")):
+            how = group["selection"].iloc[0]
+            how = "fixed in advance" if how == "prespecified" else f"chosen after seeing the results ({how})"
+            lines.append(
+                f'- Tests "{family}": {len(group)} paired comparisons, {how}; p adjusted by Holm within them.'
+            )
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
 def _metric(table: pd.DataFrame | None, metric: str, **where: Any) -> pd.Series | None:
     if table is None or table.empty or "metric" not in table:
         return None
@@ -94,6 +111,7 @@ def summary_facts(
     sweep: pd.DataFrame | None,
     n_problems_pool: int | None = None,
     aggregation: str | None = None,
+    ranking: pd.DataFrame | None = None,
 ) -> str:
     """The setting behind the summary table, as Markdown bullets, from the stage tables only: the policy's
     greedy accuracy and pass@k, the rollouts the PRMs learned from, and the eta sweep at N_max. Facts whose
@@ -132,6 +150,15 @@ def summary_facts(
             f"- Best-of-{n} accuracy % along the eta sweep{pool}{how}: "
             + ", ".join(parts)
             + " (`eta_sweep.csv`)."
+        )
+    if ranking is not None and not ranking.empty:
+        parts = [
+            f"{style.method_label(r['method'])} {r['value']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+            for _, r in ranking.iterrows()
+        ]
+        lines.append(
+            f"- Ranking two candidates of one problem ({int(ranking['n_problems'].max())} test problems with both "
+            f"outcomes; 0.5 is a coin, interval over problems): " + ", ".join(parts) + " (`bon_ranking.csv`)."
         )
     return "\n".join(lines) + ("\n" if lines else "")
 

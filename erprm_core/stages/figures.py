@@ -19,7 +19,7 @@ from erprm_core.running import artifacts
 from erprm_core.running.config import parse_eta_grid
 from erprm_core.stages._common import StageConfig, repo_relative
 
-FACT_TABLES = ("policy_eval", "policy_accuracy_by_steps", "rollouts_summary")
+FACT_TABLES = ("policy_eval", "policy_accuracy_by_steps", "rollouts_summary", "bon_ranking")
 """Tables of the earlier stages that the summary's facts (and the greedy lines of figs. 2 and 3) use when they
 exist."""
 
@@ -91,10 +91,11 @@ def run(config: FiguresConfig) -> FiguresResult:
 
     res.summary = summary.summary_table(bon, paired, raft, c.er_rule, c.aggregation, c.orm_aggregation)
     facts_md = summary.summary_facts(
-        *facts.values(), res.sweep, n_problems_pool=int(bon["n_problems"].max()) if "n_problems" in bon else None,
-        aggregation=c.aggregation,
+        facts["policy_eval"], facts["policy_accuracy_by_steps"], facts["rollouts_summary"], res.sweep,
+        n_problems_pool=int(bon["n_problems"].max()) if "n_problems" in bon else None, aggregation=c.aggregation,
+        ranking=facts["bon_ranking"],
     )  # fmt: skip
-    res.summary_markdown = summary.to_markdown(res.summary) + "\n" + facts_md
+    res.summary_markdown = summary.to_markdown(res.summary) + "\n" + summary.tests_note(paired) + facts_md
     summary.write_summary(P.results / "summary.md", res.summary_markdown)
     return res
 
