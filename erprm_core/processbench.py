@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from erprm_core.tasks._io import ArtifactError, file_sha256
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,8 @@ HUB_NAME = "Qwen/ProcessBench"
 SPLITS = ("gsm8k", "math", "olympiadbench", "omnimath")
 REQUIRED_FIELDS = ("id", "problem", "steps", "label")
 
-__all__ = ["HUB_NAME", "SPLITS", "REQUIRED_FIELDS", "ProcessBenchSplit", "load", "first_error", "f1"]
+__all__ = ["HUB_NAME", "SPLITS", "REQUIRED_FIELDS", "ProcessBenchSplit", "load", "stratified_sample", "first_error",
+           "f1"]  # fmt: skip
 
 
 @dataclass
@@ -149,6 +152,33 @@ def _load_hub(split: str, revision: str | None) -> ProcessBenchSplit:
     _check_unique(records, label)
     log.info("ProcessBench %s: %d records from %s", split, len(records), label)
     return ProcessBenchSplit(split, records, label, None, revision)
+
+
+def stratified_sample(data: ProcessBenchSplit, n: int, seed: int = 0) -> ProcessBenchSplit:
+    """``n`` records of ``data`` drawn at random (``numpy.random.default_rng(seed)``), stratified by label:
+    records with an error and all-correct ones in the split's proportions (rounded), at least one of each when
+    ``n >= 2`` and the split has both; kept in file order. The released files list the records with an error
+    first (the first 207 of gsm8k), so the first ``n`` records would all have one and F1 would be undefined.
+    ``n`` >= the split's size returns ``data`` itself.
+
+    >>> split = ProcessBenchSplit("x", [{"id": str(i), "label": 0 if i < 6 else -1} for i in range(10)], "x")
+    >>> [r["label"] for r in stratified_sample(split, 5)]
+    [0, 0, 0, -1, -1]
+    """
+    if n < 0:
+        raise ValueError(f"sample size must be >= 0, got {n}")
+    if n >= len(data.records):
+        return data
+    errors = [i for i, r in enumerate(data.records) if r["label"] != -1]
+    correct = [i for i, r in enumerate(data.records) if r["label"] == -1]
+    n_errors = round(n * len(errors) / len(data.records))
+    if n >= 2 and errors and correct:
+        n_errors = min(max(n_errors, 1), n - 1)
+    n_errors = max(min(n_errors, len(errors)), n - len(correct))
+    rng = np.random.default_rng(seed)
+    chosen = [*rng.choice(errors, n_errors, replace=False), *rng.choice(correct, n - n_errors, replace=False)]
+    records = [data.records[i] for i in sorted(int(i) for i in chosen)]
+    return ProcessBenchSplit(data.split, records, data.source, data.sha256, data.revision)
 
 
 def _check_unique(records: Sequence[dict[str, Any]], where: str) -> None:
