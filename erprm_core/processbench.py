@@ -155,26 +155,16 @@ def _load_hub(split: str, revision: str | None) -> ProcessBenchSplit:
 
 
 def stratified_sample(data: ProcessBenchSplit, n: int, seed: int = 0) -> ProcessBenchSplit:
-    """``n`` records of ``data`` drawn at random (``numpy.random.default_rng(seed)``), stratified by label:
-    records with an error and all-correct ones in the split's proportions (rounded), at least one of each when
-    ``n >= 2`` and the split has both; kept in file order. The released files list the records with an error
-    first (the first 207 of gsm8k), so the first ``n`` records would all have one and F1 would be undefined.
-    ``n`` >= the split's size returns ``data`` itself.
-
-    >>> split = ProcessBenchSplit("x", [{"id": str(i), "label": 0 if i < 6 else -1} for i in range(10)], "x")
-    >>> [r["label"] for r in stratified_sample(split, 5)]
-    [0, 0, 0, -1, -1]
-    """
-    if n < 0:
-        raise ValueError(f"sample size must be >= 0, got {n}")
+    """``n`` records drawn with ``numpy.random.default_rng(seed)``, stratified by label (errors and all-correct
+    in the split's proportions, at least one of each when ``n >= 2`` and both exist), in file order; all of
+    ``data`` when ``n`` >= its size. The released files list the errors first: their first ``n`` have no
+    all-correct record, and F1 is undefined."""
     if n >= len(data.records):
         return data
     errors = [i for i, r in enumerate(data.records) if r["label"] != -1]
     correct = [i for i, r in enumerate(data.records) if r["label"] == -1]
-    n_errors = round(n * len(errors) / len(data.records))
-    if n >= 2 and errors and correct:
-        n_errors = min(max(n_errors, 1), n - 1)
-    n_errors = max(min(n_errors, len(errors)), n - len(correct))
+    low, high = (1, n - 1) if n >= 2 and errors and correct else (0, n)
+    n_errors = max(min(round(n * len(errors) / len(data.records)), high, len(errors)), low, n - len(correct))
     rng = np.random.default_rng(seed)
     chosen = [*rng.choice(errors, n_errors, replace=False), *rng.choice(correct, n - n_errors, replace=False)]
     records = [data.records[i] for i in sorted(int(i) for i in chosen)]

@@ -251,7 +251,7 @@ def test_stratified_sample_takes_both_labels_in_proportion():
         processbench.stratified_sample(split, 400) is split
         and processbench.stratified_sample(split, 999) is split
     )
-    with pytest.raises(ValueError, match=">= 0"):
+    with pytest.raises(ValueError):
         processbench.stratified_sample(split, -1)
 
 
