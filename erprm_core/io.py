@@ -89,6 +89,7 @@ class Audit:
 
 PROGRESS_ENV = "ERPRM_PROGRESS_FILE"  # set by `erprm reproduce` in its stage kernels: see progress()
 SILENT_ENV = "ERPRM_NO_PROGRESS"  # set in the worker processes of a stage: their parent counts the units
+INTERACTIVE_ENV = "ERPRM_INTERACTIVE"  # "1" (set by `make lab`): notebooks show widgets; see report.style
 
 
 def progress(iterable: Any = None, **kwargs: Any) -> Any:

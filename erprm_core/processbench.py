@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from erprm_core.tasks._io import ArtifactError, file_sha256
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,8 @@ HUB_NAME = "Qwen/ProcessBench"
 SPLITS = ("gsm8k", "math", "olympiadbench", "omnimath")
 REQUIRED_FIELDS = ("id", "problem", "steps", "label")
 
-__all__ = ["HUB_NAME", "SPLITS", "REQUIRED_FIELDS", "ProcessBenchSplit", "load", "first_error", "f1"]
+__all__ = ["HUB_NAME", "SPLITS", "REQUIRED_FIELDS", "ProcessBenchSplit", "load", "stratified_sample", "first_error",
+           "f1"]  # fmt: skip
 
 
 @dataclass
@@ -149,6 +152,23 @@ def _load_hub(split: str, revision: str | None) -> ProcessBenchSplit:
     _check_unique(records, label)
     log.info("ProcessBench %s: %d records from %s", split, len(records), label)
     return ProcessBenchSplit(split, records, label, None, revision)
+
+
+def stratified_sample(data: ProcessBenchSplit, n: int, seed: int = 0) -> ProcessBenchSplit:
+    """``n`` records drawn with ``numpy.random.default_rng(seed)``, stratified by label (errors and all-correct
+    in the split's proportions, at least one of each when ``n >= 2`` and both exist), in file order; all of
+    ``data`` when ``n`` >= its size. The released files list the errors first: their first ``n`` have no
+    all-correct record, and F1 is undefined."""
+    if n >= len(data.records):
+        return data
+    errors = [i for i, r in enumerate(data.records) if r["label"] != -1]
+    correct = [i for i, r in enumerate(data.records) if r["label"] == -1]
+    low, high = (1, n - 1) if n >= 2 and errors and correct else (0, n)
+    n_errors = max(min(round(n * len(errors) / len(data.records)), high, len(errors)), low, n - len(correct))
+    rng = np.random.default_rng(seed)
+    chosen = [*rng.choice(errors, n_errors, replace=False), *rng.choice(correct, n - n_errors, replace=False)]
+    records = [data.records[i] for i in sorted(int(i) for i in chosen)]
+    return ProcessBenchSplit(data.split, records, data.source, data.sha256, data.revision)
 
 
 def _check_unique(records: Sequence[dict[str, Any]], where: str) -> None:

@@ -108,14 +108,16 @@ style.shown(figures.figure_policy_training(res.policy.log), P.figures, "policy_t
 # ## Evaluation on held-out problems
 # Greedy accuracy with a 95% Wilson interval; pass@$k$ at temperature 1.0 from `n_samples` samples per
 # problem with the unbiased estimator $1 - \binom{n-c}{k} / \binom{n}{k}$ ($c$ correct of $n$) and a
-# bootstrap 95% interval over problems. The gap between greedy and pass@$k$ is what reranking can recover.
+# bootstrap 95% interval over problems. Greedy decoding runs on every test problem, the samples on the first
+# `n_passk_problems` only (the figure's labels say how many). The gap between greedy and pass@$k$ is what
+# reranking can recover.
 
 # %% tags=["nbval-check-output"]
 res.evaluation.table
 
 # %%
-style.shown(figures.figure_policy_accuracy(res.evaluation.table, res.evaluation.by_steps), P.figures,
-            "policy_accuracy")  # fmt: skip
+fig = figures.figure_policy_accuracy(res.evaluation.table, res.evaluation.by_steps, config.n_passk_problems)
+style.shown(fig, P.figures, "policy_accuracy")
 
 # %% [markdown]
 # ## What the greedy solutions get wrong

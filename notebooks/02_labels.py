@@ -30,6 +30,8 @@
 # Knobs: `etas` (the grid; `0` = soft, `inf` = hard) and `rollouts_file` (empty = this profile's rollouts).
 
 # %%
+import pandas as pd
+
 from erprm_core.report import figures, style
 from erprm_core.running import artifacts
 from erprm_core.stages import labels
@@ -101,14 +103,35 @@ else:
 
 # %% [markdown]
 # ## A worked example
-# One solution whose prefixes have mixed completions (the first such in the rollouts file): each step, the
-# outcomes of its `k` completions (the last step: the solution's outcome), $p$, and the label each rule gives.
+# Chosen by a fixed rule (`labels.pick_worked_example`): the first solution in the rollouts file whose first
+# wrong step (ground truth, task `arith`) is step 2 or later and not the answer line, and which has a right step
+# with mixed completions ($0 < p < 1$). So it shows right steps, a step where the rules disagree, and what each
+# rule does with a wrong step. Per step: the whole step, its ground truth (`right`, `WRONG (<error type>)` at
+# the first error, `after the error`), the outcomes of its `k` completions (the last step: the solution's
+# outcome), $p$, and the label each rule gives. A right step can still get a low $p$: its completions must
+# get every remaining step right, and the policy's accuracy falls with the number of steps (00_policy), so
+# a Monte Carlo label also measures how far a step is from the end. Without a ground truth, or when no
+# solution qualifies (the smoke policy errs at step 1), the first solution with at least 3 steps and a mixed
+# prefix is shown.
 
 # %%
 res.example["question"]
 
 # %% tags=["nbval-check-output"]
-res.example_table
+with pd.option_context("display.max_colwidth", None, "display.width", 250):
+    display(res.example_table)  # noqa: F821
+
+# %% [markdown]
+# ## Any other η
+# The same completions give a label for any $\eta$: the worked example's labels step by step (shaded: at or
+# after the first error) and the distribution of all labels, for soft, hard and the $\eta$ between. In
+# JupyterLab started by `make lab` this is a slider (ipywidgets) that relabels every rollout for the chosen
+# $\eta$; anywhere else (papermill, nbval, `erprm reproduce`) it is a static figure for $\eta$ = 0.5, 2 and 10,
+# so an executed notebook holds an image and no widget state. `make lab` sets `ERPRM_INTERACTIVE=1` for its
+# kernels; to get the slider in another Jupyter, start it with that variable.
+
+# %%
+labels.eta_explorer(res)
 
 # %% [markdown]
 # ## Record

@@ -136,11 +136,12 @@ res.picks[res.picks["method"].isin(["pool", *headline])].set_index(["ranking", "
 # ## The eta sweep at $N_{max}$
 # Every PRM comes from the same rollouts; only the label rule changes (at the headline `aggregation`). Soft
 # ($\eta = 0$) and hard ($\eta = \infty$) are the two ends; the horizontal lines are majority vote, a random
-# pick, the oracle and greedy decoding: fig. 3, which 06_figures saves.
+# pick, the oracle and greedy decoding, each named with its value at the right; beside it the paper's soft, ER
+# and hard PRMs at the same $N$ where it reports one: fig. 3, which 06_figures saves.
 
 # %%
 baselines = figures.bon_baselines(res.bon, n_max, res.greedy)
-display(style.shown(figures.figure_eta_sweep(res.sweep, baselines)))  # noqa: F821
+display(style.shown(figures.figure_eta_sweep(res.sweep, baselines, figures.paper_reference())))  # noqa: F821
 pd.Series(res.best_eta, name="best ER eta (chosen post hoc)").to_frame()
 
 # %% [markdown]

@@ -78,9 +78,7 @@ res.table.round(3)
 # to a different target than the hard-label one, so the best threshold can differ by rule.
 
 # %%
-fig = figures.figure_processbench_sweep(
-    res.sweep.groupby(["prm", "threshold"], as_index=False)["f1"].mean(), threshold, "First-error F1", by="prm"
-)
+fig = figures.figure_processbench_sweep(res.sweep, threshold, "First-error F1", by="prm")
 style.shown(fig, artifacts.paths(profile).figures, "step_eval_sweep")
 
 # %% [markdown]

@@ -87,9 +87,9 @@ def test_manifest_records_every_stage(smoke_run):
         assert ran_with["pins"]["MKL_CBWR"] == "AVX2,STRICT"
 
 
-# Figures each executed smoke notebook shows inline (02 and 03 add one each for arith's ground truth; 07 the
-# threshold sweep).
-INLINE_FIGURES = {"00_policy": 2, "01_rollouts": 1, "02_labels": 3, "03_train_prm": 4, "04_best_of_n": 3,
+# Figures each executed smoke notebook shows inline (02 and 03 add one each for arith's ground truth, 02 the
+# static eta figure where a `make lab` session has a slider; 07 the threshold sweep).
+INLINE_FIGURES = {"00_policy": 2, "01_rollouts": 1, "02_labels": 4, "03_train_prm": 4, "04_best_of_n": 3,
                   "05_rlhf_raft": 1, "06_figures": 4, "07_processbench": 1}  # fmt: skip
 
 
@@ -105,6 +105,7 @@ def test_executed_notebooks_read_cleanly(smoke_run):
         widgets = sum("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
         assert images == INLINE_FIGURES[path.stem], (path.name, images)
         assert stderr < 5000 and "TqdmWarning" not in text and widgets == 0, (path.name, stderr, widgets)
+        assert "widgets" not in json.loads(text)["metadata"], f"{path.name} holds widget state"
         assert not [m for m in machine_paths if m in text], path.name
     manifest = (root / "results" / "smoke" / "manifest.json").read_text()
     assert not [m for m in machine_paths if m in manifest]

@@ -225,6 +225,45 @@ def test_load_missing_file_and_bad_split(tmp_path):
         processbench.load("../gsm8k", tmp_path)
 
 
+def _ordered_like_the_release(n_errors: int, n_correct: int) -> processbench.ProcessBenchSplit:
+    """A split laid out like the released files: every record with an error first, then the all-correct ones."""
+    records = [{"id": f"e{i}", "problem": "p", "steps": ["a", "b"], "label": i % 2} for i in range(n_errors)]
+    records += [{"id": f"c{i}", "problem": "p", "steps": ["a", "b"], "label": -1} for i in range(n_correct)]
+    return processbench.ProcessBenchSplit("gsm8k", records, "gsm8k.json")
+
+
+def test_stratified_sample_takes_both_labels_in_proportion():
+    split = _ordered_like_the_release(207, 193)  # the released gsm8k split's counts
+    assert {r["label"] != -1 for r in split.records[:20]} == {True}  # the first 20: no all-correct record
+    sample = processbench.stratified_sample(split, 20, seed=0)
+    assert len(sample) == 20 and sample.n_errors == 10  # 20 x 207/400 = 10.35
+    positions = [split.records.index(r) for r in sample]
+    assert positions == sorted(positions) and len(set(positions)) == 20  # file order, no repeats
+    truth = [r["label"] for r in sample]
+    assert f1(truth, truth)["f1"] == 1.0  # a perfect PRM's F1 is defined: both kinds of record are there
+    assert [r["id"] for r in processbench.stratified_sample(split, 20, seed=0)] == [r["id"] for r in sample]
+    assert [r["id"] for r in processbench.stratified_sample(split, 20, seed=1)] != [r["id"] for r in sample]
+    few = _ordered_like_the_release(98, 2)
+    assert processbench.stratified_sample(few, 2).n_errors == 1  # one of each, though 2 x 98/100 rounds to 2
+    assert processbench.stratified_sample(few, 10).n_errors == 9  # round(9.8) = 10 would leave no correct one
+    assert processbench.stratified_sample(_ordered_like_the_release(5, 0), 3).n_errors == 3  # errors only
+    assert (
+        processbench.stratified_sample(split, 400) is split
+        and processbench.stratified_sample(split, 999) is split
+    )
+    with pytest.raises(ValueError):
+        processbench.stratified_sample(split, -1)
+
+
+@needs_pb
+def test_limit_samples_the_released_gsm8k_by_label():
+    data = processbench_eval.load_splits(str(PB_DATA), ["gsm8k"], 20, seed=0)["gsm8k"]
+    assert len(data) == 20 and data.n_errors == 10  # not the first 20, which all have an error
+    assert (
+        processbench_eval.load_splits(str(PB_DATA), ["gsm8k"], 20)["gsm8k"].n_errors == 20
+    )  # without a seed
+
+
 # ----------------------------------------------------------------------------------------------------
 # The command, end to end on a tiny random-weight PRM
 # ----------------------------------------------------------------------------------------------------
@@ -293,6 +332,17 @@ def _shard_state(folder):
 def test_command_end_to_end_and_resume(tiny_prm, pb_folder, tmp_path, monkeypatch, capsys):
     out = tmp_path / "res" / "pb.csv"
     assert processbench_cmd.main(_argv(tiny_prm, pb_folder, out)) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "gsm8k: 3 records, 2 with an error and 1 all correct: a sample stratified by label with seed 0"
+        in printed
+    )
+    assert "every step tag" in printed
+    chosen = [
+        r
+        for s in ("gsm8k", "math")
+        for r in processbench.stratified_sample(processbench.load(s, pb_folder), 3)
+    ]
     paths = processbench_eval.output_paths(out)
     summary = pd.read_csv(out)
     assert list(summary["split"]) == ["gsm8k", "math"]
@@ -303,16 +353,9 @@ def test_command_end_to_end_and_resume(tiny_prm, pb_folder, tmp_path, monkeypatc
     assert (summary["threshold"] == 0.5).all()
 
     records = pd.read_csv(paths["records"])
-    assert len(records) == 6 and list(records["id"]) == [
-        "gsm8k-0",
-        "gsm8k-1",
-        "gsm8k-2",
-        "math-0",
-        "math-1",
-        "math-2",
-    ]
+    assert len(records) == 6 and list(records["id"]) == [r["id"] for r in chosen]
     scores = [json.loads(s) for s in records["step_scores"]]
-    assert [len(s) for s in scores] == list(records["n_steps"]) == [4, 4, 2, 4, 4, 2]
+    assert [len(s) for s in scores] == list(records["n_steps"]) == [len(r["steps"]) for r in chosen]
     assert all(0 <= x <= 1 for s in scores for x in s)
     assert list(records["prediction"]) == [first_error(s) for s in scores]
     for split, g in records.groupby("split", sort=False):  # the summary is the metric of the records file
@@ -325,7 +368,7 @@ def test_command_end_to_end_and_resume(tiny_prm, pb_folder, tmp_path, monkeypatc
     from erprm_core.prm import ProcessRewardModel
 
     direct = ProcessRewardModel.from_pretrained(tiny_prm, device="cpu")
-    rec = _records("gsm8k")[1]
+    rec = chosen[1]
     assert direct.score(rec["problem"], rec["steps"]) == pytest.approx(scores[1], abs=1e-5)
 
     audit = pd.read_csv(paths["audit"])
@@ -336,9 +379,10 @@ def test_command_end_to_end_and_resume(tiny_prm, pb_folder, tmp_path, monkeypatc
     assert paths["sweep_figure"].with_suffix(".pdf").is_file()
     info = json.loads(paths["info"].read_text())
     assert info["records_scored_this_run"] == 6 and info["data"]["gsm8k"]["sha256"]
+    assert info["parameters"]["seed"] == 0 and info["parameters"]["limit"] == 3  # how the sample was drawn
+    assert info["data"]["gsm8k"]["n"] == 3 and info["data"]["gsm8k"]["n_errors"] == 2
     shards = _shard_state(paths["shards"])
     assert sorted(shards) == [f"{s}/shard-0000{i}.jsonl" for s in ("gsm8k", "math") for i in (0, 1)]
-    assert "every step tag" in capsys.readouterr().out
 
     # resume: nothing is rescored (the model is not even loaded), shards untouched, same numbers
     def no_model(*args, **kwargs):

@@ -170,3 +170,4 @@ def test_kernels_get_the_progress_file_and_no_third_party_bars(tmp_path):
     env = pipeline.kernel_progress_env(tmp_path / "p.json")
     assert env[io.PROGRESS_ENV] == str(tmp_path / "p.json")
     assert env["HF_HUB_DISABLE_PROGRESS_BARS"] == env["TQDM_DISABLE"] == "1"
+    assert env[io.INTERACTIVE_ENV] == "0"  # no widget state in an executed notebook, even from `make lab`

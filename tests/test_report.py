@@ -9,11 +9,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+from cycler import cycler
 
+from erprm_core.labels import method_order
 from erprm_core.report import figures, style
 from erprm_core.running import artifacts
 from erprm_core.stages import _common, labels, rollouts
@@ -239,3 +242,193 @@ def test_06_figures_shows_every_figure_inline(tmp_roots):
     assert all("image/png" in o["data"] for o in as_repr), "a figure shown only as its repr"
     assert np.all([(artifacts.paths(profile).figures / f"fig{i}_{n}.png").is_file() for i, n in
                    enumerate(("label_curves", "best_of_n", "eta_sweep", "raft"), start=1)])  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ one style for every figure
+
+TINY_TABLES = artifacts.repo_root() / "results" / "tiny" / "tables"
+SENTINEL = "#ff00ff"  # matplotlib's colour cycle while these figures are drawn: a colour left to it shows up
+
+
+def _tiny(name: str) -> pd.DataFrame:
+    if not (TINY_TABLES / f"{name}.csv").is_file():
+        pytest.skip(f"results/tiny has no table {name}")
+    return pd.read_csv(TINY_TABLES / f"{name}.csv")
+
+
+def _calibration_with_intervals() -> pd.DataFrame:
+    c = _tiny("prm_calibration")
+    half = 1.96 * np.sqrt(c["mean_target"] * (1 - c["mean_target"]) / c["count"].clip(lower=1))
+    return c.assign(ci_low=(c["mean_target"] - half).clip(0), ci_high=(c["mean_target"] + half).clip(upper=1))
+
+
+def _sweep_with_bands() -> pd.DataFrame:
+    s = _tiny("step_eval_sweep")
+    return s.assign(f1_low=(s["f1"] - 0.05).clip(0), f1_high=(s["f1"] + 0.05).clip(upper=1))
+
+
+def _processbench_splits() -> pd.DataFrame:
+    s = _tiny("step_eval_sweep")
+    s = s[s["prm"] == "er_1"]
+    return pd.concat([s.assign(split=split, f1=s["f1"] * k) for k, split in enumerate(["gsm8k", "math"], 1)])
+
+
+def _explorer() -> plt.Figure:
+    rollout = {"problem_id": "p", "sample_index": 0, "question": "q", "steps": ["a", "b", "c", "The answer is: 3"],
+               "outcome": 0, "task": "x",
+               "completion_rewards": [[1, 0, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]], "first_error": 1,
+               "error_type": "arithmetic_slip"}  # fmt: skip
+    grid = [0.0, 2.0, float("inf")]
+    example = labels.worked_example_table(rollout, grid)
+    distribution = labels.label_distribution(labels.label_records([rollout], grid))
+    return figures.figure_label_explorer(example, distribution, ["soft", "er_2", "hard"])
+
+
+def _policy_accuracy() -> plt.Figure:
+    return figures.figure_policy_accuracy(_tiny("policy_eval"), _tiny("policy_accuracy_by_steps"), 200)
+
+
+def _best_of_n() -> plt.Figure:
+    bon = _tiny("bon")
+    greedy = figures.greedy_reference(_tiny("policy_eval"), _tiny("policy_accuracy_by_steps"))
+    methods = figures.headline_methods(bon, "er_1", "min", "last")
+    return figures.figure_best_of_n(bon, methods, figures.paper_reference(), "run", greedy)
+
+
+def _eta_sweep() -> plt.Figure:
+    bon = _tiny("bon")
+    greedy = figures.greedy_reference(_tiny("policy_eval"), _tiny("policy_accuracy_by_steps"))
+    n = int(bon["n"].max())
+    sweep = figures.eta_sweep_table(bon, n, "min")
+    return figures.figure_eta_sweep(sweep, figures.bon_baselines(bon, n, greedy), figures.paper_reference())
+
+
+def _aggregations() -> plt.Figure:
+    from erprm_core.prm import AGGREGATIONS
+    from erprm_core.stages import bon_tables
+
+    bon = _tiny("bon")
+    n = int(bon["n"].max())
+    return figures.figure_aggregations(bon_tables.aggregation_table(bon, n), n, AGGREGATIONS)
+
+
+FIGURE_CASES = {
+    "figure_label_curves": lambda: [figures.figure_label_curves(figures.label_curve_table([0, 0.5, 10, np.inf]))],
+    "figure_best_of_n": lambda: [_best_of_n()],
+    "figure_eta_sweep": lambda: [_eta_sweep()],
+    "figure_raft": lambda: [figures.figure_raft(_tiny("raft"), figures.paper_reference())],
+    "figure_training_curves": lambda: [
+        figures.figure_training_curves(_tiny("prm_training"), smooth=5),
+        figures.figure_training_curves(_tiny("prm_training").assign(loss_floor=0.1), smooth=5),
+    ],
+    "figure_calibration": lambda: [figures.figure_calibration(_tiny("prm_calibration")),
+                                   figures.figure_calibration(_calibration_with_intervals())],
+    "figure_min_position": lambda: [figures.figure_min_position(_tiny("prm_min_position"))],
+    "figure_policy_training": lambda: [figures.figure_policy_training(_tiny("policy_training"))],
+    "figure_policy_accuracy": lambda: [_policy_accuracy()],
+    "figure_prefix_success": lambda: [figures.figure_prefix_success(_tiny("rollouts_prefixes"))],
+    "figure_label_distribution": lambda: [figures.figure_label_distribution(
+        _tiny("label_distribution"), method_order(_tiny("label_distribution")["rule"]))],
+    "figure_label_explorer": lambda: [_explorer()],
+    "figure_aggregations": lambda: [_aggregations()],
+    "figure_processbench_sweep": lambda: [
+        figures.figure_processbench_sweep(_tiny("step_eval_sweep"), 0.5, by="prm"),
+        figures.figure_processbench_sweep(_sweep_with_bands(), 0.5, by="prm"),
+        figures.figure_processbench_sweep(_processbench_splits(), 0.5),
+        figures.figure_processbench_sweep(_processbench_splits(), 0.5, by="prm"),
+    ],
+    "figure_label_quality": lambda: [figures.figure_label_quality(_tiny("label_quality"))],
+    "figure_first_error": lambda: [figures.figure_first_error(_tiny("prm_truth"))],
+}  # fmt: skip
+"""Every figure function of erprm_core.report.figures, drawn on the committed tiny tables (plus the optional
+columns a stage may add: intervals, loss floors, several splits)."""
+
+
+def _palette() -> set[str]:
+    """The colours a figure may use: the methods', the ER shades, outcomes, other series; greys separately."""
+    ers = [style.method_colour(f"er_{eta:g}") for eta in style.ER_ETAS]
+    named = [*style.BASE_COLOURS.values(), *style.OUTCOME_COLOURS.values(), *style.OTHER_COLOURS, *ers]
+    return {matplotlib.colors.to_hex(c) for c in named}
+
+
+def _artist_colours(fig: plt.Figure) -> set[str]:
+    """The colours of every line, marker, patch, collection and text drawn on the axes of ``fig`` (fully
+    transparent ones aside); a heat map's colour-mapped mesh is left out (a colour scale, not a series)."""
+    found = []
+    for ax in fig.axes:
+        for line in ax.lines:
+            found += [line.get_color(), line.get_markerfacecolor(), line.get_markeredgecolor()]
+        for patch in ax.patches:
+            found += [patch.get_facecolor(), patch.get_edgecolor()] if patch.get_visible() else []
+        for coll in ax.collections:
+            if not isinstance(coll, matplotlib.collections.QuadMesh):
+                found += [*coll.get_facecolor(), *coll.get_edgecolor()]
+        for text in ax.texts:
+            found.append(text.get_color())
+            if getattr(text, "arrow_patch", None) is not None:
+                found.append(text.arrow_patch.get_edgecolor())
+    out = set()
+    for c in found:
+        if isinstance(c, str) and c == "none":
+            continue
+        rgba = matplotlib.colors.to_rgba(c)
+        if rgba[3] > 0:
+            out.add(matplotlib.colors.to_hex(rgba))
+    return out
+
+
+def _off_palette(fig: plt.Figure) -> set[str]:
+    """Colours of ``fig`` that are neither in the style's palette nor a grey (black, white and greys are the
+    neutral colours of reference lines, text and backgrounds)."""
+    palette = _palette()
+
+    def grey(c: str) -> bool:
+        r, g, b = (int(c[i : i + 2], 16) for i in (1, 3, 5))
+        return max(r, g, b) - min(r, g, b) <= 2
+
+    return {c for c in _artist_colours(fig) if c not in palette and not grey(c)}
+
+
+def test_every_figure_function_has_a_style_case():
+    drawn = {name for name in dir(figures) if name.startswith("figure_") and callable(getattr(figures, name))}
+    assert drawn == set(FIGURE_CASES), f"add a case to FIGURE_CASES for {sorted(drawn - set(FIGURE_CASES))}"
+
+
+@pytest.mark.parametrize("name", sorted(FIGURE_CASES))
+def test_figure_uses_only_the_style_palette(name):
+    with plt.rc_context({"axes.prop_cycle": cycler(color=[SENTINEL])}):
+        drawn = FIGURE_CASES[name]()
+    try:
+        for fig in drawn:
+            assert _artist_colours(fig), f"{name}: nothing drawn"
+            assert not _off_palette(fig), (
+                f"{name} draws colours outside the style palette: {_off_palette(fig)}"
+            )
+    finally:
+        for fig in drawn:
+            plt.close(fig)
+
+
+def test_the_palette_check_catches_the_default_colour_cycle():
+    with plt.rc_context({"axes.prop_cycle": cycler(color=[SENTINEL])}):
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [0, 1])
+    assert _off_palette(fig) == {SENTINEL}
+    plt.close(fig)
+    fig, ax = plt.subplots()  # matplotlib's own cycle: its second colour (orange) is no method's
+    for k in range(3):
+        ax.plot([0, 1], [k, k])
+    assert "#ff7f0e" in _off_palette(fig)
+    plt.close(fig)
+
+
+def test_method_colours_and_order_follow_the_style_in_the_threshold_sweep():
+    """The figure that had matplotlib's colours (eta=10 in red, hard's colour) and alphabetical order."""
+    fig = figures.figure_processbench_sweep(_sweep_with_bands(), 0.5, by="prm")
+    ax = fig.axes[0]
+    rules = method_order(_tiny("step_eval_sweep")["prm"].unique())
+    assert _labels(ax) == [style.method_label(r) for r in rules]  # er_2 before er_10, hard after them
+    for rule in rules:
+        assert _line(ax, style.method_label(rule)).get_color() == style.method_colour(rule)
+    assert len(ax.collections) == len(rules)  # one interval band per PRM
+    plt.close(fig)

@@ -147,6 +147,71 @@ def test_statistics_distribution_and_worked_example(staged):
     assert len(example["steps"]) >= 3 and any(0 < sum(r) < len(r) for r in example["completion_rewards"])
     table = label_stage.worked_example_table(example, parse_eta_grid(GRID))
     assert list(table["step"]) == list(range(1, len(example["steps"]) + 1))
-    assert list(table.columns[:4]) == ["step", "text", "completions", "p"]
+    assert list(table.columns[:5]) == ["step", "text", "truth", "completions", "p"]  # arith: a ground truth
     assert table["orm"].iloc[-1] == example["outcome"] and table["orm"].iloc[:-1].isna().all()
     assert (table["soft"] <= table["er_1"] + 1e-9).all() and (table["er_1"] <= table["hard"] + 1e-9).all()
+
+
+def _rollout(
+    pid: str, n_steps: int, first_error: int | None, rewards: list[list[int]], outcome: int = 0
+) -> dict:
+    rec = {"problem_id": pid, "sample_index": 0, "question": "q", "task": "arith" if first_error is not None
+           else "gsm8k", "steps": [f"step {i + 1} " + "x" * 80 for i in range(n_steps)], "outcome": outcome,
+           "completion_rewards": rewards}  # fmt: skip
+    if first_error is not None:
+        rec["first_error"], rec["error_type"] = first_error, "arithmetic_slip" if first_error >= 0 else "none"
+    return rec
+
+
+MIXED, ALL, NONE = [1, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]
+
+
+def test_worked_example_rule_right_steps_then_a_wrong_one():
+    """The stated rule: the first solution whose first error is at step 2 or later and before the answer
+    line, with a right step of mixed completions; tasks without a truth fall back to the old rule."""
+    no_truth = _rollout("a", 4, None, [MIXED, NONE, NONE])
+    error_at_step_1 = _rollout("b", 4, 0, [MIXED, MIXED, NONE])
+    no_mixed_right_step = _rollout("c", 4, 2, [ALL, ALL, NONE])
+    mixed_only_after_error = _rollout("d", 5, 1, [ALL, MIXED, NONE, NONE])
+    wrong_answer_line = _rollout("e", 4, 3, [MIXED, ALL, ALL])
+    truncated = _rollout("f", 3, 3, [MIXED, ALL], outcome=0)
+    all_right = _rollout("g", 4, -1, [MIXED, ALL, ALL], outcome=1)
+    chosen = _rollout("h", 5, 2, [ALL, MIXED, NONE, NONE])
+    later = _rollout("i", 5, 1, [MIXED, NONE, NONE, NONE])
+    pool = [no_truth, error_at_step_1, no_mixed_right_step, mixed_only_after_error, wrong_answer_line, truncated,
+            all_right, chosen, later]  # fmt: skip
+    assert label_stage.pick_worked_example(pool) is chosen
+    assert label_stage.pick_worked_example(pool[:7]) is no_truth  # none qualifies: the first mixed one
+    table = label_stage.worked_example_table(chosen, [0.0, 1.0, math.inf])
+    assert list(table["truth"]) == ["right", "right", "WRONG (arithmetic_slip)", "after the error",
+                                    "after the error"]  # fmt: skip
+    assert list(table["text"]) == chosen["steps"]  # every step whole
+    assert list(table["p"]) == [1.0, 0.75, 0.0, 0.0, 0.0]
+    assert "truth" not in label_stage.worked_example_table(no_truth, [0.0]).columns
+    assert label_stage.step_truth(all_right) == ["right"] * 4
+    assert label_stage.step_truth(truncated) == ["right"] * 3  # the missing line is the error
+
+
+def test_eta_explorer_is_a_static_figure_unless_interactive(monkeypatch):
+    """papermill and nbval get a figure (no widget state in the executed notebook); a `make lab` session a
+    slider that redraws for the chosen eta."""
+    import ipywidgets
+    from matplotlib.figure import Figure
+
+    from erprm_core.report import style
+
+    example = _rollout("h", 5, 2, [ALL, MIXED, NONE, NONE])
+    res = label_stage.LabelResult(
+        records=[], audit=io.Audit("t"), rules=[], rollouts=[example], example=example
+    )
+    monkeypatch.setenv(io.INTERACTIVE_ENV, "1")
+    assert not style.interactive()  # not in a notebook kernel
+    fig = label_stage.eta_explorer(res)
+    assert isinstance(fig, Figure)
+    lines = {ln.get_label() for ln in fig.axes[0].get_lines()}
+    assert lines == {"Soft-label PRM", "ER-PRM (η=0.5)", "ER-PRM (η=2)", "ER-PRM (η=10)", "Hard-label PRM"}
+    monkeypatch.setattr(style, "interactive", lambda: True)
+    widget = label_stage.eta_explorer(res)
+    assert isinstance(widget, ipywidgets.Widget)
+    slider = widget.children[0]
+    assert slider.description == "η" and slider.value == 1.0

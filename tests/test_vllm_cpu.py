@@ -10,7 +10,9 @@ different random numbers, so their statistics must agree within sampling error: 
 (over problems) of each paired difference holds 0, for sample accuracy and mean length. The texts must keep
 the kit's formats (no special token; cut after the answer line) and be alike in the properties the policy
 itself sometimes breaks (re-encoding, one step tag per step in the PRM format, an answer line at the end).
-Tokens per second of both backends are printed (run with ``-s``); README's testing section has the numbers.
+Every number compared, and the tokens per second of both backends, go to ``benchmarks/vllm_cpu.csv``
+(:data:`COMPARISON_CSV`, rewritten by each run and committed; REPRODUCING.md's "Scale-out paths" table quotes
+it) and are printed (run with ``-s``).
 
 vLLM's CPU worker reserves a share of the machine's memory for its KV cache (92% by default, which it
 refuses when that much is not free); ``VLLM_CPU_KVCACHE_SPACE`` (GiB) sets the cache size instead. The pool's
@@ -39,6 +41,10 @@ from erprm_core.stages.policy import build_tiny_model, build_tokenizer  # noqa: 
 from erprm_core.steps import format_prm_input  # noqa: E402
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: the tiny policy needs a few MB
+
+COMPARISON_CSV = Path(__file__).resolve().parents[1] / "benchmarks" / "vllm_cpu.csv"
+"""Where the comparison goes: one row per quantity and backend (``hf``, ``vllm``, ``vllm - hf``)."""
+COMPARISON_COLUMNS = ["quantity", "backend", "value", "ci_low", "ci_high", "interval", "n", "n_of"]
 
 # Arith problems of 1-3 steps (the smoke profile's numbers). 300 optimizer steps (11 s on 2 idle cores) teach
 # the format, not yet the arithmetic: about 5% of the samples are right, so the pool is large enough for a
@@ -103,17 +109,37 @@ def samples(policy, problems, tmp_path_factory) -> dict[str, dict]:
     return {b: _sample(b, policy, problems, tmp_path_factory.mktemp(b)) for b in ("hf", "vllm")}
 
 
+@pytest.fixture(scope="module")
+def comparison() -> list[dict]:
+    """Rows the tests add; written to :data:`COMPARISON_CSV` when the module is done (a failed check still
+    leaves its measured rows there, for the record)."""
+    # tokens/s depend on what else the machine runs: its load when the comparison starts goes with them
+    rows: list[dict] = [{"quantity": "host load (1-min average, at start)", "backend": "host",
+                         "value": os.getloadavg()[0], "n": os.cpu_count(), "n_of": "CPUs"}]  # fmt: skip
+    yield rows
+    if len(rows) > 1:
+        table = pd.DataFrame(rows).reindex(columns=COMPARISON_COLUMNS)
+        table.to_csv(COMPARISON_CSV, index=False, float_format="%.6g")
+        print(f"\nwrote {COMPARISON_CSV}")
+
+
 def _per_problem(pool: pd.DataFrame, column: str) -> pd.Series:
     return pool.groupby("problem_id", sort=True)[column].mean()
 
 
-def test_vllm_and_hf_sample_alike(samples):
+def test_vllm_and_hf_sample_alike(comparison, samples):  # comparison first: it reads the load before sampling
     rows = []
     for metric, column in (("sample accuracy", "outcome"), ("mean length (tokens)", "n_tokens")):
         hf, vl = (_per_problem(samples[b]["pool"], column) for b in ("hf", "vllm"))
         ci = {b: stats.bootstrap_ci(v.to_numpy(), seed=0) for b, v in (("hf", hf), ("vllm", vl))}
         diff = stats.paired_bootstrap_diff(vl.to_numpy(), hf.to_numpy(), seed=0)
         rows.append((metric, ci, diff))
+        comparison.extend(
+            {"quantity": f"pool {metric}", "backend": b, "value": v, "ci_low": lo, "ci_high": hi,
+             "interval": "95% bootstrap over problems" + (", paired" if b == "vllm - hf" else ""), "n": len(hf),
+             "n_of": "problems"}
+            for b, (v, lo, hi) in (*ci.items(), ("vllm - hf", (diff.diff, diff.ci_low, diff.ci_high)))
+        )  # fmt: skip
         print(f"\n{metric} over {len(hf)} problems x {N_MAX}: "
               f"hf {ci['hf'][0]:.3f} [{ci['hf'][1]:.3f}, {ci['hf'][2]:.3f}], "
               f"vllm {ci['vllm'][0]:.3f} [{ci['vllm'][1]:.3f}, {ci['vllm'][2]:.3f}], "
@@ -121,6 +147,15 @@ def test_vllm_and_hf_sample_alike(samples):
     print(f"torch threads: hf {torch.get_num_threads()}; vLLM's CPU worker binds its own (1 of 2 cores here)")
     for b in ("hf", "vllm"):
         s = samples[b]
+        pool_tokens = int(s["pool"]["n_tokens"].sum())
+        comparison.extend(
+            {"quantity": q, "backend": b, "value": v, "n": n, "n_of": "tokens" if n else None}
+            for q, v, n in (
+                ("sampler start (s)", s["start_s"], None),
+                ("rollouts tokens/s", s["rollout_tokens"] / s["rollout_s"], s["rollout_tokens"]),
+                ("pool tokens/s (engine start included)", pool_tokens / s["pool_s"], pool_tokens),
+            )
+        )
         print(f"{b}: engine/model start {s['start_s']:.1f} s; rollouts {s['rollout_tokens']} tokens in "
               f"{s['rollout_s']:.1f} s = {s['rollout_tokens'] / s['rollout_s']:.0f} tokens/s; pool "
               f"{s['pool']['n_tokens'].sum()} tokens in {s['pool_s']:.1f} s (model start included) = "
@@ -156,13 +191,12 @@ def _format_checks(rec: dict, tok, tag_id: int) -> dict[str, bool]:
     return checks
 
 
-def test_texts_keep_the_step_and_answer_format(samples, policy):
+def test_texts_keep_the_step_and_answer_format(comparison, samples, policy):
     """Hard checks on every text (no special token, the answer-line cut), and rates of format properties per
     backend, which the policy itself breaks now and then (it may glue two number tokens into one the tokenizer
     does not know, or write the step tag): each rate is high for both backends and the two agree (their 95%
-    Wilson intervals overlap). Measured (pool + rollout solutions, HF / vLLM): re-encodes to itself 97.3% /
-    97.4%, one step tag per step 99.9% / 100%, EOS length 97.7% / 98.1%, answer line 94.9% / 95.4% of the finished
-    texts."""
+    Wilson intervals overlap). The rates of the last run (pool + rollout solutions) are in
+    ``benchmarks/vllm_cpu.csv`` (quantities ``texts: ...``)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(policy)
@@ -178,6 +212,11 @@ def test_texts_keep_the_step_and_answer_format(samples, policy):
         assert finish.get("length", 0) <= 0.25 * len(s["pool"])  # measured: 13% hit max_new_tokens
     for check in rates["hf"]:
         ci = {b: stats.accuracy_ci(rates[b][check]) for b in ("hf", "vllm")}
+        comparison.extend(
+            {"quantity": f"texts: {check}", "backend": b, "value": v, "ci_low": lo, "ci_high": hi,
+             "interval": "95% Wilson", "n": len(rates[b][check]), "n_of": "texts"}
+            for b, (v, lo, hi) in ci.items()
+        )  # fmt: skip
         print(f"{check}: " + ", ".join(f"{b} {sum(rates[b][check])}/{len(rates[b][check])} "
                                        f"[{ci[b][1]:.3f}, {ci[b][2]:.3f}]" for b in ci))  # fmt: skip
         for b in ci:

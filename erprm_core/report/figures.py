@@ -5,8 +5,11 @@ as horizontal lines, beside the paper's reference curves (erprm_core/reference/p
 the eta sweep at N_max against the same baselines; fig. 4 RAFT accuracy per iteration beside the paper's
 RAFT numbers; the PRM training, calibration and minimum-position figures of 03_train_prm; and the figures
 the stage notebooks show (policy training and accuracy, prefix success by steps remaining, label
-distribution, aggregations, and for the synthetic task arith the labels' and the PRMs' checks against the
-step-level ground truth). Figs. 1-4 are saved by 06_figures; 02, 04 and 05 show the same figures inline.
+distribution and the eta explorer of 02, aggregations, and for the synthetic task arith the labels' and the
+PRMs' checks against the step-level ground truth). Figs. 1-4 are saved by 06_figures; 02, 04 and 05 show the
+same figures inline. Colours, line styles, markers, legend labels and method order come from
+:mod:`erprm_core.report.style` only (tests/test_report.py fails a figure that falls back on matplotlib's
+colour cycle).
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ from erprm_core.report import style
 
 RAFT_BASELINE = "baseline"
 """``reward_model`` of the no-RLHF row of the RAFT tables (the value of ``erprm_core.raft.BASELINE``)."""
+
+
+PAPER_ER = {"er_prm": "er_1"}
+"""The paper's ER-PRM drawn as rule ``er_1`` (its colour; legends say "η not stated")."""
 
 
 def paper_reference() -> pd.DataFrame:
@@ -67,10 +74,28 @@ def _hline(ax: plt.Axes, row: Any, scale: float = 1.0) -> None:
     method = row["method"]
     colour = style.method_colour(method)
     label = row.get("label") if isinstance(row.get("label"), str) else style.method_label(method)
-    ax.axhline(row["value"] * scale, color=colour, ls=style.method_linestyle(method), lw=1.2, label=label)
+    # greedy decoding wide and underneath: a baseline at the same height (majority vote) stays visible on it
+    wide = method == "greedy"
+    ax.axhline(row["value"] * scale, color=colour, ls=style.method_linestyle(method), lw=2.6 if wide else 1.2,
+               alpha=0.6 if wide else 1.0, zorder=1.5 if wide else 2, label=label)  # fmt: skip
     low, high = row.get("ci_low"), row.get("ci_high")
     if low is not None and high is not None and not (pd.isna(low) or pd.isna(high)) and high > low:
         ax.axhspan(low * scale, high * scale, color=colour, alpha=0.08, lw=0)
+
+
+def _direct_labels(ax: plt.Axes, items: Sequence[tuple[float, str, str]], min_gap: float = 0.045) -> None:
+    """Name horizontal lines at the right edge of ``ax``: ``items`` are (y in data units, text, colour). Labels
+    closer than ``min_gap`` (a fraction of the y range) are pushed apart, so two lines at the same height
+    (majority vote and greedy decoding can differ by 0.1 points) both stay readable."""
+    low, high = ax.get_ylim()
+    gap = min_gap * (high - low)
+    placed: list[float] = []
+    for y, text, colour in sorted(items, key=lambda item: item[0]):
+        at = max(y, placed[-1] + gap) if placed else y
+        placed.append(at)
+        ax.annotate(text, xy=(1.0, y), xycoords=ax.get_yaxis_transform(), xytext=(1.02, at),
+                    textcoords=ax.get_yaxis_transform(), va="center", fontsize=7, color=colour,
+                    arrowprops={"arrowstyle": "-", "color": colour, "lw": 0.6} if at != y else None)  # fmt: skip
 
 
 def label_curve_table(etas: list[float], n_points: int = 101) -> pd.DataFrame:
@@ -94,14 +119,13 @@ def label_curve_table(etas: list[float], n_points: int = 101) -> pd.DataFrame:
 def figure_label_curves(curves: pd.DataFrame) -> plt.Figure:
     """Fig. 1: one line per rule; the soft (eta -> 0) and hard (eta -> inf) limits drawn thick."""
     fig, ax = plt.subplots(figsize=(5, 3.8))
-    finite = sorted(e for e in curves["eta"].unique() if 0 < e < math.inf)
     for rule in labels.method_order(curves["rule"].unique()):
         rows = curves[curves["rule"] == rule]
         thick = rule in ("soft", "hard")
         ax.plot(
             rows["p"],
             rows["label"],
-            color=style.method_colour(rule, finite or (1,)),
+            color=style.method_colour(rule),
             lw=2.2 if thick else 1.4,
             ls="--" if rule == "hard" else "-",
             label=style.method_label(rule),
@@ -196,7 +220,7 @@ def figure_best_of_n(
     ]
     for ax, dataset, raft_set, name, where in panels:
         ref = reference[(reference["experiment"] == "best_of_n") & (reference["dataset"] == dataset)].copy()
-        ref["method"] = ref["method"].map(lambda m: "er_1" if m == "er_prm" else m)
+        ref["method"] = ref["method"].replace(PAPER_ER)
         ref = ref.rename(columns={"accuracy": "value"})
         plot_curves_with_bands(ref, "n", ax=ax)
         ax.set_title(f"Paper, {name} (Mistral-MetaMath-7b, min)")
@@ -241,10 +265,33 @@ def eta_sweep_table(bon: pd.DataFrame, n: int, aggregation: str) -> pd.DataFrame
     return pd.DataFrame(rows).sort_values("eta").reset_index(drop=True)
 
 
-def figure_eta_sweep(sweep: pd.DataFrame, baselines: pd.DataFrame | None = None) -> plt.Figure:
+PAPER_BON_PANELS = (("gsm8k", "GSM8K"), ("math500", "MATH500"))
+"""Datasets of the paper's best-of-N figure (``paper_results.csv``), one panel each beside fig. 3."""
+
+
+def paper_sweep_values(reference: pd.DataFrame, n: int, dataset: str) -> dict[str, float]:
+    """The paper's best-of-``n`` accuracy (%) of its soft, ER (``er_1`` stands for its ER-PRM, whose eta the
+    paper does not state) and hard PRMs on ``dataset``; empty when it reports none at that N."""
+    ref = reference[(reference["experiment"] == "best_of_n") & (reference["dataset"] == dataset)
+                    & (reference["n"] == n) & reference["method"].isin(["soft", "er_prm", "hard"])]  # fmt: skip
+    return dict(zip(ref["method"].replace(PAPER_ER), ref["accuracy"], strict=True))
+
+
+def figure_eta_sweep(
+    sweep: pd.DataFrame, baselines: pd.DataFrame | None = None, reference: pd.DataFrame | None = None
+) -> plt.Figure:
     """Fig. 3: accuracy at N_max against eta; soft (eta = 0) and hard (eta = inf) at the two ends; the
-    ``baselines`` (:func:`bon_baselines`: majority, random, oracle, greedy) as horizontal lines with bands."""
-    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    ``baselines`` (:func:`bon_baselines`: majority, random, oracle, greedy) as horizontal lines with bands,
+    each in its own dash pattern and named with its value at the right edge (majority vote and greedy
+    decoding can lie within 0.1 points). With the paper's numbers (``reference``, :func:`paper_reference`)
+    one panel per dataset of its best-of-N figure follows, where it reports this N: its soft, ER and hard
+    PRMs (Mistral-MetaMath-7b, min; no intervals published)."""
+    n = int(sweep["n"].iloc[0])
+    panels = [(name, values) for dataset, name in PAPER_BON_PANELS if reference is not None
+              and (values := paper_sweep_values(reference, n, dataset))]  # fmt: skip
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(6.6 + 2.6 * len(panels), 4.2), squeeze=False,
+                             gridspec_kw={"width_ratios": [2.2] + [1] * len(panels)})  # fmt: skip
+    ax = axes[0, 0]
     finite = sweep[(sweep["eta"] > 0) & np.isfinite(sweep["eta"])]
     lo = finite["eta"].min() / 4 if len(finite) else 0.025
     hi = finite["eta"].max() * 4 if len(finite) else 40
@@ -253,28 +300,29 @@ def figure_eta_sweep(sweep: pd.DataFrame, baselines: pd.DataFrame | None = None)
         sweep["value"] * 100,
         [(sweep["value"] - sweep["ci_low"]) * 100, (sweep["ci_high"] - sweep["value"]) * 100],
     )
-    ax.errorbar(x, y, yerr=err, color=style.BASE_COLOURS["er"], marker="o", capsize=3, lw=1.5)
-    for xi, rule in zip(x, sweep["rule"], strict=True):
+    ax.plot(x, y, color=style.BASE_COLOURS["er"], lw=1.5, zorder=2)
+    for xi, yi, low, high, rule in zip(x, y, err[0], err[1], sweep["rule"], strict=True):
+        ax.errorbar(xi, yi, yerr=[[low], [high]], color=style.method_colour(rule), marker="o", capsize=3,
+                    zorder=3)  # fmt: skip
         if rule in ("soft", "hard"):
-            ax.annotate(
-                rule,
-                (xi, y[sweep["rule"] == rule].iloc[0]),
-                textcoords="offset points",
-                xytext=(0, 8),
-                ha="center",
-                color=style.method_colour(rule),
-            )
-    if baselines is not None:
+            ax.annotate(rule, (xi, yi), textcoords="offset points", xytext=(0, 8), ha="center",
+                        color=style.method_colour(rule))  # fmt: skip
+    if baselines is not None and len(baselines):
         for _, r in baselines.iterrows():
             _hline(ax, r, scale=100)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.27), ncol=2)
+        _direct_labels(ax, [(r["value"] * 100, f"{style.method_label(r['method'])} {r['value'] * 100:.1f}",
+                             style.method_colour(r["method"])) for _, r in baselines.iterrows()])  # fmt: skip
     ax.set_xscale("log")
     ticks = [lo, *finite["eta"].tolist(), hi]
     ax.set_xticks(ticks, ["0\n(soft)", *[f"{e:g}" for e in finite["eta"]], "∞\n(hard)"])
     ax.minorticks_off()
     ax.set_xlabel("η")
-    ax.set_ylabel(f"best-of-{int(sweep['n'].iloc[0])} accuracy (%)")
-    ax.set_title("Fig. 3 · label rule sweep (95% intervals)")
+    ax.set_ylabel(f"best-of-{n} accuracy (%)")
+    ax.set_title("Fig. 3 · label rule sweep (95% intervals)", fontsize=10)
+    for ax_ref, (name, values) in zip(axes[0, 1:], panels, strict=True):
+        _paper_panel(ax_ref, values, None, f"best-of-{n} accuracy (%)", f"Paper, {name}, N={n}")
+    fig.tight_layout()
     return fig
 
 
@@ -334,10 +382,18 @@ def _paper_raft_panel(ax: plt.Axes, reference: pd.DataFrame, dataset: str, name:
     """The paper's RAFT result on one dataset: its start policy as a dashed line, the accuracy after RAFT with
     each reward model as a labelled point."""
     ref = reference[(reference["experiment"] == "raft") & (reference["dataset"] == dataset)]
-    values = dict(
-        zip(ref["method"].map(lambda m: "er_1" if m == "er_prm" else m), ref["accuracy"], strict=True)
-    )
+    values = dict(zip(ref["method"].replace(PAPER_ER), ref["accuracy"], strict=True))
     start = values.pop(RAFT_BASELINE, None)
+    _paper_panel(ax, values, start, "greedy accuracy after RAFT (%)",
+                 f"Paper, {name} (Mistral-MetaMath-7b, 3 iterations)")  # fmt: skip
+
+
+def _paper_panel(
+    ax: plt.Axes, values: dict[str, float], start: float | None, ylabel: str, title: str
+) -> None:
+    """The paper's numbers (no intervals published) as one labelled point per method of ``values`` (``er_1``
+    stands for its ER-PRM, whose eta it does not state), in rule order; ``start`` (its start policy), when
+    given, as a dashed line."""
     if start is not None:
         ax.axhline(start, color="0.4", ls="--", lw=1, label=f"{style.raft_label(RAFT_BASELINE)} {start:g}")
     order = labels.method_order(values)
@@ -346,36 +402,51 @@ def _paper_raft_panel(ax: plt.Axes, reference: pd.DataFrame, dataset: str, name:
         ax.annotate(f"{values[method]:g}", (x, values[method]), textcoords="offset points", xytext=(0, 6),
                     ha="center", fontsize=8)  # fmt: skip
     names = ["ER-PRM (η not stated)" if m == "er_1" else style.method_label(m) for m in order]
-    ax.set_xticks(range(len(order)), names, rotation=20, ha="right", fontsize=8)
+    ax.set_xticks(range(len(order)), names, rotation=30, ha="right", fontsize=8)
     ax.set_xlim(-0.5, len(order) - 0.5)
     top = max([*values.values(), start or 0])
     bottom = min([*values.values(), start if start is not None else top])
     ax.set_ylim(bottom - 1.5, top + 1.5)
-    ax.set_ylabel("greedy accuracy after RAFT (%)")
-    ax.set_title(f"Paper, {name} (Mistral-MetaMath-7b, 3 iterations)", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    if start is not None:
+        ax.legend(fontsize=7, loc="lower right")
 
 
-def figure_training_curves(log: Any, smooth: int = 1) -> Any:
-    """Training loss against optimizer step, one line per rule (rolling mean over ``smooth`` steps)."""
+def figure_training_curves(log: pd.DataFrame, smooth: int = 1) -> plt.Figure:
+    """Training loss against optimizer step, one line per rule (rolling mean over ``smooth`` steps).
+
+    Cross-entropy against soft targets cannot fall below the mean binary entropy of the targets, which is 0
+    for hard and ORM labels but not for soft or ER ones; so with a ``loss_floor`` column in ``log`` (that
+    entropy for the rule's training labels) each rule is drawn as its loss minus its floor, which goes to 0
+    for every rule. Without it the raw loss is drawn and the axis says the floors are missing."""
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    floored = "loss_floor" in log and log["loss_floor"].notna().all()
     for rule in labels.method_order(log["rule"].unique()):
         g = log[log["rule"] == rule].sort_values("step")
+        loss = g["loss"] - g["loss_floor"] if floored else g["loss"]
         ax.plot(
             g["step"],
-            g["loss"].rolling(max(1, smooth), min_periods=1).mean(),
+            loss.rolling(max(1, smooth), min_periods=1).mean(),
             color=style.method_colour(rule),
+            ls=style.method_linestyle(rule),
             label=style.method_label(rule),
         )
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("soft-label cross-entropy")
+    if floored:
+        ax.axhline(0, color="0.6", lw=1, ls=":")
+        ax.set_ylabel("cross-entropy − its floor\n(mean binary entropy of the rule's labels)")
+    else:
+        ax.set_ylabel("soft-label cross-entropy\n(floors not in the table: soft/ER cannot reach 0)")
     ax.set_title("PRM training")
     ax.legend(fontsize=7, ncol=2)
     return fig
 
 
-def figure_calibration(calibration: Any, rules: Sequence[str] | None = None) -> Any:
-    """Reliability diagrams: mean step score vs mean label per score bin, one panel per rule."""
+def figure_calibration(calibration: pd.DataFrame, rules: Sequence[str] | None = None) -> plt.Figure:
+    """Reliability diagrams: mean step score vs mean label per score bin, one panel per rule; each point's
+    area grows with its bin's ``count`` (the number is written beside it) and, when the table has ``ci_low``
+    / ``ci_high`` (an interval of the mean label), it carries that interval as an error bar."""
     rules = labels.method_order(rules if rules is not None else calibration["rule"].unique())
     cols = min(3, len(rules)) or 1
     rows = -(-len(rules) // cols) or 1
@@ -384,16 +455,29 @@ def figure_calibration(calibration: Any, rules: Sequence[str] | None = None) -> 
     )
     for ax in axes.ravel()[len(rules) :]:
         ax.set_visible(False)
+    largest = max(float(calibration["count"].max()), 1.0)
+    intervals = {"ci_low", "ci_high"} <= set(calibration.columns)
     for ax, rule in zip(axes.ravel(), rules, strict=False):
         g = calibration[(calibration["rule"] == rule) & (calibration["count"] > 0)]
+        colour = style.method_colour(rule)
         ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--")
-        ax.plot(g["mean_pred"], g["mean_target"], marker="o", ms=3, color=style.method_colour(rule))
-        ax.set_title(style.method_label(rule), fontsize=9)
+        ax.plot(g["mean_pred"], g["mean_target"], color=colour, lw=1)
+        if intervals:
+            err = np.vstack([g["mean_target"] - g["ci_low"], g["ci_high"] - g["mean_target"]])
+            ax.errorbar(g["mean_pred"], g["mean_target"], yerr=np.clip(err, 0, None), fmt="none",
+                        ecolor=colour, elinewidth=0.8, capsize=1.5)  # fmt: skip
+        ax.scatter(g["mean_pred"], g["mean_target"], s=6 + 60 * g["count"] / largest, color=colour, zorder=3)
+        for xi, yi, c in zip(g["mean_pred"], g["mean_target"], g["count"], strict=True):
+            ax.annotate(f"{int(c)}", (xi, yi), textcoords="offset points", xytext=(3, -8), fontsize=5,
+                        color="0.35")  # fmt: skip
+        ax.set_title(f"{style.method_label(rule)} ({int(g['count'].sum())} steps)", fontsize=9)
     for ax in axes[-1]:
         ax.set_xlabel("mean step score")
     for ax in axes[:, 0]:
         ax.set_ylabel("mean label")
-    fig.suptitle("Held-out calibration against each rule's own labels", fontsize=10)
+    note = "95% intervals; " if intervals else ""
+    fig.suptitle(f"Held-out calibration against each rule's own labels ({note}point area, number: steps in the "
+                 "bin)", fontsize=10)  # fmt: skip
     fig.tight_layout()
     return fig
 
@@ -429,30 +513,51 @@ def figure_policy_training(log: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def figure_policy_accuracy(table: pd.DataFrame, by_steps: pd.DataFrame) -> plt.Figure:
+def figure_policy_accuracy(
+    table: pd.DataFrame, by_steps: pd.DataFrame, n_sample_problems: int | None = None
+) -> plt.Figure:
     """Greedy accuracy by number of steps (left) and pass@k against greedy (right), from the policy
-    evaluation ``table`` (``policy_eval``) and ``by_steps`` (``policy_accuracy_by_steps``) of 00_policy."""
-    passk = table[table["metric"] == "pass_at_k"]
+    evaluation ``table`` (``policy_eval``) and ``by_steps`` (``policy_accuracy_by_steps``) of 00_policy.
+
+    Greedy decoding runs on every test problem, pass@k on the first ``n_sample_problems`` of them (00's
+    ``n_passk_problems``; a ``n_problems`` column of the pass@k rows wins when the table has one): the labels
+    say on how many each was measured. The k axis is logarithmic with the k values as ticks."""
+    passk = table[table["metric"] == "pass_at_k"].sort_values("k")
     greedy = table[table["metric"] == "greedy_accuracy"].iloc[0]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    n_all = int(by_steps["n_problems"].sum()) if "n_problems" in by_steps else None
+    if "n_problems" in passk and passk["n_problems"].notna().any():
+        n_sample_problems = int(passk["n_problems"].max())
+    n_passk = min(n_sample_problems or n_all, n_all) if n_all else n_sample_problems  # 0: all problems
+    colour = style.method_colour("greedy")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.4, 3.4))
     ax1.errorbar(
         by_steps["n_steps"],
         by_steps["accuracy"],
         yerr=[by_steps["accuracy"] - by_steps["ci_low"], by_steps["ci_high"] - by_steps["accuracy"]],
         marker="o",
-        color="black",
+        color=colour,
         capsize=3,
     )
     ax1.set(
-        xlabel="arithmetic steps", ylabel="greedy accuracy", ylim=(0, 1), title="Accuracy by number of steps"
-    )
-    ax2.fill_between(
-        passk["k"], passk["ci_low"], passk["ci_high"], alpha=0.2, color=style.BASE_COLOURS["oracle"]
-    )
-    ax2.plot(passk["k"], passk["value"], marker="o", color=style.BASE_COLOURS["oracle"], label="pass@k (T=1)")
-    ax2.axhline(greedy["value"], ls="--", color="black", label="greedy")
-    ax2.set(xscale="log", xlabel="k", ylabel="accuracy", ylim=(0, 1), title="pass@k")
-    ax2.legend()
+        xlabel="arithmetic steps", ylabel="greedy accuracy", ylim=(0, 1),
+        title=f"Greedy accuracy by steps ({n_all} problems)" if n_all else "Greedy accuracy by steps",
+    )  # fmt: skip
+    ax1.set_xticks(sorted(int(v) for v in by_steps["n_steps"]))
+    oracle = style.method_colour("oracle")
+    ax2.fill_between(passk["k"], passk["ci_low"], passk["ci_high"], alpha=0.2, color=oracle, lw=0)
+    on = f"first {n_passk} test problems" if n_passk else "the first test problems"
+    on = f"all {n_passk} test problems" if n_passk and n_passk == n_all else on
+    ax2.plot(passk["k"], passk["value"], marker="o", color=oracle, label=f"pass@k (T=1), {on}")
+    on_all = f"all {n_all} test problems" if n_all else "all test problems"
+    ax2.axhline(greedy["value"], ls=style.method_linestyle("greedy"), color=colour, label=f"greedy, {on_all}")
+    ax2.set(xscale="log", xlabel="k (samples per problem)", ylabel="accuracy", ylim=(0, 1), title="pass@k")
+    ks = [int(k) for k in passk["k"]]
+    if ks:
+        ax2.set_xticks(ks, [str(k) for k in ks])
+        ax2.set_xlim(ks[0] / 1.5, ks[-1] * 1.5)
+    ax2.minorticks_off()
+    ax2.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
     return fig
 
 
@@ -471,7 +576,8 @@ def figure_prefix_success(prefixes: pd.DataFrame) -> plt.Figure:
     fig, (ax, ax_n) = plt.subplots(
         2, 1, figsize=(5.6, 4.8), sharex=True, gridspec_kw={"height_ratios": [3, 1.4]}
     )
-    outcomes = ((1, "correct solutions", "#2ca02c"), (0, "wrong solutions", "#d62728"))
+    outcomes = ((1, "correct solutions", style.OUTCOME_COLOURS["correct"]),
+                (0, "wrong solutions", style.OUTCOME_COLOURS["wrong"]))  # fmt: skip
     for k, (outcome, name, colour) in enumerate(outcomes):
         r = g[g["outcome"] == outcome]
         if r.empty:
@@ -509,40 +615,94 @@ def figure_label_distribution(distribution: pd.DataFrame, rules: Sequence[str]) 
     return fig
 
 
+def figure_label_explorer(
+    example: pd.DataFrame, distribution: pd.DataFrame, rules: Sequence[str]
+) -> plt.Figure:
+    """Labels under each rule of ``rules`` (soft, some etas, hard): one solution step by step (left; a
+    ``worked_example_table`` of 02_labels, whose ``truth`` column, when present, shades the steps at and after
+    the first error) and the share of all labelled steps per label bin (right; a ``label_distribution``
+    table). 02_labels draws it for a fixed eta grid, and its slider for any eta."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1, 1.4]})
+    steps = example["step"].to_numpy()
+    if "truth" in example:
+        for step, truth in zip(steps, example["truth"], strict=True):
+            if truth != "right":
+                ax1.axvspan(step - 0.5, step + 0.5, color=style.OUTCOME_COLOURS["wrong"], alpha=0.1, lw=0)
+        marks = example["truth"].map(
+            lambda t: "right" if t == "right" else "wrong" if t.startswith("WRONG") else "after"
+        )
+        ax1.set_xticks(steps, [f"{s}\n{m}" for s, m in zip(steps, marks, strict=True)])
+    else:
+        ax1.set_xticks(steps)
+    bins = list(dict.fromkeys(distribution["bin"]))
+    for rule in labels.method_order(rules):
+        colour, ls, name = style.method_colour(rule), style.method_linestyle(rule), style.method_label(rule)
+        if rule in example:
+            ax1.plot(steps, example[rule], marker="o", ms=4, color=colour, ls=ls, label=name)
+        share = distribution[distribution["rule"] == rule].set_index("bin").reindex(bins)["share"]
+        ax2.plot(range(len(bins)), share, marker="o", ms=4, color=colour, ls=ls, label=name)
+    ax1.set(xlabel="step (ground truth)" if "truth" in example else "step", ylabel="label", ylim=(-0.03, 1.03),
+            xlim=(steps.min() - 0.5, steps.max() + 0.5))  # fmt: skip
+    ax1.set_title("The worked example" + (" (shaded: at or after the first error)" if "truth" in example else ""),
+                  fontsize=9)  # fmt: skip
+    ax2.set_xticks(range(len(bins)), bins, rotation=30, ha="right", fontsize=7)
+    ax2.set(xlabel="label bin (0 and 1 on their own)", ylabel="share of labelled steps")
+    ax2.set_title("All labelled steps", fontsize=9)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def figure_aggregations(agg: pd.DataFrame, n_max: int, aggregations: Sequence[str]) -> plt.Figure:
     """Best-of-``n_max`` accuracy per rule under each step-score aggregation in ``aggregations`` (in that
-    order; the stages pass ``erprm_core.prm.AGGREGATIONS``), from ``aggregation_table`` (04_best_of_n)."""
+    order; the stages pass ``erprm_core.prm.AGGREGATIONS``), from ``aggregation_table`` (04_best_of_n): the
+    rule's colour, one marker per aggregation (:data:`~erprm_core.report.style.AGGREGATION_MARKERS`)."""
     fig, ax = plt.subplots(figsize=(7, 3.6))
+    rules = labels.method_order(agg["rule"].unique())
+    width = 0.15
     for k, how in enumerate(aggregations):
-        r = agg[agg["aggregation"] == how]
-        ax.errorbar(
-            np.arange(len(r)) + 0.15 * k - 0.225,
-            r["value"] * 100,
-            fmt="o",
-            capsize=2,
-            label=how,
-            yerr=[(r["value"] - r["ci_low"]) * 100, (r["ci_high"] - r["value"]) * 100],
-        )
-    ax.set_xticks(np.arange(len(r)), [style.method_label(x) for x in r["rule"]], rotation=25, ha="right")
+        r = agg[agg["aggregation"] == how].set_index("rule").reindex(rules)
+        x = np.arange(len(rules)) + width * (k - (len(aggregations) - 1) / 2)
+        marker = style.AGGREGATION_MARKERS.get(how, "o")
+        for xi, rule in zip(x, rules, strict=True):
+            row = r.loc[rule]
+            if pd.isna(row["value"]):
+                continue
+            err = [[(row["value"] - row["ci_low"]) * 100], [(row["ci_high"] - row["value"]) * 100]]
+            ax.errorbar(xi, row["value"] * 100, yerr=err, fmt=marker, ms=5, capsize=2,
+                        color=style.method_colour(rule))  # fmt: skip
+        ax.plot([], [], marker, color="0.2", ls="none", label=how)  # legend entry: the marker, neutral colour
+    ax.set_xticks(np.arange(len(rules)), [style.method_label(x) for x in rules], rotation=25, ha="right")
     ax.set(ylabel=f"best-of-{n_max} accuracy (%)", title="Aggregation of step scores (95% intervals)")
     ax.legend(fontsize=8, title="aggregation")
     return fig
 
 
 def figure_processbench_sweep(
-    sweep: Any, threshold: float | None = None, title: str = "", by: str = "split"
-) -> Any:
-    """ProcessBench F1 against the threshold, one line per value of column ``by`` (a split, with the mean of
-    the splits when there are several; or a PRM), from a ``<stem>_sweep.csv`` table; a dotted line marks
-    ``threshold``."""
-    style.set_style()
+    sweep: pd.DataFrame, threshold: float | None = None, title: str = "", by: str = "split"
+) -> plt.Figure:
+    """ProcessBench F1 against the threshold from a ``<stem>_sweep.csv`` / ``step_eval_sweep`` table, one line
+    per value of column ``by``: a split (with the mean of the splits when there are several), or a PRM (in
+    rule order, in the rule's colour and line style; with several splits, each PRM's mean over the splits).
+    The table's ``f1_low`` / ``f1_high`` (an interval of F1), when present, are drawn as bands (for one
+    split). A dotted line marks ``threshold``."""
     fig, ax = plt.subplots(figsize=(5.6, 3.6))
-    cmap = plt.get_cmap("tab10")
-    splits = list(dict.fromkeys(sweep[by]))
-    for k, split in enumerate(splits):
-        g = sweep[sweep[by] == split].sort_values("threshold")
-        ax.plot(g["threshold"], g["f1"], marker="o", ms=3, color=cmap(k % 10), label=split)
-    if len(splits) > 1 and by == "split":
+    splits = list(dict.fromkeys(sweep["split"])) if "split" in sweep else []
+    bands = {"f1_low", "f1_high"} <= set(sweep.columns)
+    if by == "prm" and len(splits) > 1:  # one line per PRM: its mean over the splits, without intervals
+        sweep = sweep.groupby(["prm", "threshold"], as_index=False)["f1"].agg(lambda f: f.mean(skipna=False))
+        bands = False
+        title = f"{title} (mean of {len(splits)} splits)" if title else title
+    names = labels.method_order(sweep[by].unique()) if by == "prm" else list(dict.fromkeys(sweep[by]))
+    colours = style.series_colours(names)
+    for name in names:
+        g = sweep[sweep[by] == name].sort_values("threshold")
+        ls = style.method_linestyle(name) if by == "prm" else "-"
+        label = style.method_label(name) if by == "prm" else name
+        ax.plot(g["threshold"], g["f1"], marker="o", ms=3, ls=ls, color=colours[name], label=label)
+        if bands and g["f1_low"].notna().any():
+            ax.fill_between(g["threshold"], g["f1_low"], g["f1_high"], color=colours[name], alpha=0.1, lw=0)
+    if len(names) > 1 and by == "split":
         mean = sweep.groupby("threshold")["f1"].agg(lambda f: f.mean(skipna=False)).sort_index()
         ax.plot(mean.index, mean.to_numpy(), color="black", ls="--", lw=1.5, label="mean of splits")
     if threshold is not None:
@@ -550,9 +710,9 @@ def figure_processbench_sweep(
     ax.set_xlim(0, 1)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("threshold (a step scored below it is the first error)")
-    ax.set_ylabel("ProcessBench F1")
+    ax.set_ylabel("ProcessBench F1" + (" (95% bands)" if bands else ""))
     ax.set_title(title or "ProcessBench F1 against the threshold", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncol=2 if len(names) > 5 else 1)
     fig.tight_layout()
     return fig
 

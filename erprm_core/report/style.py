@@ -10,6 +10,7 @@ notebooks."""
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Sequence
 from io import BytesIO
@@ -29,7 +30,7 @@ if "ipykernel" not in type(_ipython_shell()).__module__:
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from erprm_core import labels  # noqa: E402
+from erprm_core import io, labels  # noqa: E402
 
 BASE_COLOURS = {
     "soft": "#1f77b4",
@@ -42,6 +43,24 @@ BASE_COLOURS = {
     "greedy": "#8c564b",
 }
 _ER_CMAP = "viridis"
+ER_ETAS = (0.1, 0.5, 1, 2, 5, 10)
+"""The etas that span the ER colour scale (log eta from the first to the last); others take the end shades,
+so a rule has the same colour in every figure whatever grid a run used."""
+OUTCOME_COLOURS = {"correct": "#1b7837", "wrong": "#b2182b"}
+"""Right and wrong (solutions by outcome, steps against the ground truth): darker than soft blue / hard red."""
+OTHER_COLOURS = ("#d95f02", "#7570b3", "#e7298a", "#e6ab02", "#1b9e77", "#a6761d")
+"""Series that are no label rule or baseline (ProcessBench splits, released PRMs), in order of appearance
+(ColorBrewer's Dark2: none is a colour of matplotlib's default cycle, whose leftovers a test catches)."""
+AGGREGATION_MARKERS = {"min": "o", "prod": "s", "last": "^", "mean": "D"}
+"""Marker per step-score aggregation (colour stays the rule's)."""
+
+
+def interactive() -> bool:
+    """Whether a notebook may show widgets (02_labels' eta slider): only in a notebook kernel whose environment
+    has ``ERPRM_INTERACTIVE=1`` (:data:`erprm_core.io.INTERACTIVE_ENV`), which `make lab` sets. Everywhere
+    else (papermill, nbval, `erprm reproduce`, a plain `jupyter lab`) notebooks draw static figures, so an
+    executed notebook never holds widget state."""
+    return os.environ.get(io.INTERACTIVE_ENV) == "1" and "ipykernel" in type(_ipython_shell()).__module__
 
 
 def set_style() -> None:
@@ -102,8 +121,10 @@ def raft_label(reward_model: str) -> str:
     return RAFT_LABELS.get(reward_model) or method_label(reward_model)
 
 
-def method_colour(method: str, etas: Sequence[float] = (0.1, 0.5, 1, 2, 5, 10)) -> str:
-    """Fixed colour per method; ER rules take a viridis shade by log(eta) so sweeps read left to right."""
+def method_colour(method: str, etas: Sequence[float] = ER_ETAS) -> str:
+    """Fixed colour per method; ER rules take a viridis shade by log(eta) so sweeps read left to right;
+    anything else (a released PRM) the first of :data:`OTHER_COLOURS` (:func:`series_colours` tells them
+    apart)."""
     rule, _, _ = labels.parse_method(method)
     if rule in BASE_COLOURS:
         return BASE_COLOURS[rule]
@@ -112,15 +133,32 @@ def method_colour(method: str, etas: Sequence[float] = (0.1, 0.5, 1, 2, 5, 10)) 
         lo, hi = math.log(min(etas)), math.log(max(etas))
         frac = 0.5 if hi == lo else (math.log(eta) - lo) / (hi - lo)
         return matplotlib.colors.to_hex(plt.get_cmap(_ER_CMAP)(0.15 + 0.7 * min(max(frac, 0.0), 1.0)))
-    return "#17becf"
+    return OTHER_COLOURS[0]
+
+
+def series_colours(names: Sequence[str]) -> dict[str, str]:
+    """A colour per name: a label rule or baseline keeps :func:`method_colour`; the other names (ProcessBench
+    splits, released PRMs) take :data:`OTHER_COLOURS` in the order given."""
+    out, k = {}, 0
+    for name in names:
+        rule = labels.parse_method(name)[0]
+        if rule in BASE_COLOURS or labels.rule_eta(rule, default=None) is not None:
+            out[name] = method_colour(name)
+        else:
+            out[name] = OTHER_COLOURS[k % len(OTHER_COLOURS)]
+            k += 1
+    return out
 
 
 def method_linestyle(method: str) -> str:
-    """Dashed for baselines and votes, dotted for the oracle, solid for reward models."""
+    """Solid for reward models; dotted for the oracle; for the other baselines and votes a dash pattern
+    each (greedy dash-dot), so two baselines at the same height stay visible."""
     rule, _, weighted = labels.parse_method(method)
     if rule == "oracle" and not weighted:
         return ":"
-    if rule in ("random", "majority", "greedy") or weighted:
+    if rule == "greedy":
+        return "-."
+    if rule in ("random", "majority") or weighted:
         return "--"
     return "-"
 

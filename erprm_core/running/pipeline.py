@@ -110,9 +110,11 @@ def kernel_numerics_env(level: str) -> dict[str, str | None]:
 
 def kernel_progress_env(progress_file: Path) -> dict[str, str]:
     """Environment for a stage kernel: the kit's bars report to ``progress_file`` (:func:`erprm_core.io.progress`),
-    and the bars of transformers, the hub, datasets and any other tqdm are off (no noise in the notebook)."""
+    the bars of transformers, the hub, datasets and any other tqdm are off (no noise in the notebook), and so
+    are widgets (:data:`erprm_core.io.INTERACTIVE_ENV`, even when started from a `make lab` terminal): the
+    executed notebook holds static figures and no widget state."""
     off = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")
-    return {io.PROGRESS_ENV: str(progress_file), **dict.fromkeys(off, "1")}
+    return {io.PROGRESS_ENV: str(progress_file), io.INTERACTIVE_ENV: "0", **dict.fromkeys(off, "1")}
 
 
 def _state_path(profile: str) -> Path:

@@ -1,7 +1,13 @@
 """``erprm processbench``: score ProcessBench with a PRM and report the benchmark's F1 per split.
 
 ``erprm processbench --prm PATH_OR_NAME [--revision REV] --data DIR_OR_HUB --splits gsm8k,math,...
-[--limit N] [--threshold T] [--batch-size B] --out FILE.csv``
+[--limit N [--seed S]] [--threshold T] [--batch-size B] --out FILE.csv``
+
+``--limit N`` scores N records of each split drawn at random with seed ``--seed`` (default 0), stratified by
+label: records with an error and all-correct ones in the split's proportions, at least one of each when N >= 2
+(:func:`erprm_core.processbench.stratified_sample`). The released files list the erroneous records first, so
+the first N would all have an error and F1 would be undefined. The command says so when it samples, and the
+seed is recorded with the other options in ``<stem>_info.json`` (``parameters``).
 
 Every record's steps are scored in the Math-Shepherd format by :class:`erprm_core.prm.ProcessRewardModel`
 (on the GPU when there is one: ``--device auto``), the first step below ``--threshold`` is the prediction
@@ -67,8 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--splits", default=",".join(processbench.SPLITS), help="comma list (default: all four splits)"
     )
     parser.add_argument(
-        "--limit", type=int, default=None, help="score only the first N records of each split"
-    )
+        "--limit", type=int, default=None,
+        help="score N records of each split: a seeded sample stratified by label (errors and all-correct "
+        "records in the split's proportions, at least one of each)",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --limit sample (default 0)")
     parser.add_argument(
         "--threshold", type=float, default=0.5, help="a step below it is an error (default 0.5)"
     )
@@ -132,7 +141,11 @@ def run(args: argparse.Namespace) -> int:
     loaded (the message names the option or file).
     """
     splits = _check_args(args)
-    data = pbe.load_splits(args.data, splits, args.limit, args.data_revision)
+    data = pbe.load_splits(args.data, splits, args.limit, args.data_revision, seed=args.seed)
+    for split, one in data.items() if args.limit is not None else ():
+        print(f"{split}: {len(one)} records, {one.n_errors} with an error and {len(one) - one.n_errors} all "
+              f"correct: a sample stratified by label with seed {args.seed} (--limit {args.limit}; every record "
+              "when the split has no more)")  # fmt: skip
     parameters = {k: v for k, v in vars(args).items() if not callable(v)}
     res = pbe.evaluate(
         args.prm, data, args.out, revision=args.revision, threshold=args.threshold, options=_options(args),

@@ -84,7 +84,7 @@ def run(config: FiguresConfig) -> FiguresResult:
 
     res.sweep = figures.eta_sweep_table(bon, n_max, c.aggregation)
     artifacts.write_table(res.sweep, c.profile, "eta_sweep")
-    fig3 = figures.figure_eta_sweep(res.sweep, figures.bon_baselines(bon, n_max, greedy))
+    fig3 = figures.figure_eta_sweep(res.sweep, figures.bon_baselines(bon, n_max, greedy), reference)
     _save(res, fig3, P.figures, "fig3_eta_sweep")
 
     _save(res, figures.figure_raft(raft, reference), P.figures, "fig4_raft")

@@ -5,11 +5,14 @@ with :func:`stepwise_labels` and writes ``labels.jsonl`` (with each solution's g
 and ``error_type`` for the synthetic task ``arith``, :func:`ground_truth`). :func:`run` is the notebook's
 entry: it also writes the tables ``labels_audit``, ``label_stats``, ``label_distribution`` and, for ``arith``,
 ``label_quality`` (:func:`label_quality_table`: how well each rule's labels find the steps before the first
-error), picks a worked example and records the stage in the manifest.
+error), picks a worked example by a stated rule (:func:`pick_worked_example`, shown with its ground truth by
+:func:`worked_example_table`) and records the stage in the manifest. :func:`eta_explorer` redraws the example
+and the label distribution for other etas (a slider in `make lab`, a static figure elsewhere).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +20,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from erprm_core import io, labels, rollouts, stats
+from erprm_core.report import figures, style
 from erprm_core.running import artifacts
 from erprm_core.running.config import parse_eta_grid
 from erprm_core.stages._common import StageConfig, record
@@ -285,38 +290,95 @@ def label_quality_table(records: Sequence[dict[str, Any]], n_boot: int = 2000, s
 
 
 def pick_worked_example(rollouts: Sequence[dict[str, Any]], min_steps: int = 3) -> dict[str, Any]:
-    """A rollout that shows the rules disagreeing: the first (in file order) with >= ``min_steps`` steps and a
-    prefix whose completions are mixed (0 < p < 1); failing that, the one with the most steps."""
+    """The worked example of 02_labels, by a fixed rule (the notebook states it too): the first rollout, in
+    file order, whose ground-truth first error (:func:`ground_truth`) is at step 2 or later and before the
+    answer line, and which has a right step whose completions are mixed (0 < p < 1). So the example has right
+    steps, a wrong step whose completions show what each rule does with it, and a right step where the rules
+    disagree. Tasks without a ground truth, or rollouts where no solution qualifies: the first with >=
+    ``min_steps`` steps and a mixed prefix; failing that, the one with the most steps."""
     if not rollouts:
         raise ValueError("no rollouts to pick a worked example from")
+
+    def mixed(rewards: list[float]) -> bool:
+        return 0 < sum(rewards) < len(rewards)
+
     for rec in rollouts:
-        mixed = any(0 < sum(r) < len(r) for r in rec["completion_rewards"])
-        if len(rec["steps"]) >= min_steps and mixed:
+        truth = ground_truth(rec)
+        if truth is None or not 1 <= truth[0] < len(rec["steps"]) - 1:
+            continue
+        if any(mixed(r) for r in rec["completion_rewards"][: truth[0]]):
+            return rec
+    for rec in rollouts:
+        if len(rec["steps"]) >= min_steps and any(mixed(r) for r in rec["completion_rewards"]):
             return rec
     return max(rollouts, key=lambda r: len(r["steps"]))
 
 
-def worked_example_table(rollout: dict[str, Any], etas: Sequence[float], digits: int = 3) -> pd.DataFrame:
-    """One solution step by step: the step, its completions' outcomes, p and the label each rule gives.
+def step_truth(rollout: dict[str, Any]) -> list[str] | None:
+    """Each step of a rollout against its ground truth (:func:`ground_truth`): ``right`` before the first
+    error, ``WRONG (<error type>)`` at it, ``after the error`` from then on; None without a ground truth."""
+    truth = ground_truth(rollout)
+    if truth is None:
+        return None
+    first, kind = truth
+    cut = len(rollout["steps"]) if first < 0 else first
+    return ["right" if i < cut else f"WRONG ({kind})" if i == cut else "after the error"
+            for i in range(len(rollout["steps"]))]  # fmt: skip
 
-    Columns: ``step`` (1-based), ``text``, ``completions`` (e.g. "1 0 1 1"; the last step shows the
-    solution's outcome), ``p`` (fraction correct), then one column per rule (rounded to ``digits``).
+
+def worked_example_table(rollout: dict[str, Any], etas: Sequence[float], digits: int = 3) -> pd.DataFrame:
+    """One solution step by step: the step, its ground truth, its completions' outcomes, p and the label each
+    rule gives.
+
+    Columns: ``step`` (1-based), ``text`` (the whole step), ``truth`` (:func:`step_truth`; only for a task
+    with a ground truth), ``completions`` (e.g. "1 0 1 1"; the last step shows the solution's outcome), ``p``
+    (fraction correct), then one column per rule (rounded to ``digits``).
     """
     table = stepwise_labels(rollout["completion_rewards"], rollout["outcome"], list(etas))
+    truth = step_truth(rollout)
     rows = []
     for i, step in enumerate(rollout["steps"]):
         last = i == len(rollout["steps"]) - 1
         rewards = [rollout["outcome"]] if last else rollout["completion_rewards"][i]
-        row = {
-            "step": i + 1,
-            "text": step,
-            "completions": "outcome " + str(rollout["outcome"]) if last else " ".join(map(str, rewards)),
-            "p": round(sum(rewards) / len(rewards), digits),
-        }
+        row = {"step": i + 1, "text": step}
+        if truth is not None:
+            row["truth"] = truth[i]
+        row["completions"] = "outcome " + str(rollout["outcome"]) if last else " ".join(map(str, rewards))
+        row["p"] = round(sum(rewards) / len(rewards), digits)
         for rule, vals in table.items():
             row[rule] = None if vals[i] is None else round(vals[i], digits)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+EXPLORER_ETAS = (0.5, 2.0, 10.0)
+"""The etas of 02_labels' static eta figure (papermill, nbval): between soft (0) and hard (inf)."""
+
+
+def eta_explorer(res: LabelResult, etas: Sequence[float] = EXPLORER_ETAS) -> Any:
+    """The worked example's labels and the label distribution for other etas than the grid's
+    (:func:`~erprm_core.report.figures.figure_label_explorer`, soft and hard always drawn).
+
+    In JupyterLab started by `make lab` (:func:`~erprm_core.report.style.interactive`) it returns an eta
+    slider (ipywidgets) that relabels every rollout and redraws the figure for the chosen eta. Anywhere else
+    (papermill, nbval, `erprm reproduce`) it returns the static figure for ``etas``, so an executed notebook
+    holds an image and no widget state.
+    """
+
+    def draw(chosen: Sequence[float]) -> Figure:
+        grid = [0.0, *chosen, math.inf]
+        distribution = label_distribution(label_records(res.rollouts, grid))
+        rules = [labels.rule_name(e) for e in grid]
+        return figures.figure_label_explorer(worked_example_table(res.example, grid), distribution, rules)
+
+    if not style.interactive():
+        return style.shown(draw(etas))
+    import ipywidgets  # JupyterLab only
+    from IPython.display import display
+
+    slider = ipywidgets.FloatLogSlider(value=1.0, base=10, min=-1.5, max=1.5, step=0.05, description="η",
+                                       continuous_update=False)  # fmt: skip
+    return ipywidgets.interactive(lambda eta: display(style.shown(draw([eta]))), eta=slider)
 
 
 def run(config: LabelsConfig) -> LabelResult:

@@ -298,14 +298,23 @@ def output_paths(out: Path | str) -> dict[str, Path]:
 
 
 def load_splits(
-    data: str, splits: Sequence[str], limit: int | None = None, revision: str | None = None
+    data: str,
+    splits: Sequence[str],
+    limit: int | None = None,
+    revision: str | None = None,
+    seed: int | None = None,
 ) -> dict[str, processbench.ProcessBenchSplit]:
-    """Each split's records from ``data`` (a local folder, or "hub"), the first ``limit`` of them."""
+    """Each split's records from ``data`` (a local folder, or "hub"); with ``limit``, ``limit`` of them: a
+    sample stratified by label drawn with ``seed`` (:func:`erprm_core.processbench.stratified_sample`; what
+    ``erprm processbench --limit N --seed S`` scores), or, without a seed, the first ``limit`` (which in the
+    released files all have an error)."""
     folder = data_folder(data)
     loaded = {}
     for split in splits:
         one = processbench.load(split, folder, revision=revision)
-        if limit is not None:
+        if limit is not None and seed is not None:
+            one = processbench.stratified_sample(one, limit, seed)
+        elif limit is not None:
             one = processbench.ProcessBenchSplit(
                 split, one.records[:limit], one.source, one.sha256, one.revision
             )
