@@ -84,7 +84,7 @@ def test_manifest_records_every_stage(smoke_run):
         ]  # the thread count it ran with, not the knob (0 = auto)
         assert ran_with["torch_threads"] >= 1
         assert ran_with["cpu_numerics"] == "portable" and ran_with["aten_capability"] == "AVX2"
-        assert ran_with["pins"]["MKL_CBWR"] == "AVX2,STRICT"
+        assert ran_with["pins"]["MKL_CBWR"] == "COMPATIBLE,STRICT"
 
 
 # Figures each executed smoke notebook shows inline (02 and 03 add one each for arith's ground truth, 02 the

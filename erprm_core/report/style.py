@@ -41,6 +41,8 @@ BASE_COLOURS = {
     "majority": "#9467bd",
     "oracle": "#bcbd22",
     "greedy": "#8c564b",
+    "likelihood": "#17becf",
+    "fewer_steps": "#e377c2",
 }
 _ER_CMAP = "viridis"
 ER_ETAS = (0.1, 0.5, 1, 2, 5, 10)
@@ -94,6 +96,8 @@ def method_label(method: str) -> str:
         "majority": "Majority vote",
         "oracle": "Oracle pass@N",
         "greedy": "Greedy decoding",
+        "likelihood": "Policy likelihood (no training)",
+        "fewer_steps": "Fewer steps (no training)",
         "baseline": "No RLHF",
     }
     if rule in names:
@@ -150,7 +154,7 @@ def series_colours(names: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def method_linestyle(method: str) -> str:
+def method_linestyle(method: str) -> str | tuple:
     """Solid for reward models; dotted for the oracle; for the other baselines and votes a dash pattern
     each (greedy dash-dot), so two baselines at the same height stay visible."""
     rule, _, weighted = labels.parse_method(method)
@@ -160,6 +164,8 @@ def method_linestyle(method: str) -> str:
         return "-."
     if rule in ("random", "majority") or weighted:
         return "--"
+    if rule in ("likelihood", "fewer_steps"):
+        return (0, (5, 1, 1, 1))  # dash-dot-dot: training-free verifiers, neither baseline nor PRM
     return "-"
 
 

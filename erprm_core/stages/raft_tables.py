@@ -48,6 +48,7 @@ PAIRED_COLUMNS = [
     "n_worse",
     "family",
     "selection",
+    "p_holm",
 ]
 
 
@@ -198,7 +199,7 @@ def raft_paired_table(records: Sequence[dict[str, Any]], reference_prefix: str =
                         "selection": "prespecified",
                     }
                 )
-    out = pd.DataFrame(rows, columns=PAIRED_COLUMNS)
+    out = pd.DataFrame(rows, columns=PAIRED_COLUMNS[:-1])
     return out.assign(p_holm=stats.family_holm(out["p_value"], out["family"]))
 
 
