@@ -257,6 +257,30 @@ def brier_score(pred: Any, target: Any) -> float:
     return float(np.mean((p - t) ** 2))
 
 
+def excess_cross_entropy(pred: Any, target: Any, eps: float = 1e-6) -> tuple[float, float]:
+    """``(cross_entropy, floor)``: the mean binary cross-entropy of predictions against (soft) targets, and
+    its floor, the mean binary entropy of the targets (what a perfect predictor scores: 0 for 0/1 targets,
+    above 0 for soft ones). ``pred`` is clipped to [eps, 1 - eps].
+
+    >>> ce, floor = excess_cross_entropy([0.5, 0.5], [0.5, 0.5])
+    >>> round(ce - floor, 12)
+    0.0
+    """
+    p, t = _pred_target(pred, target)
+    p = np.clip(p, eps, 1 - eps)
+    ce = -(t * np.log(p) + (1 - t) * np.log1p(-p))
+    return float(ce.mean()), binary_entropy(t)
+
+
+def binary_entropy(target: Any) -> float:
+    """Mean binary entropy (nats) of targets in [0, 1]: the lowest mean cross-entropy any prediction reaches."""
+    t = np.asarray(target, dtype=float)
+    inner = (t > 0) & (t < 1)
+    h = np.zeros_like(t)
+    h[inner] = -(t[inner] * np.log(t[inner]) + (1 - t[inner]) * np.log1p(-t[inner]))
+    return float(h.mean()) if h.size else float("nan")
+
+
 def calibration_bins(
     pred: Any, target: Any, n_bins: int = 10, problems: Any = None, n_boot: int = 2000, seed: int = 0
 ) -> pd.DataFrame:

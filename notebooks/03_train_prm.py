@@ -93,9 +93,12 @@ res.audit.pivot_table(index="reason", columns="rule", values="count", aggfunc="s
 
 # %% [markdown]
 # ## Training curves
+# Each rule's loss minus its floor (the mean binary entropy of its labels: a soft target's cross-entropy
+# cannot reach 0, a hard one's can), so the rules compare on one axis; the open circle at the end is the same
+# quantity on the held-out problems.
 
 # %%
-style.shown(figures.figure_training_curves(res.log, smooth=5), P.figures, "prm_training_curves")
+style.shown(figures.figure_training_curves(res.log, 5, res.metrics), P.figures, "prm_training_curves")
 
 # %% [markdown]
 # ## Held-out checks
@@ -112,12 +115,14 @@ metrics.loc[labels.method_order(metrics.index)]
 # ## Against the ground truth: first wrong step and ranking within a problem
 # Task `arith` only, on the same held-out problems (which 04 never sees). `first_error_f1`: ProcessBench's
 # metric on this task ("synthetic twin" of ProcessBench): the PRM's prediction is its first step scored below
-# 0.5 (-1 if none), `error_acc` the share of solutions with a wrong step whose first wrong step it names
-# exactly, `correct_acc` the share of all-right solutions it passes, F1 their harmonic mean (bootstrap
-# interval over solutions; Wilson intervals for the accuracies). `within_problem_pairwise`: for pairs of one
-# correct and one wrong solution of the same problem, the share where the rule's headline aggregation (min;
-# the ORM: last) ranks the correct one higher, ties half, averaged over problems with both outcomes
-# (bootstrap interval over problems; 0.5 = chance). Table `prm_truth`; the values are also rows of `prm_eval`.
+# the threshold (-1 if none), `error_acc` the share of solutions with a wrong step whose first wrong step it
+# names exactly, `correct_acc` the share of all-right solutions it passes, F1 their harmonic mean; at the
+# paper's threshold 0.5 and at each rule's own threshold chosen here for the best F1 (`threshold_source`
+# `validation`; the mean label rises with eta, so one fixed threshold favours the sharper rules), which 07
+# applies to the test pool. Intervals resample whole problems (a problem's solutions are not independent).
+# `within_problem_pairwise`: for pairs of one correct and one wrong solution of the same problem, the share
+# where the rule's headline aggregation (min; the ORM: last) ranks the correct one higher, ties half,
+# averaged over problems with both outcomes (bootstrap interval over problems; 0.5 = chance). Table `prm_truth`; the values are also rows of `prm_eval`.
 
 # %%
 if res.truth is not None:

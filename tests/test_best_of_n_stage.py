@@ -265,7 +265,14 @@ def test_stage_end_to_end_and_resume(tmp_roots, tok, prm_dirs, monkeypatch):
     # 8 random-weight tokens never reach an answer line: no wrong candidate with an answer to show
     assert res.example.empty and res.example_note == "no wrong candidate with an answer in the pool"
     ranking = res.ranking.set_index("method")
-    assert list(ranking.index) == ["er_1:min", "hard:min", "soft:min", "orm:last", "likelihood", "fewer_steps"]
+    assert list(ranking.index) == [
+        "er_1:min",
+        "hard:min",
+        "soft:min",
+        "orm:last",
+        "likelihood",
+        "fewer_steps",
+    ]
     assert ranking["value"].dropna().between(0, 1).all()
     assert res.best_eta["rule"] == "er_1"
     agg = bon_tables.aggregation_table(bon, 4)
@@ -415,7 +422,12 @@ def test_step_score_example_shows_the_top_ranked_wrong_candidate():
     right = arith_truth.expected_steps(prob)
     wrong = list(right)
     wrong[1] = wrong[1].replace("=", "= 1 +", 1)  # a wrong step 2
-    base = {"problem_id": prob["id"], "question": prob["question"], "task": "arith", "reference": prob["answer"]}
+    base = {
+        "problem_id": prob["id"],
+        "question": prob["question"],
+        "task": "arith",
+        "reference": prob["answer"],
+    }
     records = [
         {**base, "candidate_index": 0, "steps": right, "correct": 1, "answer": "a", "pred": "a"},
         {**base, "candidate_index": 1, "steps": wrong, "correct": 0, "answer": "b", "pred": "b"},
@@ -428,4 +440,9 @@ def test_step_score_example_shows_the_top_ranked_wrong_candidate():
     assert "candidate 1" in why  # candidate 2 ranks higher but has no answer
     assert table["truth"].tolist()[:4] == ["right", "first error", "after the error", "after the error"]
     last = table.iloc[-1]
-    assert (last["step"], last["soft"], last["hard"], last["truth"]) == ("min at step", 2, 3, "first error: 2")
+    assert (last["step"], last["soft"], last["hard"], last["truth"]) == (
+        "min at step",
+        2,
+        3,
+        "first error: 2",
+    )

@@ -118,7 +118,9 @@ def test_synthetic_benchmark_hand_computed(tmp_roots):
     assert by_type.loc[("exact", "none"), ["accuracy", "n"]].tolist() == [1.0, 4]
 
     written = artifacts.read_table(PROFILE, "step_eval")
-    assert list(written["prm"]) == list(res.table["prm"]) and list(written.columns) == processbench.EVAL_COLUMNS
+    assert (
+        list(written["prm"]) == list(res.table["prm"]) and list(written.columns) == processbench.EVAL_COLUMNS
+    )
     entry = json.loads(artifacts.paths(PROFILE).manifest.read_text())["stages"]["07_processbench"]
     assert entry["benchmark"] == "synthetic" and set(entry["prms"]) == set(scores)
 

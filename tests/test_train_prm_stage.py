@@ -89,6 +89,21 @@ def test_heldout_metrics_on_known_scores():
     assert pos[(pos["outcome"] == 0) & (pos["bin"] == 1)]["count"].item() == 1  # B's min at step 1 of 0..2
     assert pos[(pos["outcome"] == 1) & (pos["bin"] == 1)]["count"].item() == 1  # A's min at step 1 of 0..2
     assert out["calibration"]["count"].sum() == 6
+    ce = -np.mean([np.log(0.9), np.log(0.8), np.log(0.95), np.log(0.7), np.log(0.8), np.log(0.6)])
+    assert m["cross_entropy"] == pytest.approx(ce)
+    assert m["excess_cross_entropy"] == pytest.approx(ce)  # 0/1 labels: the floor is 0
+
+
+def test_loss_floor_is_the_labels_entropy():
+    """Soft labels of 0.5 put the cross-entropy floor at ln 2; hard labels at 0; missing labels are skipped."""
+    recs = [{"labels": {"soft": [0.5, 0.5, None], "hard": [1.0, 0.0, None]}}]
+    assert train_prm.label_entropy(recs, "soft") == pytest.approx(np.log(2))
+    assert train_prm.label_entropy(recs, "hard") == 0.0
+    soft = [0.5] * 4
+    ce, floor = stats.excess_cross_entropy([0.5] * 4, soft)
+    assert ce == pytest.approx(floor) == pytest.approx(np.log(2))
+    ce_off, _ = stats.excess_cross_entropy([0.9] * 4, soft)  # a miscalibrated fit lies above the floor
+    assert ce_off - floor == pytest.approx(-0.5 * (np.log(0.9) + np.log(0.1)) - np.log(2))
 
 
 def test_evaluate_prm_rules(prm_folder):

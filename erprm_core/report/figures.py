@@ -413,25 +413,38 @@ def _paper_panel(
         ax.legend(fontsize=7, loc="lower right")
 
 
-def figure_training_curves(log: pd.DataFrame, smooth: int = 1) -> plt.Figure:
+def figure_training_curves(
+    log: pd.DataFrame, smooth: int = 1, heldout: pd.DataFrame | None = None
+) -> plt.Figure:
     """Training loss against optimizer step, one line per rule (rolling mean over ``smooth`` steps).
 
     Cross-entropy against soft targets cannot fall below the mean binary entropy of the targets, which is 0
     for hard and ORM labels but not for soft or ER ones; so with a ``loss_floor`` column in ``log`` (that
     entropy for the rule's training labels) each rule is drawn as its loss minus its floor, which goes to 0
-    for every rule. Without it the raw loss is drawn and the axis says the floors are missing."""
+    for every rule. Without it the raw loss is drawn and the axis says the floors are missing. With
+    ``heldout`` (03's ``prm_eval`` rows), each rule's held-out ``excess_cross_entropy`` (or raw
+    ``cross_entropy`` without floors) is a marker at its last step: the gap to the line is overfitting."""
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
     floored = "loss_floor" in log and log["loss_floor"].notna().all()
+    held = None
+    if heldout is not None and len(heldout):
+        name = "excess_cross_entropy" if floored else "cross_entropy"
+        held = heldout[heldout["metric"] == name].set_index("rule")["value"]
     for rule in labels.method_order(log["rule"].unique()):
         g = log[log["rule"] == rule].sort_values("step")
         loss = g["loss"] - g["loss_floor"] if floored else g["loss"]
+        colour = style.method_colour(rule)
         ax.plot(
             g["step"],
             loss.rolling(max(1, smooth), min_periods=1).mean(),
-            color=style.method_colour(rule),
+            color=colour,
             ls=style.method_linestyle(rule),
             label=style.method_label(rule),
         )
+        if held is not None and rule in held.index:
+            ax.plot([g["step"].max()], [held[rule]], marker="o", mfc="white", color=colour, ls="none")
+    if held is not None and len(held):
+        ax.plot([], [], marker="o", mfc="white", color="0.3", ls="none", label="held-out problems (end)")
     ax.set_xlabel("optimizer step")
     if floored:
         ax.axhline(0, color="0.6", lw=1, ls=":")

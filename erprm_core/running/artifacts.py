@@ -18,6 +18,8 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +32,8 @@ from erprm_core.io import ArtifactError, atomic_write_json, atomic_write_text
 from erprm_core.running.workers import fork_map
 
 log = logging.getLogger(__name__)
+
+_IMPORTED_AT = time.monotonic()  # a stage kernel imports the package in its first cell: the stage's start
 
 STAGES = [
     "00_policy",
@@ -391,6 +395,39 @@ def load_manifest(profile: str) -> dict[str, Any]:
     """The profile's manifest.json as a dict ({} when absent)."""
     path = paths(profile).manifest
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def git_state(root: Path | None = None) -> tuple[str | None, bool | None]:
+    """``(commit, dirty)`` of the repository at ``root`` (default :func:`repo_root`): HEAD's hash, and whether
+    anything but ``results/`` (what the pipeline writes) differs from it; ``(None, None)`` outside git."""
+    root = root or repo_root()
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = ["git", "status", "--porcelain", "--", ".", ":(exclude)results"]
+        dirty = subprocess.run(status, cwd=root, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+    return commit, bool(dirty.strip())
+
+
+def run_line(profile: str, stage: str) -> str:
+    """One Markdown line saying what ran: commit, profile, this stage's wall time so far (since the kernel
+    imported the package), its CPU numerics and threads, and a link to the full manifest (relative to the
+    executed notebook in ``results/<profile>/notebooks/``). The closing line of every stage notebook."""
+    entry = load_manifest(profile).get("stages", {}).get(stage, {})
+    commit, dirty = git_state()
+    numerics = entry.get("numerics") or {}
+    level = numerics.get("cpu_numerics") or entry.get("cpu_numerics", "?")
+    threads = numerics.get("torch_threads") or entry.get("torch_threads")
+    parts = [
+        f"commit `{commit[:10]}`{' (with uncommitted changes)' if dirty else ''}" if commit else "commit unknown",
+        f"profile `{profile}`",
+        f"{stage} {time.monotonic() - _IMPORTED_AT:,.0f} s",
+        f"numerics `{level}`" + (f" on {threads} threads" if threads else ""),
+    ]
+    return f"*Run:* {' · '.join(parts)} · full record: [manifest.json](../manifest.json)\n"
 
 
 def update_manifest(profile: str, stage: str, **info: Any) -> dict[str, Any]:

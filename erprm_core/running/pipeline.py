@@ -30,7 +30,6 @@ import platform
 import shlex
 import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -79,16 +78,7 @@ def environment_info() -> dict[str, Any]:
     }
     root = artifacts.repo_root()
     info["lock"] = reproducibility.lock_status(root / reproducibility.LOCK_FILE)
-    try:
-        info["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        # results/ is what the pipeline writes: not a change of the code that ran
-        status = ["git", "status", "--porcelain", "--", ".", ":(exclude)results"]
-        dirty = subprocess.run(status, cwd=root, capture_output=True, text=True).stdout
-        info["git_dirty"] = bool(dirty.strip())
-    except (OSError, subprocess.CalledProcessError):
-        info["git_commit"], info["git_dirty"] = None, None
+    info["git_commit"], info["git_dirty"] = artifacts.git_state(root)
     try:
         import torch
 

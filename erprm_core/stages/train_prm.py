@@ -180,6 +180,14 @@ def prm_checkpoint_complete(folder: str | Path) -> bool:
     return (folder / training.PRM_INFO_FILE).is_file() and (folder / "config.json").is_file()
 
 
+def label_entropy(records: Sequence[dict[str, Any]], rule: str) -> float:
+    """Mean binary entropy of ``rule``'s step labels over the labelled steps of ``records``: the floor of the
+    soft-label cross-entropy a PRM is trained on (0 for hard and ORM labels, above 0 for soft and ER ones),
+    so training curves of different rules compare as loss minus floor."""
+    values = [v for r in records for v in (r["labels"].get(rule) or []) if v is not None]
+    return stats.binary_entropy(values)
+
+
 def train_prm_rules(
     base_model: str | Path,
     records: Sequence[dict[str, Any]],
@@ -195,7 +203,8 @@ def train_prm_rules(
     checkpoint is complete (:func:`prm_checkpoint_complete`) is skipped unless
     ``retrain``; its stored log and audit are read back, so the returned tables are the same as after an
     uninterrupted run. ``recipe`` goes to :func:`erprm_core.training.train_prm`. Returns ``(log, audit,
-    runs)``: the loss log (rule, step, epoch, loss, learning_rate, grad_norm), the audit (rule, reason,
+    runs)``: the loss log (rule, step, epoch, loss, loss_floor, learning_rate, grad_norm; ``loss_floor`` is
+    :func:`label_entropy`, the lowest loss the rule's labels allow), the audit (rule, reason,
     count, example) and one row per rule (rule, trained, n_examples, labelled_tags, train_tokens, tag_id,
     good_id, bad_id, train_runtime_s, tokens_per_s).
     """
@@ -225,12 +234,12 @@ def train_prm_rules(
             }
         run.update({k: info[k] for k in ("n_examples", "labelled_tags", "train_tokens")})
         run.update({k: info["tokens"][k] for k in ("tag_id", "good_id", "bad_id")})
-        log_df = log_df.assign(rule=rule)
+        log_df = log_df.assign(rule=rule, loss_floor=label_entropy(records, rule))
         log_df.attrs = {}
         logs.append(log_df)
         audits.append(audit_df.assign(rule=rule))
         runs.append(run)
-    log_cols = ["rule", "step", "epoch", "loss", "learning_rate", "grad_norm"]
+    log_cols = ["rule", "step", "epoch", "loss", "loss_floor", "learning_rate", "grad_norm"]
     audit_cols = ["rule", "stage", "reason", "count", "example"]
     return (
         pd.concat(logs, ignore_index=True)[log_cols] if logs else pd.DataFrame(columns=log_cols),
@@ -353,7 +362,9 @@ def heldout_metrics(scores: pd.DataFrame, n_bins: int = 10, position_bins: int =
     Returns ``{"metrics", "calibration", "min_position"}``:
     metrics (rule, metric, value, n): ``brier`` and ``ece`` of step scores against the rule's own labels,
     ``auroc_last`` / ``auroc_min`` (last-step / min score against the outcome), ``mean_score``,
-    ``argmin_at_first_dead_step`` (incorrect solutions: the min falls on the first step whose hard label
+    ``cross_entropy`` of the step scores against the rule's labels (the training loss, on held-out steps) and
+    ``excess_cross_entropy`` (that minus its floor, :func:`erprm_core.stats.excess_cross_entropy`: 0 is a
+    perfect fit for every rule), ``argmin_at_first_dead_step`` (incorrect solutions: the min falls on the first step whose hard label
     is 0, i.e. the first step after which no completion reached the answer);
     calibration (rule, bin, bin_low, bin_high, mean_pred, mean_target, count, ci_low, ci_high: the interval
     of ``mean_target`` resampling problems);
@@ -371,6 +382,9 @@ def heldout_metrics(scores: pd.DataFrame, n_bins: int = 10, position_bins: int =
             metric_rows.append(
                 (rule, "ece", stats.expected_calibration_error(lab["score"], lab["label"], n_bins), len(lab))
             )
+            ce, floor = stats.excess_cross_entropy(lab["score"], lab["label"])
+            metric_rows.append((rule, "cross_entropy", ce, len(lab)))
+            metric_rows.append((rule, "excess_cross_entropy", ce - floor, len(lab)))
             calib.append(
                 stats.calibration_bins(lab["score"], lab["label"], n_bins, lab["problem_id"]).assign(
                     rule=rule
