@@ -422,7 +422,9 @@ def run_line(profile: str, stage: str) -> str:
     level = numerics.get("cpu_numerics") or entry.get("cpu_numerics", "?")
     threads = numerics.get("torch_threads") or entry.get("torch_threads")
     parts = [
-        f"commit `{commit[:10]}`{' (with uncommitted changes)' if dirty else ''}" if commit else "commit unknown",
+        f"commit `{commit[:10]}`{' (with uncommitted changes)' if dirty else ''}"
+        if commit
+        else "commit unknown",
         f"profile `{profile}`",
         f"{stage} {time.monotonic() - _IMPORTED_AT:,.0f} s",
         f"numerics `{level}`" + (f" on {threads} threads" if threads else ""),
