@@ -31,8 +31,9 @@
 
 # %%
 import pandas as pd
+from IPython.display import Markdown
 
-from erprm_core.report import figures, style
+from erprm_core.report import figures, findings, style
 from erprm_core.running import artifacts
 from erprm_core.stages import labels
 
@@ -134,11 +135,11 @@ with pd.option_context("display.max_colwidth", None, "display.width", 250):
 labels.eta_explorer(res)
 
 # %% [markdown]
-# ## Record
-# What this run wrote to `results/<profile>/manifest.json`, the stage's entry: the knobs as resolved (e.g.
-# `torch_threads`, the thread count actually used), the CPU numerics and the stage's counts, paths relative to
-# the repository root. `erprm reproduce` adds the merged parameters, the wall time and the commit when the
-# notebook has finished.
+# ## What this run shows
+# Sentences generated from the tables this notebook wrote, so they hold for this run and profile (a claim
+# that goes against the paper links to the research log); then one line on what ran, with the full record a
+# link.
 
 # %%
-artifacts.load_manifest(profile)["stages"]["02_labels"]
+closing = findings.labels_findings(artifacts.read_table(profile, "label_stats"), res.quality)
+Markdown(closing + "\n" + artifacts.run_line(profile, "02_labels"))

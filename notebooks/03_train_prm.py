@@ -38,8 +38,10 @@
 # the finished checkpoints, skips their training and evaluates them.
 
 # %%
+from IPython.display import Markdown
+
 from erprm_core import labels
-from erprm_core.report import figures, style
+from erprm_core.report import figures, findings, style
 from erprm_core.running import artifacts
 from erprm_core.stages import train_prm
 
@@ -149,11 +151,11 @@ style.shown(figures.figure_calibration(res.calibration), P.figures, "prm_calibra
 style.shown(figures.figure_min_position(res.min_position), P.figures, "prm_min_position")
 
 # %% [markdown]
-# ## Record
-# What this run wrote to `results/<profile>/manifest.json`, the stage's entry: the knobs as resolved (e.g.
-# `torch_threads`, the thread count actually used), the CPU numerics and the stage's counts, paths relative to
-# the repository root. `erprm reproduce` adds the merged parameters, the wall time and the commit when the
-# notebook has finished.
+# ## What this run shows
+# Sentences generated from the tables this notebook wrote, so they hold for this run and profile (a claim
+# that goes against the paper links to the research log); then one line on what ran, with the full record a
+# link.
 
 # %%
-artifacts.load_manifest(profile)["stages"]["03_train_prm"]
+closing = findings.prm_findings(res.truth)
+Markdown(closing + "\n" + artifacts.run_line(profile, "03_train_prm"))

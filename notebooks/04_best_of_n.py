@@ -36,10 +36,11 @@
 
 # %%
 import pandas as pd
+from IPython.display import Markdown
 
 from erprm_core import labels
 from erprm_core.prm import AGGREGATIONS
-from erprm_core.report import figures, style
+from erprm_core.report import figures, findings, style
 from erprm_core.running import artifacts
 from erprm_core.stages import best_of_n
 
@@ -121,6 +122,26 @@ cols = ["method_a", "method_b", "n", "acc_a", "acc_b", "diff", "ci_low", "ci_hig
 res.paired[cols].round(4)
 
 # %% [markdown]
+# ## Ranking the candidates of one problem
+# Best-of-N only asks a verifier to put a right candidate above the wrong ones of the same problem. Over the
+# test problems with both outcomes in the pool: the share of (right, wrong) pairs the method orders right
+# (ties half), with a 95% bootstrap interval over problems; 0.5 is a coin. `likelihood` (the policy's mean
+# token log-probability of the candidate) and `fewer_steps` need no training.
+
+# %%
+res.ranking.round(3)
+
+# %% [markdown]
+# ## One candidate through every PRM
+# The wrong candidate (with an answer) that the headline ER-PRM ranks highest in the pool: each step's score
+# under every rule beside the ground truth, and the step where each rule's minimum falls (the one a `min`
+# aggregation judges the candidate by). A PRM that has learned to verify puts its minimum at the first error.
+
+# %%
+print(res.example_note)
+res.example.round(3) if len(res.example) else None
+
+# %% [markdown]
 # ## What each reward model picks from the full pool
 # Shares of the picks at $N = N_{max}$ (ties split) that are correct, cast no vote (no final answer, or
 # truncated), were truncated, and their mean number of steps; the `pool` row is a uniform pick. A PRM
@@ -152,11 +173,11 @@ pd.Series(res.best_eta, name="best ER eta (chosen post hoc)").to_frame()
 style.shown(figures.figure_aggregations(res.aggregations, n_max, AGGREGATIONS), P.figures, "bon_aggregations")
 
 # %% [markdown]
-# ## Record
-# What this run wrote to `results/<profile>/manifest.json`, the stage's entry: the knobs as resolved (e.g.
-# `torch_threads`, the thread count actually used), the CPU numerics and the stage's counts, paths relative to
-# the repository root. `erprm reproduce` adds the merged parameters, the wall time and the commit when the
-# notebook has finished.
+# ## What this run shows
+# Sentences generated from the tables this notebook wrote, so they hold for this run and profile (a claim
+# that goes against the paper links to the research log); then one line on what ran, with the full record a
+# link.
 
 # %%
-artifacts.load_manifest(profile)["stages"]["04_best_of_n"]
+closing = findings.best_of_n_findings(res.bon, res.paired, res.ranking, res.headline)
+Markdown(closing + "\n" + artifacts.run_line(profile, "04_best_of_n"))

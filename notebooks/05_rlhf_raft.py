@@ -35,7 +35,9 @@
 # a failed one is reported with its reward model and iteration.
 
 # %%
-from erprm_core.report import figures, style
+from IPython.display import Markdown
+
+from erprm_core.report import figures, findings, style
 from erprm_core.running import artifacts
 from erprm_core.stages import raft
 
@@ -121,19 +123,11 @@ res.table[res.table["metric"].str.endswith("_outcome")].pivot_table(
 res.audit
 
 # %% [markdown]
-# ## Record
-# What this run wrote to `results/<profile>/manifest.json`, the stage's entry: the knobs as resolved (e.g.
-# `torch_threads`, the thread count actually used), the CPU numerics and the stage's counts, paths relative to
-# the repository root. `erprm reproduce` adds the merged parameters, the wall time and the commit when the
-# notebook has finished.
-# The samples that every reward model shares in iteration 1 count once in the token counts.
+# ## What this run shows
+# Sentences generated from the tables this notebook wrote, so they hold for this run and profile (a claim
+# that goes against the paper links to the research log); then one line on what ran, with the full record a
+# link.
 
 # %%
-artifacts.load_manifest(profile)["stages"]["05_rlhf_raft"]
-
-# %% [markdown]
-# Reading the result: a gain is resolved only when its paired interval (`greedy_gain`, `raft_paired`)
-# excludes 0. With a few hundred test problems even paired intervals are a few points wide, so differences of
-# one or two points between reward models (the paper's RAFT gains) are not resolved at the `tiny` scale.
-# `selected_outcome` shows how often each reward model picks a correct solution; a pick can also have the
-# right answer after wrong steps, which an outcome reward (ORM, `oracle`) cannot tell apart and a PRM can.
+closing = findings.raft_findings(res.table, res.paired)
+Markdown(closing + "\n" + artifacts.run_line(profile, "05_rlhf_raft"))

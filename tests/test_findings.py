@@ -54,3 +54,21 @@ def test_policy_regime_sentence():
     assert "74.4% [70.0, 78.0]" in text and "35.5 points above" in text and "in the paper's regime" in text
     table.loc[1, "value"] = 0.9
     assert "outside the paper's regime" in findings.policy_findings(table)
+
+
+def test_rollouts_mixed_prefixes():
+    summary = pd.DataFrame({"metric": ["problems", "solutions", "solution_accuracy", "prefixes", "completions",
+                                       "completion_accuracy"], "value": [2, 4, 0.5, 4, 32, 0.25]})  # fmt: skip
+    prefixes = pd.DataFrame({"k": [8, 8, 8, 8], "n_correct": [0, 3, 8, 0]})
+    text = findings.rollouts_findings(summary, prefixes)
+    assert "4 solutions of 2 problems, 50.0% right" in text
+    assert "25.0% of the prefixes have mixed completions" in text and "50.0% have no right completion" in text
+
+
+def test_labels_sentence_skips_undefined_auroc():
+    stats_ = pd.DataFrame({"rule": ["soft", "hard"], "metric": ["mean", "mean"], "value": [0.4, 0.7]})
+    quality = pd.DataFrame({"rule": ["soft", "hard"], "metric": ["auroc_vs_truth"] * 2, "value": [float("nan")] * 2,
+                            "ci_low": [float("nan")] * 2, "ci_high": [float("nan")] * 2,
+                            "steps_remaining": ["all", "all"]})  # fmt: skip
+    text = findings.labels_findings(stats_, quality)
+    assert "0.400 (soft" in text and "AUROC" not in text

@@ -68,6 +68,26 @@ def policy_findings(policy_eval: pd.DataFrame) -> str:
     return _bullets(lines)
 
 
+def rollouts_findings(summary: pd.DataFrame, prefixes: pd.DataFrame | None = None) -> str:
+    """01_rollouts: how many solutions are right, and how many step prefixes have mixed completions (some
+    right, some wrong): only there do the soft, ER and hard labels differ; at 0 or k right they all agree."""
+    m = summary.set_index("metric")["value"]
+    lines = [
+        f"{int(m['solutions']):,} solutions of {int(m['problems']):,} problems, {_pct(m['solution_accuracy'])} "
+        f"right; {int(m['completions']):,} completions from {int(m['prefixes']):,} step prefixes, "
+        f"{_pct(m['completion_accuracy'])} reaching the right answer."
+    ]
+    if prefixes is not None and len(prefixes):
+        mixed = (prefixes["n_correct"] > 0) & (prefixes["n_correct"] < prefixes["k"])
+        none = prefixes["n_correct"] == 0
+        lines.append(
+            f"{_pct(mixed.mean())} of the prefixes have mixed completions, where the label rules differ; "
+            f"{_pct(none.mean())} have no right completion (every rule labels them 0) and the rest all right "
+            "(every rule labels them 1)."
+        )
+    return _bullets(lines)
+
+
 def labels_findings(label_stats: pd.DataFrame, label_quality: pd.DataFrame) -> str:
     """02_labels: how the mean label moves with eta, and how well each rule separates steps before the first
     error from the rest (AUROC against the ground truth, when the task has one)."""
@@ -82,7 +102,7 @@ def labels_findings(label_stats: pd.DataFrame, label_quality: pd.DataFrame) -> s
         q = label_quality[
             (label_quality["metric"] == "auroc_vs_truth") & (label_quality["steps_remaining"] == "all")
         ]
-        q = q.set_index("rule")
+        q = q[q["value"].notna()].set_index("rule")  # undefined when a run's steps are all right or all wrong
         if len(q):
             spread = q["value"].max() - q["value"].min()
             best = q["value"].idxmax()
