@@ -1,12 +1,15 @@
 """Every figure of the study, drawn from tidy tables (the stage tables or tables made here).
 
-Fig. 1 label(p, eta) curves; fig. 2 best-of-N curves with interval bands, greedy decoding and a random pick
-as horizontal lines, beside the paper's reference curves (erprm_core/reference/paper_results.csv); fig. 3
+Fig. 1 label(p, eta) curves; fig. 2 best-of-N accuracy minus greedy decoding with interval bands and a random
+pick as a horizontal line, beside the paper's reference curves less its greedy accuracy
+(erprm_core/reference/paper_results.csv), on one y-axis and N = 4 to 64; fig. 3
 the eta sweep at N_max against the same baselines; fig. 4 RAFT accuracy per iteration beside the paper's
 RAFT numbers; the PRM training, calibration and minimum-position figures of 03_train_prm; and the figures
 the stage notebooks show (policy training and accuracy, prefix success by steps remaining, label
 distribution and the eta explorer of 02, aggregations, and for the synthetic task arith the labels' and the
-PRMs' checks against the step-level ground truth). Figs. 1-4 are saved by 06_figures; 02, 04 and 05 show the
+PRMs' checks against the step-level ground truth). Figs. 5 (paired differences) and 6 (the paper beside this
+run) and the ground-truth checks are drawn in :mod:`erprm_core.report.intervals` and named here too. Figs. 1-6
+are saved by 06_figures; 02, 04 and 05 show the
 same figures inline. Colours, line styles, markers, legend labels and method order come from
 :mod:`erprm_core.report.style` only (tests/test_report.py fails a figure that falls back on matplotlib's
 colour cycle).
