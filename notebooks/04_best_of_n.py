@@ -101,9 +101,11 @@ table = shown.pivot(index="method", columns="n", values="value") * 100
 table.loc[labels.method_order(shown["method"])].round(1)
 
 # %% [markdown]
-# The curves, with 95% bootstrap bands over problems (ER-PRM at the pre-set `er_rule`, hard, soft, ORM,
-# majority vote and the oracle), a random pick and greedy decoding (00_policy's held-out accuracy) as
-# horizontal lines, beside the paper's curves: fig. 2, which 06_figures saves.
+# The curves as accuracy minus greedy decoding (00_policy's held-out accuracy, the zero line), in points, on
+# N = 4 to 64 (the paper's range; N = 1 and 2 are left out) with 95% bootstrap bands over problems (ER-PRM at
+# the pre-set `er_rule`, hard, soft, ORM, the training-free verifiers when present, majority vote and the
+# oracle) and a random pick as a horizontal line, beside the paper's curves less its own greedy accuracy, on
+# one shared y-axis: fig. 2, which 06_figures saves.
 
 # %%
 title = f"This run ({profile}), 95% CI"

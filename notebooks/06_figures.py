@@ -47,10 +47,13 @@ res.figures["fig1_label_curves"]
 
 # %% [markdown]
 # ## Fig. 2 · best-of-N, beside the paper
-# Left: this run (95% bootstrap intervals over problems); a random pick and greedy decoding (00_policy's
-# held-out accuracy, Wilson interval) are horizontal lines. Middle and right: the paper's curves
-# (Mistral-MetaMath-7b generator, min aggregation, read off its figure; no intervals were published) and its
-# greedy accuracy (the start policy of its RAFT table).
+# Every panel shows best-of-N accuracy **minus greedy-decoding accuracy**, in points, on one shared y-axis and
+# N = 4 to 64 (the paper's range; this run's N = 1 and 2 are left out). The zero line is greedy decoding:
+# 00_policy's held-out accuracy for this run (its band is the greedy's own Wilson interval), the start policy
+# of the paper's RAFT table for the paper. Left: this run, with 95% bootstrap bands over problems (the
+# greedy's uncertainty is not in them) and a random pick as a horizontal line. Middle and right: the paper's
+# curves (Mistral-MetaMath-7b generator, min aggregation, read off its figure; no intervals published). The
+# legends are below the panels.
 
 # %%
 res.figures["fig2_best_of_n"]
@@ -75,10 +78,34 @@ display(res.figures["fig4_raft"])
 figures.raft_accuracy_table(res.raft)
 
 # %% [markdown]
+# ## Fig. 5 · paired differences
+# One row per paired comparison with its 95% interval, in points: best-of-N accuracy of method A minus
+# method B at the largest N on the same candidates (top), and greedy accuracy after the last RAFT iteration
+# with reward model A minus B on the same problems (bottom). Rows are grouped by family (the set of tests
+# in which p is Holm-adjusted, or prespecified vs post hoc); the p at the right is Holm-adjusted where the
+# table has it. An interval that crosses the dashed zero line does not tell the two apart.
+
+# %%
+display(res.figures["fig5_paired_differences"])
+res.paired_differences
+
+# %% [markdown]
+# ## Fig. 6 · the paper beside this run
+# The quantities that both report (table `paper_vs_run`): best-of-64 accuracy per reward model, ER-PRM's gain
+# over hard and soft labels, greedy accuracy and RAFT's result, in percent (gains in points). The paper used
+# a 7B generator on GSM8K (1,319 problems) and MATH500 (500); this run's policy and problem counts are in the
+# scale columns. The levels are not comparable across such different scales: read the gains and their signs.
+
+# %%
+display(res.figures["fig6_paper_vs_run"])
+res.paper_vs_run
+
+# %% [markdown]
 # ## Summary table
 # Best-of-N accuracy at N_max with 95% intervals, the paired difference ER-PRM minus each method on identical
 # candidate pools, and the final RAFT accuracy; below it the setting (policy accuracy, the PRMs' training
-# rollouts, the eta sweep). Table and facts are copied into README.md.
+# rollouts, the eta sweep), then the paper beside this run with the scale of each side. All of it is copied
+# into README.md.
 
 # %%
 display(Markdown(res.summary_markdown))

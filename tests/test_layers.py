@@ -67,7 +67,17 @@ LAYERS: list[tuple[int, str, list[list[str]]]] = [
             ["generation"],
         ],
     ),
-    (3, "report", [["report"], ["report.style", "report.findings"], ["report.figures"], ["report.summary"]]),
+    (
+        3,
+        "report",
+        [
+            ["report"],
+            ["report.style", "report.findings"],
+            ["report.intervals"],
+            ["report.figures"],
+            ["report.summary"],
+        ],
+    ),
     (
         4,
         "running-base",

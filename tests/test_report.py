@@ -89,21 +89,49 @@ def test_shown_saves_closes_and_returns_the_figure(tmp_path):
     assert len(list(tmp_path.iterdir())) == 2  # nothing saved without a folder and a name
 
 
-def test_fig2_has_random_and_greedy_as_horizontal_lines_and_the_papers_greedy():
+def test_fig2_draws_accuracy_minus_greedy_on_one_axis_and_n_4_to_64():
     greedy = figures.greedy_reference(POLICY_EVAL, BY_STEPS)
     assert greedy["value"] == 0.42 and greedy["label"] == "Greedy decoding (00_policy, 100 test problems)"
+    assert greedy["n_problems"] == 100
     methods = figures.headline_methods(BON, "er_1", "min", "last")
     fig = figures.figure_best_of_n(BON, methods, figures.paper_reference(), "run", greedy)
     run, gsm8k, math = fig.axes
+    assert run.get_ylim() == gsm8k.get_ylim() == math.get_ylim()  # one shared y-axis
     random = _line(run, "Random pick")
-    assert set(random.get_ydata()) == {30.0} and tuple(random.get_xdata()) == (0, 1)  # axhline: axes width
-    assert set(_line(run, greedy["label"]).get_ydata()) == {42.0}
-    assert "Oracle pass@N" in _labels(run) and "ER-PRM (η=1) [min]" in _labels(run)
-    assert set(_line(gsm8k, "Greedy decoding (its RAFT start policy)").get_ydata()) == {77.9}
-    assert set(_line(math, "Greedy decoding (its RAFT start policy, MATH test)").get_ydata()) == {28.6}
+    assert np.allclose(random.get_ydata(), 30 - 42) and tuple(random.get_xdata()) == (0, 1)  # axhline
+    assert set(_line(run, f"{greedy['label']}: 42.0%").get_ydata()) == {0.0}  # greedy decoding is zero
+    er = _line(run, "ER-PRM (η=1) [min]")
+    assert list(er.get_xdata()) == [4] and np.allclose(er.get_ydata(), 40 - 42)  # N = 1, 2 left out
+    assert "Oracle pass@N" in _labels(run)
+    assert set(_line(gsm8k, "Greedy decoding (its RAFT start policy): 77.9%").get_ydata()) == {0.0}
+    assert set(_line(math, "Greedy decoding (its RAFT start policy, MATH test): 28.6%").get_ydata()) == {0.0}
+    paper_er = _line(gsm8k, "ER-PRM (η not stated)")
+    assert list(paper_er.get_xdata()) == [4, 8, 16, 32, 64]
+    assert np.isclose(paper_er.get_ydata()[-1], 89.54 - 77.9)
+    for ax in fig.axes:
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["4", "8", "16", "32", "64"]
+        assert "greedy decoding" in [t.get_text() for t in ax.texts]
+    assert "greedy decoding" in run.get_ylabel()
     plt.close(fig)
+    raw = figures.figure_best_of_n(BON, methods, figures.paper_reference(), "run", None)
+    assert "raw" in raw.axes[0].get_ylabel()
+    assert set(_line(raw.axes[1], "Greedy decoding (its RAFT start policy): 77.9%").get_ydata()) == {77.9}
+    plt.close(raw)
     assert figures.greedy_reference(None) is None
     assert figures.greedy_reference(POLICY_EVAL[POLICY_EVAL["metric"] != "greedy_accuracy"]) is None
+
+
+def test_fig2_legends_are_off_the_data():
+    fig = _best_of_n()
+    fig.canvas.draw()
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    assert len(legends) == 3
+    for legend in legends:
+        box = legend.get_window_extent()
+        for ax in fig.axes:
+            assert not box.overlaps(ax.get_window_extent()), "a legend covers a panel"
+    assert len({ax.get_ylim() for ax in fig.axes}) == 1
+    plt.close(fig)
 
 
 def test_fig3_keeps_the_random_line_and_adds_greedy():
@@ -235,13 +263,16 @@ def test_06_figures_shows_every_figure_inline(tmp_roots):
     nb = json.loads(out.read_text())
     outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 4, f"expected figs. 1-4 inline, got {len(images)} images"
+    assert len(images) == 6, f"expected figs. 1-6 inline, got {len(images)} images"
     text = json.dumps(outputs)
     assert str(tmp_roots) not in text and str(artifacts.repo_root()) not in text, "absolute path in an output"
     as_repr = [o for o in outputs if "<Figure size" in "".join(o.get("data", {}).get("text/plain", ""))]
     assert all("image/png" in o["data"] for o in as_repr), "a figure shown only as its repr"
     assert np.all([(artifacts.paths(profile).figures / f"fig{i}_{n}.png").is_file() for i, n in
-                   enumerate(("label_curves", "best_of_n", "eta_sweep", "raft"), start=1)])  # fmt: skip
+                   enumerate(("label_curves", "best_of_n", "eta_sweep", "raft", "paired_differences", "paper_vs_run"),
+                             start=1)])  # fmt: skip
+    assert (artifacts.paths(profile).tables / "paper_vs_run.csv").is_file()
+    assert "The paper beside this run" in (artifacts.paths(profile).results / "summary.md").read_text()
 
 
 # ------------------------------------------------------------------------------ one style for every figure
@@ -312,6 +343,24 @@ def _aggregations() -> plt.Figure:
     return figures.figure_aggregations(bon_tables.aggregation_table(bon, n), n, AGGREGATIONS)
 
 
+def _paired_with_families() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """bon_paired and raft_paired with the columns a newer run writes: family and Holm-adjusted p."""
+    bon = _tiny("bon_paired")
+    bon = bon.assign(family=np.where(bon["selection"] == "prespecified", "headline", "post hoc"),
+                     p_holm=(bon["p_value"] * 3).clip(upper=1))  # fmt: skip
+    raft = _tiny("raft_paired")
+    raft = raft.assign(family="reward models vs ER-PRM", p_holm=(raft["p_value"] * 4).clip(upper=1))
+    return bon, raft
+
+
+def _paper_vs_run() -> pd.DataFrame:
+    from erprm_core.report import summary
+
+    greedy = figures.greedy_reference(_tiny("policy_eval"), _tiny("policy_accuracy_by_steps"))
+    return summary.paper_comparison(_tiny("bon"), _tiny("raft"), figures.paper_reference(), "er_1", "min", "last",
+                                    greedy, _tiny("bon_paired"), "tiny policy (0.72M parameters)")  # fmt: skip
+
+
 FIGURE_CASES = {
     "figure_label_curves": lambda: [figures.figure_label_curves(figures.label_curve_table([0, 0.5, 10, np.inf]))],
     "figure_best_of_n": lambda: [_best_of_n()],
@@ -338,6 +387,12 @@ FIGURE_CASES = {
         figures.figure_processbench_sweep(_processbench_splits(), 0.5, by="prm"),
     ],
     "figure_label_quality": lambda: [figures.figure_label_quality(_tiny("label_quality"))],
+    "figure_paired_differences": lambda: [
+        figures.figure_paired_differences(_tiny("bon_paired")),
+        figures.figure_paired_differences(_tiny("bon_paired"), _tiny("raft_paired")),
+        figures.figure_paired_differences(*_paired_with_families()),
+    ],
+    "figure_paper_vs_run": lambda: [figures.figure_paper_vs_run(_paper_vs_run())],
     "figure_first_error": lambda: [figures.figure_first_error(_tiny("prm_truth"))],
 }  # fmt: skip
 """Every figure function of erprm_core.report.figures, drawn on the committed tiny tables (plus the optional
@@ -431,4 +486,84 @@ def test_method_colours_and_order_follow_the_style_in_the_threshold_sweep():
     for rule in rules:
         assert _line(ax, style.method_label(rule)).get_color() == style.method_colour(rule)
     assert len(ax.collections) == len(rules)  # one interval band per PRM
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------------- fig. 5: paired differences
+
+
+def test_forest_draws_one_interval_per_comparison_grouped_by_family():
+    bon, raft = _paired_with_families()
+    table = figures.paired_difference_table(bon, raft)
+    n_max = int(bon["n"].max())
+    last = int(raft["iteration"].max())
+    assert len(table) == (bon["n"] == n_max).sum() + (raft["iteration"] == last).sum()
+    fig = figures.figure_paired_differences(bon, raft)
+    top, bottom = fig.axes
+    assert len(top.containers) == (bon["n"] == n_max).sum()  # one errorbar per best-of-N row at N_max
+    assert len(bottom.containers) == (raft["iteration"] == last).sum()  # one per RAFT row, last iteration
+    texts = [t.get_text() for t in top.texts]
+    assert {"headline", "post hoc"} <= set(texts)  # a header per family
+    ps = [t for t in texts if t.startswith("Holm p = ")]
+    assert len(ps) == len(top.containers)
+    er_hard = table[(table["method"] == "er_1:min") & table["label"].str.contains("Hard")].iloc[0]
+    row = bon[(bon["n"] == n_max) & (bon["method_a"] == "er_1:min") & (bon["method_b"] == "hard:min")].iloc[0]
+    assert np.isclose(er_hard["diff"], row["diff"] * 100) and np.isclose(er_hard["p"], row["p_holm"])
+    for container in top.containers:  # the row's colour: method A's
+        assert container.lines[0].get_color() in {style.method_colour("er_1"), style.method_colour("er_0.5")}
+    assert any(line.get_xdata()[0] == 0 for line in top.get_lines() if len(set(line.get_xdata())) == 1)
+    plt.close(fig)
+    alone = figures.figure_paired_differences(_tiny("bon_paired"))  # raw p, no RAFT panel
+    assert len(alone.axes) == 1 and any(t.get_text().startswith("p = ") for t in alone.axes[0].texts)
+    plt.close(alone)
+
+
+# ------------------------------------------------------------------------ fig. 6: the paper beside this run
+
+
+def test_paper_comparison_reads_the_paper_and_this_run():
+    from erprm_core.report import summary
+
+    reference = figures.paper_reference()
+    table = _paper_vs_run().set_index("quantity")
+    er = table.loc["best-of-64 accuracy, ER-PRM"]
+    paper = reference[(reference["experiment"] == "best_of_n") & (reference["dataset"] == "gsm8k")
+                      & (reference["method"] == "er_prm") & (reference["n"] == 64)]["accuracy"].iloc[0]  # fmt: skip
+    assert er["paper_gsm8k"] == round(paper, 1) == 89.5 and er["paper_math500"] == 41.8
+    bon = _tiny("bon")
+    mine = bon[(bon["method"] == "er_1:min") & (bon["n"] == 64) & (bon["metric"] == "accuracy")].iloc[0]
+    assert er["this_run"] == round(mine["value"] * 100, 1)
+    assert er["this_run_ci_low"] == round(mine["ci_low"] * 100, 1)
+    gain = table.loc["best-of-64: ER-PRM minus hard-label PRM (points)"]
+    assert gain["kind"] == "gain" and gain["paper_gsm8k"] == round(89.54 - 89.16, 1)
+    paired = _tiny("bon_paired")
+    d = paired[(paired["n"] == 64) & (paired["method_a"] == "er_1:min") & (paired["method_b"] == "hard:min")]
+    assert gain["this_run_ci_high"] == round(d["ci_high"].iloc[0] * 100, 1)
+    greedy = table.loc["greedy decoding accuracy (paper: its RAFT start policy)"]
+    assert (greedy["paper_gsm8k"], greedy["paper_math500"], greedy["this_run"]) == (77.9, 28.6, 74.4)
+    raft = table.loc["RAFT with ER-PRM: gain over the start policy (points)"]
+    assert raft["paper_gsm8k"] == 1.6 and raft["paper_math500"] == 4.2
+    assert "500 test problems" in er["this_run_scale"] and "1,319" in er["paper_scale"]
+    assert "0.72M parameters" in er["this_run_scale"]
+    # without the paired table a gain has no interval; a table with fewer candidates has no N = 64 numbers
+    small = summary.paper_comparison(BON, RAFT, reference, "er_1", "min", "last", None).set_index("quantity")
+    assert small.loc["best-of-4: ER-PRM minus hard-label PRM (points)", "this_run"] == 7.0
+    assert np.isnan(small.loc["best-of-4: ER-PRM minus hard-label PRM (points)", "this_run_ci_low"])
+    assert np.isnan(small.loc["best-of-64 accuracy, ER-PRM", "this_run"])
+    assert small.loc["best-of-4 accuracy, ER-PRM", "paper_gsm8k"] == 86.0  # 86.05 read off the figure
+    md = summary.paper_comparison_markdown(_paper_vs_run())
+    assert md.startswith("### The paper beside this run") and "- Paper: Mistral-MetaMath-7B" in md
+    assert "| best-of-64 accuracy, ER-PRM | 89.5 | 41.8 | 33.8 [29.8, 37.9] |" in md
+
+
+def test_paper_vs_run_figure_draws_every_quantity():
+    table = _paper_vs_run()
+    fig = figures.figure_paper_vs_run(table)
+    accuracy, gain = fig.axes
+    assert len(accuracy.get_yticks()) == (table["kind"] == "accuracy").sum()
+    assert len(gain.get_yticks()) == (table["kind"] == "gain").sum()
+    assert len(accuracy.containers) == 1 and len(gain.containers) == 1  # this run, with intervals
+    fig.canvas.draw()
+    legend = gain.get_legend()
+    assert not any(legend.get_window_extent().overlaps(ax.get_window_extent()) for ax in fig.axes)
     plt.close(fig)

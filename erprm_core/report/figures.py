@@ -1,12 +1,15 @@
 """Every figure of the study, drawn from tidy tables (the stage tables or tables made here).
 
-Fig. 1 label(p, eta) curves; fig. 2 best-of-N curves with interval bands, greedy decoding and a random pick
-as horizontal lines, beside the paper's reference curves (erprm_core/reference/paper_results.csv); fig. 3
+Fig. 1 label(p, eta) curves; fig. 2 best-of-N accuracy minus greedy decoding with interval bands and a random
+pick as a horizontal line, beside the paper's reference curves less its greedy accuracy
+(erprm_core/reference/paper_results.csv), on one y-axis and N = 4 to 64; fig. 3
 the eta sweep at N_max against the same baselines; fig. 4 RAFT accuracy per iteration beside the paper's
 RAFT numbers; the PRM training, calibration and minimum-position figures of 03_train_prm; and the figures
 the stage notebooks show (policy training and accuracy, prefix success by steps remaining, label
 distribution and the eta explorer of 02, aggregations, and for the synthetic task arith the labels' and the
-PRMs' checks against the step-level ground truth). Figs. 1-4 are saved by 06_figures; 02, 04 and 05 show the
+PRMs' checks against the step-level ground truth). Figs. 5 (paired differences) and 6 (the paper beside this
+run) and the ground-truth checks are drawn in :mod:`erprm_core.report.intervals` and named here too. Figs. 1-6
+are saved by 06_figures; 02, 04 and 05 show the
 same figures inline. Colours, line styles, markers, legend labels and method order come from
 :mod:`erprm_core.report.style` only (tests/test_report.py fails a figure that falls back on matplotlib's
 colour cycle).
@@ -24,7 +27,15 @@ import numpy as np
 import pandas as pd
 
 from erprm_core import labels
-from erprm_core.report import style
+from erprm_core.report import intervals, style
+
+# figs. 5 and 6 and the figures of one point per rule are drawn in report/intervals.py; figures.<name> names
+# every figure of the study
+figure_label_quality = intervals.figure_label_quality
+figure_first_error = intervals.figure_first_error
+figure_paired_differences = intervals.figure_paired_differences
+figure_paper_vs_run = intervals.figure_paper_vs_run
+paired_difference_table = intervals.paired_difference_table
 
 RAFT_BASELINE = "baseline"
 """``reward_model`` of the no-RLHF row of the RAFT tables (the value of ``erprm_core.raft.BASELINE``)."""
@@ -43,17 +54,19 @@ def paper_reference() -> pd.DataFrame:
 def greedy_reference(policy_eval: pd.DataFrame | None, by_steps: pd.DataFrame | None = None) -> dict | None:
     """The policy's greedy accuracy with its 95% interval from 00_policy's ``policy_eval`` table (None when
     the table or the row is missing), as a baseline row for figs. 2 and 3: ``method`` "greedy", ``value``,
-    ``ci_low``, ``ci_high`` and a legend ``label`` naming its problems (their count from ``by_steps``, the
-    ``policy_accuracy_by_steps`` table, when given)."""
+    ``ci_low``, ``ci_high``, a legend ``label`` naming its problems and their count ``n_problems`` (from
+    ``by_steps``, the ``policy_accuracy_by_steps`` table, when given; else None)."""
     if policy_eval is None or "metric" not in policy_eval:
         return None
     rows = policy_eval[policy_eval["metric"] == "greedy_accuracy"]
     if rows.empty:
         return None
     r = rows.iloc[0]
-    n = f"{int(by_steps['n_problems'].sum())} " if by_steps is not None and "n_problems" in by_steps else ""
+    count = int(by_steps["n_problems"].sum()) if by_steps is not None and "n_problems" in by_steps else None
+    n = f"{count} " if count else ""
     return {"method": "greedy", "value": float(r["value"]), "ci_low": float(r["ci_low"]),
-            "ci_high": float(r["ci_high"]), "label": f"Greedy decoding (00_policy, {n}test problems)"}  # fmt: skip
+            "ci_high": float(r["ci_high"]), "label": f"Greedy decoding (00_policy, {n}test problems)",
+            "n_problems": count}  # fmt: skip
 
 
 def bon_baselines(bon: pd.DataFrame, n: int, greedy: dict | None = None) -> pd.DataFrame:
@@ -189,6 +202,28 @@ def headline_methods(bon: pd.DataFrame, er_rule: str, aggregation: str, orm_aggr
     return [m for m in wanted if m in present]
 
 
+FIG2_N = (4, 64)
+"""The N range of every panel of fig. 2: the paper's curves start at N = 4 and end at N = 64."""
+
+
+def _gain_panel(ax: plt.Axes, curves: pd.DataFrame, methods: Sequence[str], greedy: dict | None) -> None:
+    """One panel of fig. 2: ``curves`` (value, optional ci_low / ci_high, in %) of ``methods`` on the log2 N
+    axis of :data:`FIG2_N`, less ``greedy["value"]`` (in %) when given, which is then the zero line
+    labelled "greedy decoding" (with its own interval as a band, when given)."""
+    base = greedy["value"] if greedy is not None else 0.0
+    shifted = curves.assign(**{c: curves[c] - base for c in ("value", "ci_low", "ci_high") if c in curves})
+    plot_curves_with_bands(shifted, "n", methods, ax=ax)
+    if greedy is not None:
+        _hline(ax, {**greedy, "value": 0.0, "ci_low": greedy.get("ci_low", base) - base,
+                    "ci_high": greedy.get("ci_high", base) - base})  # fmt: skip
+        ax.annotate("greedy decoding", xy=(0.01, 0), xycoords=ax.get_yaxis_transform(), xytext=(0, 3),
+                    textcoords="offset points", fontsize=7, color=style.method_colour("greedy"))  # fmt: skip
+    ns = [n for n in (2**k for k in range(12)) if FIG2_N[0] <= n <= FIG2_N[1]]
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.minorticks_off()
+    ax.set_xlim(FIG2_N[0] / 1.25, FIG2_N[1] * 1.25)
+
+
 def figure_best_of_n(
     bon: pd.DataFrame,
     methods: list[str],
@@ -196,44 +231,60 @@ def figure_best_of_n(
     title: str = "This run, 95% CI",
     greedy: dict | None = None,
 ) -> plt.Figure:
-    """Fig. 2: this run's best-of-N curves with 95% bands (left) beside the paper's GSM8K / MATH500 curves.
+    """Fig. 2: best-of-N accuracy minus greedy-decoding accuracy, in points, for this run (left, with 95%
+    bands) beside the paper's GSM8K and MATH500 curves (no intervals published), on one shared y-axis and
+    N = 4 to 64 in every panel (the paper's range: this run's N = 1 and 2 are left out).
 
-    A random pick (method ``random``), whose accuracy does not depend on N, and greedy decoding (``greedy``, a
-    :func:`greedy_reference` row) are horizontal lines with their bands; the paper's panels draw its greedy
-    accuracy (the start policy of its RAFT table) the same way."""
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.8), gridspec_kw={"width_ratios": [1.3, 1, 1]})
-    acc = bon[bon["metric"] == "accuracy"]
+    This run's greedy is ``greedy`` (a :func:`greedy_reference` row); the paper's is the start policy of its
+    RAFT table (``raft,<gsm8k|math>,baseline`` in ``reference``). The zero line is greedy decoding; the bands
+    are the intervals of best-of-N accuracy shifted by the greedy value, so the greedy's own uncertainty is
+    not in them (it is the band around this run's zero line). A random pick (method ``random``, whose
+    accuracy does not depend on N) is a horizontal line. The training-free verifiers (``likelihood``,
+    ``fewer_steps``) are drawn when ``methods`` names them. Without ``greedy``, every panel shows raw
+    accuracy (%), as the y label says. The legends are below the panels, off the data."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 5.6), sharey=True, gridspec_kw={"width_ratios": [1.3, 1, 1]})
+    acc = bon[(bon["metric"] == "accuracy") & bon["n"].between(*FIG2_N)]
     acc = acc.assign(**{c: acc[c] * 100 for c in ("value", "ci_low", "ci_high")})
-    plot_curves_with_bands(acc, "n", [m for m in methods if m != "random"], ax=axes[0])
+    run_greedy = None if greedy is None else {**greedy, **{c: greedy[c] * 100 for c in ("value", "ci_low", "ci_high")},
+                                               "label": f"{greedy['label']}: {greedy['value'] * 100:.1f}%"}  # fmt: skip
+    _gain_panel(axes[0], acc, [m for m in methods if m != "random"], run_greedy)
     random = acc[acc["method"] == "random"]
     if "random" in methods and not random.empty:
-        _hline(axes[0], random.sort_values("n").iloc[-1])
-    if greedy is not None:
-        _hline(axes[0], greedy, scale=100)
-    axes[0].set_title(title)
-    axes[0].set_xlabel("N (candidates per problem)")
-    axes[0].set_ylabel("accuracy (%)")
-    axes[0].legend(fontsize=7)
-    panels = [
+        r = random.sort_values("n").iloc[-1]
+        shift = run_greedy["value"] if run_greedy is not None else 0.0
+        _hline(axes[0], {"method": "random", "value": r["value"] - shift, "ci_low": r["ci_low"] - shift,
+                         "ci_high": r["ci_high"] - shift})  # fmt: skip
+    axes[0].set_title(title, fontsize=10)
+    axes[0].set_xlabel(
+        f"N (candidates per problem; N = {FIG2_N[0]} to {FIG2_N[1]}, this run's N < 4 not shown)"
+    )
+    axes[0].set_ylabel("best-of-N accuracy − greedy decoding (points)" if greedy is not None
+                       else "best-of-N accuracy (%), raw: no greedy accuracy in the tables")  # fmt: skip
+    for ax, dataset, raft_set, name, where in [
         (axes[1], "gsm8k", "gsm8k", "GSM8K", ""),
         (axes[2], "math500", "math", "MATH500", ", MATH test"),
-    ]
-    for ax, dataset, raft_set, name, where in panels:
-        ref = reference[(reference["experiment"] == "best_of_n") & (reference["dataset"] == dataset)].copy()
-        ref["method"] = ref["method"].replace(PAPER_ER)
-        ref = ref.rename(columns={"accuracy": "value"})
-        plot_curves_with_bands(ref, "n", ax=ax)
-        ax.set_title(f"Paper, {name} (Mistral-MetaMath-7b, min)")
+    ]:
+        ref = reference[(reference["experiment"] == "best_of_n") & (reference["dataset"] == dataset)]
+        ref = ref[ref["n"].between(*FIG2_N)].rename(columns={"accuracy": "value"})
+        ref = ref.assign(method=ref["method"].replace(PAPER_ER))
+        start = reference[(reference["experiment"] == "raft") & (reference["dataset"] == raft_set)
+                          & (reference["method"] == RAFT_BASELINE)]["accuracy"]  # fmt: skip
+        paper_greedy = None if start.empty else {"method": "greedy", "value": float(start.iloc[0]),
+                       "label": f"Greedy decoding (its RAFT start policy{where}): {float(start.iloc[0]):g}%"}  # fmt: skip
+        _gain_panel(
+            ax, ref, labels.method_order(ref["method"].unique()), paper_greedy if greedy is not None else None
+        )
+        if greedy is None and paper_greedy is not None:
+            _hline(ax, paper_greedy)
+        ax.set_title(f"Paper, {name} (Mistral-MetaMath-7b, min)", fontsize=10)
         ax.set_xlabel("N")
         for line in ax.get_lines():  # the paper does not say which eta its headline ER-PRM used
             if line.get_label().startswith("ER-PRM"):
                 line.set_label("ER-PRM (η not stated)")
-        start = reference[(reference["experiment"] == "raft") & (reference["dataset"] == raft_set)
-                          & (reference["method"] == "baseline")]  # fmt: skip
-        if not start.empty:
-            _hline(ax, {"method": "greedy", "value": float(start["accuracy"].iloc[0]),
-                        "label": f"Greedy decoding (its RAFT start policy{where})"})  # fmt: skip
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2)  # below the lines
+    for ax in axes:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)  # below the panel
+    what = "minus greedy decoding" if greedy is not None else "(raw accuracy)"
+    fig.suptitle(f"Fig. 2 · best-of-N {what}, N = {FIG2_N[0]} to {FIG2_N[1]} in every panel", fontsize=11)
     fig.tight_layout()
     return fig
 
@@ -726,68 +777,5 @@ def figure_processbench_sweep(
     ax.set_ylabel("ProcessBench F1" + (" (95% bands)" if bands else ""))
     ax.set_title(title or "ProcessBench F1 against the threshold", fontsize=9)
     ax.legend(fontsize=7, ncol=2 if len(names) > 5 else 1)
-    fig.tight_layout()
-    return fig
-
-
-def _rule_points(ax: plt.Axes, table: pd.DataFrame) -> None:
-    """One point with its interval per row of ``table`` (indexed by rule; value, ci_low, ci_high)."""
-    for x, (rule, row) in enumerate(table.iterrows()):
-        err = [[row["value"] - row["ci_low"]], [row["ci_high"] - row["value"]]]
-        ax.errorbar(x, row["value"], yerr=err, fmt="o", capsize=3, color=style.method_colour(rule))
-    ax.set_xticks(range(len(table)), [style.method_label(r) for r in table.index], rotation=30, ha="right")
-    ax.set_xlim(-0.5, len(table) - 0.5)
-
-
-def figure_label_quality(quality: pd.DataFrame) -> plt.Figure:
-    """How well each rule's step labels find the steps before the first error (02_labels' ``label_quality``
-    table, task arith): AUROC against the ground truth over all labelled steps (left), the Brier score of
-    the labels against it (middle; lower is closer) and the AUROC by steps remaining (right), with 95%
-    intervals over problems."""
-    rules = labels.method_order(quality["rule"].unique())
-    overall = quality[quality["steps_remaining"].astype(str) == "all"]
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 3.8), gridspec_kw={"width_ratios": [1, 1, 1.4]})
-    for ax, metric, ylabel in ((ax1, "auroc_vs_truth", "AUROC"), (ax2, "brier_vs_truth", "Brier score")):
-        _rule_points(ax, overall[overall["metric"] == metric].set_index("rule").loc[rules])
-        ax.set(ylabel=f"{ylabel} vs ground truth", title=f"{ylabel}, all labelled steps")
-    by = quality[(quality["steps_remaining"].astype(str) != "all") & (quality["metric"] == "auroc_vs_truth")]
-    for k, rule in enumerate(rules):
-        g = by[by["rule"] == rule].assign(x=lambda d: d["steps_remaining"].astype(int)).sort_values("x")
-        err = [g["value"] - g["ci_low"], g["ci_high"] - g["value"]]
-        ax3.errorbar(
-            g["x"] + 0.04 * (k - len(rules) / 2), g["value"], yerr=err, marker="o", ms=3, capsize=2, lw=1,
-            color=style.method_colour(rule), label=style.method_label(rule),
-        )  # fmt: skip
-    ax3.set(
-        xlabel="steps after the labelled step",
-        ylabel="AUROC vs ground truth",
-        title="AUROC by steps remaining",
-    )
-    ax3.legend(fontsize=7, ncol=2)
-    for ax in (ax1, ax3):
-        ax.axhline(0.5, color="0.6", ls=":", lw=1)
-    fig.suptitle("Step labels against the first error (positive: a step before it)", fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def figure_first_error(truth: pd.DataFrame) -> plt.Figure:
-    """The held-out PRM checks against the ground truth (03_train_prm's ``prm_truth`` table, task arith):
-    ProcessBench's first-error F1 per rule (left; the "synthetic twin" of ProcessBench) and within-problem
-    pairwise ranking of correct over wrong solutions (right; 0.5 = chance), with 95% intervals."""
-    rules = labels.method_order(truth["rule"].unique())
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    panels = (
-        ("first_error_f1", "first-error F1 (threshold 0.5)"),
-        ("within_problem_pairwise", "pairwise share"),
-    )
-    for ax, (metric, ylabel) in zip(axes, panels, strict=True):
-        g = truth[truth["metric"] == metric].set_index("rule").loc[rules]
-        _rule_points(ax, g)
-        ax.set(ylabel=ylabel, ylim=(-0.02, 1.02))
-    axes[0].set_title("First wrong step (ProcessBench F1)", fontsize=9)
-    axes[1].set_title("Correct over wrong, same problem (min; ORM: last)", fontsize=9)
-    axes[1].axhline(0.5, color="0.6", ls=":", lw=1)
-    fig.suptitle("Held-out PRMs against the step-level ground truth", fontsize=10)
     fig.tight_layout()
     return fig

@@ -53,6 +53,8 @@ OUTCOME_COLOURS = {"correct": "#1b7837", "wrong": "#b2182b"}
 OTHER_COLOURS = ("#d95f02", "#7570b3", "#e7298a", "#e6ab02", "#1b9e77", "#a6761d")
 """Series that are no label rule or baseline (ProcessBench splits, released PRMs), in order of appearance
 (ColorBrewer's Dark2: none is a colour of matplotlib's default cycle, whose leftovers a test catches)."""
+SOURCE_COLOURS = {"paper_gsm8k": OTHER_COLOURS[0], "paper_math500": OTHER_COLOURS[1], "this_run": "#000000"}
+"""The paper's numbers (per dataset) and this run's, where they stand side by side (fig. 6)."""
 AGGREGATION_MARKERS = {"min": "o", "prod": "s", "last": "^", "mean": "D"}
 """Marker per step-score aggregation (colour stays the rule's)."""
 

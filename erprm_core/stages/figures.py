@@ -1,9 +1,9 @@
 """Stage 06_figures: every paper figure and the summary table, from the stage tables only.
 
 :func:`run` reads ``results/<profile>/tables`` (written by 00-05) and the paper's reported numbers, writes the
-tables ``label_curves`` and ``eta_sweep``, saves figs. 1-4 (PNG + PDF; the only files of these figures: 02, 04
-and 05 show the same figures inline without saving them) and writes ``summary.md`` (which README.md
-includes). ``erprm figures --profile <profile>`` reruns it alone.
+tables ``label_curves``, ``eta_sweep`` and ``paper_vs_run`` (the paper's numbers beside this run's), saves
+figs. 1-6 (PNG + PDF; the only files of these figures: 02, 04 and 05 show figs. 2-4 inline without saving them)
+and writes ``summary.md`` (which README.md includes). ``erprm figures --profile <profile>`` reruns it alone.
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ class FiguresResult:
     raft: pd.DataFrame | None = None
     summary: pd.DataFrame | None = None
     summary_markdown: str = ""
+    paired_differences: pd.DataFrame | None = None
+    paper_vs_run: pd.DataFrame | None = None
 
 
 def _save(res: FiguresResult, fig: plt.Figure, folder: Path, name: str) -> None:
@@ -60,9 +62,20 @@ def _save(res: FiguresResult, fig: plt.Figure, folder: Path, name: str) -> None:
     res.files[name] = [repo_relative(folder / f"{name}.{ext}") for ext in ("png", "pdf")]
 
 
+def policy_description(profile: str) -> str:
+    """This run's policy and its size from the manifest's 00_policy entry, e.g. "arith policy trained here
+    (0.719M parameters)" or "HuggingFaceTB/SmolLM2-135M (135M parameters)"; the scale line of
+    :func:`erprm_core.report.summary.paper_comparison`."""
+    entry = artifacts.load_manifest(profile).get("stages", {}).get("00_policy", {})
+    name = entry.get("policy_name") or (f"{entry['task']} policy trained here" if entry.get("task") else "")
+    name = name or "this run's policy"
+    n = entry.get("n_parameters")
+    return f"{name} ({n / 1e6:.3g}M parameters)" if n else name
+
+
 def run(config: FiguresConfig) -> FiguresResult:
-    """Stage 06_figures: read the stage tables, write figs. 1-4, the label-curve and eta-sweep tables and
-    ``summary.md``."""
+    """Stage 06_figures: read the stage tables, write figs. 1-6, the label-curve, eta-sweep and paper-vs-run
+    tables and ``summary.md``."""
     c = config
     P = artifacts.paths(c.profile)
     bon = artifacts.read_table(c.profile, "bon", stage="04_best_of_n")
@@ -89,13 +102,25 @@ def run(config: FiguresConfig) -> FiguresResult:
 
     _save(res, figures.figure_raft(raft, reference), P.figures, "fig4_raft")
 
+    raft_paired = artifacts.read_table(c.profile, "raft_paired") if P.table("raft_paired").is_file() else None
+    res.paired_differences = figures.paired_difference_table(paired, raft_paired)
+    _save(res, figures.figure_paired_differences(paired, raft_paired), P.figures, "fig5_paired_differences")
+
+    res.paper_vs_run = summary.paper_comparison(bon, raft, reference, c.er_rule, c.aggregation, c.orm_aggregation,
+                                                greedy, paired, policy_description(c.profile))  # fmt: skip
+    artifacts.write_table(res.paper_vs_run, c.profile, "paper_vs_run")
+    _save(res, figures.figure_paper_vs_run(res.paper_vs_run), P.figures, "fig6_paper_vs_run")
+
     res.summary = summary.summary_table(bon, paired, raft, c.er_rule, c.aggregation, c.orm_aggregation)
     facts_md = summary.summary_facts(
         facts["policy_eval"], facts["policy_accuracy_by_steps"], facts["rollouts_summary"], res.sweep,
         n_problems_pool=int(bon["n_problems"].max()) if "n_problems" in bon else None, aggregation=c.aggregation,
         ranking=facts["bon_ranking"],
     )  # fmt: skip
-    res.summary_markdown = summary.to_markdown(res.summary) + "\n" + summary.tests_note(paired) + facts_md
+    res.summary_markdown = (
+        summary.to_markdown(res.summary) + "\n" + summary.tests_note(paired) + facts_md + "\n"
+        + summary.paper_comparison_markdown(res.paper_vs_run)
+    )  # fmt: skip
     summary.write_summary(P.results / "summary.md", res.summary_markdown)
     return res
 
