@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import special, stats
 
 log = logging.getLogger(__name__)
 
@@ -258,9 +258,8 @@ def brier_score(pred: Any, target: Any) -> float:
 
 
 def excess_cross_entropy(pred: Any, target: Any, eps: float = 1e-6) -> tuple[float, float]:
-    """``(cross_entropy, floor)``: the mean binary cross-entropy of predictions against (soft) targets, and
-    its floor, the mean binary entropy of the targets (what a perfect predictor scores: 0 for 0/1 targets,
-    above 0 for soft ones). ``pred`` is clipped to [eps, 1 - eps].
+    """``(cross_entropy, floor)``: mean binary cross-entropy of ``pred`` (clipped to [eps, 1 - eps]) against
+    (soft) targets, and its floor, :func:`binary_entropy` of the targets (0 for 0/1 targets).
 
     >>> ce, floor = excess_cross_entropy([0.5, 0.5], [0.5, 0.5])
     >>> round(ce - floor, 12)
@@ -268,17 +267,13 @@ def excess_cross_entropy(pred: Any, target: Any, eps: float = 1e-6) -> tuple[flo
     """
     p, t = _pred_target(pred, target)
     p = np.clip(p, eps, 1 - eps)
-    ce = -(t * np.log(p) + (1 - t) * np.log1p(-p))
-    return float(ce.mean()), binary_entropy(t)
+    return float(-(t * np.log(p) + (1 - t) * np.log1p(-p)).mean()), binary_entropy(t)
 
 
 def binary_entropy(target: Any) -> float:
     """Mean binary entropy (nats) of targets in [0, 1]: the lowest mean cross-entropy any prediction reaches."""
     t = np.asarray(target, dtype=float)
-    inner = (t > 0) & (t < 1)
-    h = np.zeros_like(t)
-    h[inner] = -(t[inner] * np.log(t[inner]) + (1 - t[inner]) * np.log1p(-t[inner]))
-    return float(h.mean()) if h.size else float("nan")
+    return float((special.entr(t) + special.entr(1 - t)).mean()) if t.size else float("nan")
 
 
 def calibration_bins(
