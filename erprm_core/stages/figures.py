@@ -14,12 +14,13 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from erprm_core.report import figures, style, summary
+from erprm_core import labels
+from erprm_core.report import figures, findings, style, summary
 from erprm_core.running import artifacts
 from erprm_core.running.config import parse_eta_grid
 from erprm_core.stages._common import StageConfig, repo_relative
 
-FACT_TABLES = ("policy_eval", "policy_accuracy_by_steps", "rollouts_summary", "bon_ranking")
+FACT_TABLES = ("policy_eval", "policy_accuracy_by_steps", "rollouts_summary", "bon_ranking", "prm_truth")
 """Tables of the earlier stages that the summary's facts (and the greedy lines of figs. 2 and 3) use when they
 exist."""
 
@@ -117,9 +118,13 @@ def run(config: FiguresConfig) -> FiguresResult:
         n_problems_pool=int(bon["n_problems"].max()) if "n_problems" in bon else None, aggregation=c.aggregation,
         ranking=facts["bon_ranking"],
     )  # fmt: skip
+    prms = {m: m for m in methods[:4] if labels.parse_method(m)[1]}  # the reward models: rule:aggregation
+    shows = (findings.prm_findings(facts["prm_truth"], findings.RESEARCH_LOG)
+             + findings.best_of_n_findings(bon, paired, facts["bon_ranking"], prms, findings.RESEARCH_LOG)
+             + findings.raft_findings(raft, raft_paired, findings.RESEARCH_LOG))  # fmt: skip
     res.summary_markdown = (
         summary.to_markdown(res.summary) + "\n" + summary.tests_note(paired) + facts_md + "\n"
-        + summary.paper_comparison_markdown(res.paper_vs_run)
+        + "### What this run shows\n\n" + shows + "\n" + summary.paper_comparison_markdown(res.paper_vs_run)
     )  # fmt: skip
     summary.write_summary(P.results / "summary.md", res.summary_markdown)
     return res
