@@ -72,3 +72,21 @@ def test_labels_sentence_skips_undefined_auroc():
                             "steps_remaining": ["all", "all"]})  # fmt: skip
     text = findings.labels_findings(stats_, quality)
     assert "0.400 (soft" in text and "AUROC" not in text
+
+
+def test_run_line_names_commit_profile_stage_and_numerics(tmp_roots):
+    from erprm_core.running import artifacts
+
+    artifacts.update_manifest("t", "03_x", numerics={"cpu_numerics": "portable", "torch_threads": 2})
+    line = artifacts.run_line("t", "03_x")
+    commit, _ = artifacts.git_state()
+    assert f"commit `{commit[:10]}`" in line and "profile `t`" in line and "03_x " in line
+    assert "numerics `portable` on 2 threads" in line and "[manifest.json](../manifest.json)" in line
+    artifacts.update_manifest("t", "02_y", n=1)  # a stage without torch records no numerics: none shown
+    assert "numerics" not in artifacts.run_line("t", "02_y")
+
+
+def test_prm_sentence_without_ranked_problems():
+    truth = pd.DataFrame([{"rule": "soft", "metric": "within_problem_pairwise", "value": float("nan"),
+                           "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}])  # fmt: skip
+    assert "no within-problem ranking" in findings.prm_findings(truth, "LOG")

@@ -121,7 +121,10 @@ def prm_findings(prm_truth: pd.DataFrame | None, log_link: str = f"../{RESEARCH_
         return _bullets(["This task has no step-level ground truth: see the held-out metrics above."])
     lines = []
     pair = prm_truth[prm_truth["metric"] == "within_problem_pairwise"].set_index("rule")
-    if len(pair):
+    pair = pair[pair["value"].notna()]
+    if not len(pair):
+        lines.append("No held-out problem has both a right and a wrong solution: no within-problem ranking.")
+    else:
         coins = [r for r, row in pair.iterrows() if ci_contains(0.5, row["ci_low"], row["ci_high"])]
         text = (f"Ranking two held-out solutions of one problem ({int(pair['n'].max())} problems with both "
                 f"outcomes), the PRMs score {pair['value'].min():.2f}-{pair['value'].max():.2f} (0.5 is a coin).")  # fmt: skip
@@ -131,6 +134,7 @@ def prm_findings(prm_truth: pd.DataFrame | None, log_link: str = f"../{RESEARCH_
             text += f" The intervals of {', '.join(coins)} contain 0.5."
         lines.append(text)
     f1 = prm_truth[prm_truth["metric"] == "first_error_f1"]
+    f1 = f1[f1["value"].notna()]
     if "threshold_source" in f1 and len(f1):
         paper = f1[f1["threshold_source"] == "paper"].set_index("rule")["value"]
         tuned = f1[f1["threshold_source"] == "validation"].set_index("rule")

@@ -419,7 +419,7 @@ def run_line(profile: str, stage: str) -> str:
     entry = load_manifest(profile).get("stages", {}).get(stage, {})
     commit, dirty = git_state()
     numerics = entry.get("numerics") or {}
-    level = numerics.get("cpu_numerics") or entry.get("cpu_numerics", "?")
+    level = numerics.get("cpu_numerics") or entry.get("cpu_numerics")
     threads = numerics.get("torch_threads") or entry.get("torch_threads")
     parts = [
         f"commit `{commit[:10]}`{' (with uncommitted changes)' if dirty else ''}"
@@ -427,8 +427,9 @@ def run_line(profile: str, stage: str) -> str:
         else "commit unknown",
         f"profile `{profile}`",
         f"{stage} {time.monotonic() - _IMPORTED_AT:,.0f} s",
-        f"numerics `{level}`" + (f" on {threads} threads" if threads else ""),
     ]
+    if level:  # a stage without torch (02's label arithmetic) records none
+        parts.append(f"numerics `{level}`" + (f" on {threads} threads" if threads else ""))
     return f"*Run:* {' · '.join(parts)} · full record: [manifest.json](../manifest.json)\n"
 
 
