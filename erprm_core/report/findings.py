@@ -247,12 +247,14 @@ def step_eval_findings(step_eval: pd.DataFrame) -> str:
     lines = []
     if "view" not in step_eval or step_eval.empty:
         return _bullets(lines)
+    if step_eval["f1"].isna().all():
+        lines.append("First-error F1 is undefined on this run (it needs solutions with and without an error).")
     for view, label in (("distinct", "distinct solutions"), ("pool", "the pool, duplicates counted")):
         v = step_eval[step_eval["view"] == view]
         if v.empty:
             continue
         for source in ("paper", "validation"):
-            s = v[v["threshold_source"] == source]
+            s = v[(v["threshold_source"] == source) & v["f1"].notna()]
             if len(s):
                 best = s.sort_values("f1", ascending=False).iloc[0]
                 lines.append(
