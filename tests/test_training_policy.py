@@ -99,10 +99,21 @@ def test_prepare_policy_trains_saves_and_reloads(problems, tmp_path, monkeypatch
     res = policy.prepare_policy("t", problems, seed=1, **kw)
     assert res.trained and res.source.endswith("policy") and res.info["train_steps"] == 4
     assert res.info["n_parameters"] == models.count_parameters(res.model)
-    again = policy.prepare_policy("t", problems, seed=1, **kw)  # rerun overwrites, same numbers
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished policy of the same recipe must be reused")
+
+    with monkeypatch.context() as m:
+        m.setattr(policy.training, "train_policy_sft", no_training)
+        reused = policy.prepare_policy("t", problems, seed=1, **kw)  # same recipe: reused, same log and info
+    assert reused.log.equals(res.log[["step", "epoch", "loss", "learning_rate"]]) and reused.info == res.info
+    folder = tmp_path / "runs" / "t" / "policy"
+    (folder / policy.POLICY_INFO_FILE).unlink()  # no record of its recipe: trained again, to the same bits
+    again = policy.prepare_policy("t", problems, seed=1, **kw)
     assert all(
         torch.equal(a, b) for a, b in zip(res.model.parameters(), again.model.parameters(), strict=True)
     )
+    assert policy.prepare_policy("t", problems, seed=2, **kw).info["final_loss"] != res.info["final_loss"]
     hub = policy.prepare_policy("t", policy_name=res.source, device="cpu")
     assert not hub.trained and hub.log.empty and hub.info["policy"] == res.source
     ev = policy.evaluate_policy(

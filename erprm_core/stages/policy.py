@@ -10,6 +10,7 @@ types of the greedy solutions, :func:`error_type_table`) and records the stage i
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 import time
@@ -357,11 +358,45 @@ def _load_hub_policy(P: artifacts.ProfilePaths, policy_name: str, device: str, d
     )
 
 
+POLICY_INFO_FILE = "erprm_policy.json"  # written last into the policy folder: what it was trained from
+POLICY_LOG_FILE = "policy_training.csv"
+LOG_ATTRS = ("n_examples", "train_tokens", "global_steps", "n_truncated", "max_example_tokens")
+
+
+def policy_key(train_problems: Sequence[dict[str, Any]], recipe: dict[str, Any]) -> str:
+    """What decides the tiny policy's weights: the recipe, the training problems, the CPU numerics pins and
+    the torch / transformers versions (not the host: under pinned numerics every host gives the same bits)."""
+    import transformers
+
+    pins = numerics.describe()["pins"]
+    return artifacts.digest({"recipe": recipe, "problems": artifacts.digest(list(train_problems)), "pins": pins,
+                             "torch": torch.__version__, "transformers": transformers.__version__})  # fmt: skip
+
+
+def _finished_policy(P: artifacts.ProfilePaths, key: str) -> tuple[pd.DataFrame, float] | None:
+    """The log and training wall time of the policy in ``runs/<profile>/policy`` when it was trained from
+    ``key`` (:func:`policy_key`), else None."""
+    info_file = P.policy / POLICY_INFO_FILE
+    if not info_file.is_file() or json.loads(info_file.read_text()).get("key") != key:
+        return None
+    info = json.loads(info_file.read_text())
+    train_log = pd.read_csv(P.policy / POLICY_LOG_FILE)
+    train_log.attrs.update(info["attrs"])
+    log.info("policy: %s was trained with this recipe, reused (delete the folder to retrain)", P.policy)
+    return train_log, float(info["train_wall_s"])
+
+
 def _train_tiny_policy(
     P: artifacts.ProfilePaths, train_problems: Sequence[dict[str, Any]], **recipe: Any
 ) -> tuple[pd.DataFrame, float]:
     """Build the tokenizer and the tiny model, train them into ``runs/<profile>/.policy.tmp``, then move the
-    folder to ``runs/<profile>/policy``. Returns the loss log and the training wall time."""
+    folder to ``runs/<profile>/policy``; a policy already there that was trained from the same recipe,
+    problems, pins and versions (:func:`policy_key`) is reused instead, so a rerun of 00 after a code change
+    elsewhere does not train again. Returns the loss log and the training wall time."""
+    key = policy_key(train_problems, recipe)
+    finished = _finished_policy(P, key)
+    if finished is not None:
+        return finished
     tokenizer = build_tokenizer(
         max_number=recipe["max_number"], model_max_length=recipe["max_position_embeddings"]
     )
@@ -395,6 +430,10 @@ def _train_tiny_policy(
     )
     wall = time.perf_counter() - start
     (tmp / "training_args.bin").unlink(missing_ok=True)  # not needed to load; holds run-specific paths
+    train_log[["step", "epoch", "loss", "learning_rate"]].to_csv(tmp / POLICY_LOG_FILE, index=False)
+    attrs = {k: int(train_log.attrs[k]) for k in LOG_ATTRS}
+    info = {"key": key, "attrs": attrs, "train_wall_s": round(wall, 1)}
+    (tmp / POLICY_INFO_FILE).write_text(json.dumps(info, indent=1, sort_keys=True))
     shutil.rmtree(P.policy, ignore_errors=True)
     tmp.replace(P.policy)
     return train_log, wall
