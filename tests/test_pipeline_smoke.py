@@ -90,7 +90,7 @@ def test_manifest_records_every_stage(smoke_run):
 # Figures each executed smoke notebook shows inline (02 and 03 add one each for arith's ground truth, 02 the
 # static eta figure where a `make lab` session has a slider; 07 the threshold sweep).
 INLINE_FIGURES = {"00_policy": 2, "01_rollouts": 1, "02_labels": 4, "03_train_prm": 4, "04_best_of_n": 3,
-                  "05_rlhf_raft": 1, "06_figures": 4, "07_processbench": 1}  # fmt: skip
+                  "05_rlhf_raft": 1, "06_figures": 6, "07_processbench": 1}  # fmt: skip
 
 
 def test_executed_notebooks_read_cleanly(smoke_run):
