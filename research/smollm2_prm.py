@@ -160,11 +160,25 @@ def pool_tag(a: argparse.Namespace) -> str:
 # --- scorers -----------------------------------------------------------------------------------------
 
 
+def base_folder() -> Path:
+    """The converted SmolLM2 folder: the kit's ``runs/models/<name>`` when a finished conversion is there,
+    else ``runs/research/models/<name>`` (converted there once), so that the research drivers write nothing
+    outside ``runs/research/`` of a runs root they share with a pipeline run."""
+    from erprm_core import models
+    from erprm_core.running import artifacts
+
+    kit = artifacts.runs_root() / "models"
+    if (kit / BASE / models.SOURCE_FILE).is_file():
+        return Path(models.resolve_model(BASE, kit))
+    return Path(models.resolve_model(BASE, artifacts.runs_root() / "research" / "models"))
+
+
 def load_base(padding_side: str = "right") -> tuple[Any, Any]:
-    """SmolLM2-135M (float32, CPU) and its tokenizer, through the kit's packaged-model loader."""
+    """SmolLM2-135M (float32, CPU) and its tokenizer, through the kit's packaged-model loader (the converted
+    folder of :func:`base_folder`)."""
     from erprm_core import models
 
-    return models.load_causal_lm(BASE, device="cpu", dtype="float32", padding_side=padding_side)
+    return models.load_causal_lm(base_folder(), device="cpu", dtype="float32", padding_side=padding_side)
 
 
 def prm_step_scores(model: Any, tok: Any, records: list[dict], batch_size: int = 16) -> list[list[float]]:

@@ -172,7 +172,7 @@ def verifier_metrics(
     }
     grid = s.reshape(correct.shape)
     random = evaluators.random_pick_accuracy(correct)
-    for n in ns:
+    for n in [n for n in ns if n <= correct.shape[1]]:  # a smaller pool has no best-of-16
         bon = evaluators.best_of_n_accuracy(grid, correct, n)
         m, lo, hi = stats.bootstrap_ci(bon, n_boot=n_boot, seed=seed)
         d = stats.paired_bootstrap_diff(bon, random, n_boot=n_boot, seed=seed)
