@@ -248,7 +248,9 @@ def step_eval_findings(step_eval: pd.DataFrame) -> str:
     if "view" not in step_eval or step_eval.empty:
         return _bullets(lines)
     if step_eval["f1"].isna().all():
-        lines.append("First-error F1 is undefined on this run (it needs solutions with and without an error).")
+        lines.append(
+            "First-error F1 is undefined on this run (it needs solutions with and without an error)."
+        )
     for view, label in (("distinct", "distinct solutions"), ("pool", "the pool, duplicates counted")):
         v = step_eval[step_eval["view"] == view]
         if v.empty:
