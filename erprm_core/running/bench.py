@@ -41,8 +41,17 @@ from erprm_core.running import artifacts, numerics
 
 log = logging.getLogger(__name__)
 
-WORKLOADS = {"sampling": "bench_rollouts.py", "scoring": "bench_scoring.py", "training": "bench_training.py"}
-"""Workload name -> its script under benchmarks/ (each writes its figures with ``--json FILE``)."""
+WORKLOADS = {
+    "sampling": ("bench_rollouts.py",), "scoring": ("bench_scoring.py",), "training": ("bench_training.py",),
+    "smollm2-scoring": ("bench_smollm2.py", "--workload", "scoring"),
+    "smollm2-training": ("bench_smollm2.py", "--workload", "training"),
+    "smollm2-sampling": ("bench_smollm2.py", "--workload", "sampling"),
+}  # fmt: skip
+"""Workload name -> its script under benchmarks/ and the script's arguments (each writes its figures with
+``--json FILE``, or ``{"skipped": why}`` when its model is not installed)."""
+
+IN_WORKERS = ("sampling", "scoring", "training")
+"""The workloads also run as the CPU stages run their units (one-thread copies at once): the tiny model's."""
 
 EXTRA_SCRIPTS = ("bench_numerics.py",)
 """Scripts run only when named (``erprm bench numerics``): they measure something else than one workload."""
@@ -57,9 +66,13 @@ PEAK_SHAPES = {
     "qkvo 2048x128 @ 128x128": (ROWS, 128, 128),
     "mlp-up 2048x128 @ 128x256": (ROWS, 128, 256),
     "mlp-down 2048x256 @ 256x128": (ROWS, 256, 128),
+    "smollm2-qkvo 2048x576 @ 576x576": (ROWS, 576, 576),
+    "smollm2-mlp-up 2048x576 @ 576x1536": (ROWS, 576, 1536),
+    "smollm2-mlp-down 2048x1536 @ 1536x576": (ROWS, 1536, 576),
     "square 2048x2048 @ 2048x2048": (2048, 2048, 2048),
 }
-"""Matmul shapes (m, k, n) of the peak measurement: the tiny model's projections, and a large square one."""
+"""Matmul shapes (m, k, n) of the peak measurement: the tiny model's and SmolLM2-135M's projections, and a
+large square one."""
 
 
 def flops_per_token(
@@ -159,31 +172,35 @@ def _peak_figures(by_shape: dict[str, float]) -> dict[str, Any]:
     }
 
 
-def _workload_command(script: Path, threads: int, quick: bool, json_out: Path) -> list[str]:
-    """The command line of one workload script (``--threads``, ``--json``, ``--quick``)."""
-    cmd = [sys.executable, str(script), "--threads", str(threads), "--json", str(json_out)]
+def _workload_command(script: tuple[Path | str, ...], threads: int, quick: bool, json_out: Path) -> list[str]:
+    """The command line of one workload script and its arguments (plus ``--threads``, ``--json``, ``--quick``)."""
+    cmd = [sys.executable, *map(str, script), "--threads", str(threads), "--json", str(json_out)]
     return cmd + (["--quick"] if quick else [])
 
 
-def _run_workload(script: Path, threads: int, quick: bool, json_out: Path) -> dict[str, Any] | None:
+def _run_workload(
+    script: tuple[Path | str, ...], threads: int, quick: bool, json_out: Path
+) -> dict[str, Any] | None:
     """Run one workload script; its figures, or None if it failed."""
     cmd = _workload_command(script, threads, quick, json_out)
     rc = subprocess.run(cmd, cwd=artifacts.repo_root(), env=_pinned_env(threads)).returncode
     if rc != 0 or not json_out.is_file():
-        log.error("benchmark %s failed (exit status %s)", script.name, rc)
+        log.error("benchmark %s failed (exit status %s)", " ".join(map(str, script)), rc)
         return None
     return json.loads(json_out.read_text())
 
 
-def _run_workload_in_workers(script: Path, workers: int, quick: bool, tmp: Path) -> dict[str, Any] | None:
+def _run_workload_in_workers(
+    script: tuple[Path | str, ...], workers: int, quick: bool, tmp: Path
+) -> dict[str, Any] | None:
     """The workload as the CPU stages run their units (:mod:`erprm_core.running.workers`): ``workers``
     one-thread copies of the script at once. Their figures with ``tokens_per_s`` summed over the copies (the
     machine's throughput) and ``ratio`` = summed kit / summed naive tokens/s; None if a copy failed."""
-    outs = [tmp / f"{script.stem}-worker{i}.json" for i in range(workers)]
+    outs = [tmp / f"{Path(script[0]).stem}-worker{i}.json" for i in range(workers)]
     cmds = [_workload_command(script, 1, quick, o) for o in outs]
     procs = [subprocess.Popen(c, cwd=artifacts.repo_root(), env=_pinned_env(1)) for c in cmds]
     if any(p.wait() != 0 for p in procs) or not all(o.is_file() for o in outs):
-        log.error("benchmark %s in %d one-thread processes failed", script.name, workers)
+        log.error("benchmark %s in %d one-thread processes failed", script[0], workers)
         return None
     copies = [json.loads(o.read_text()) for o in outs]
     kit = sum(c["tokens_per_s"] for c in copies)
@@ -194,18 +211,21 @@ def _run_workload_in_workers(script: Path, workers: int, quick: bool, tmp: Path)
 def summarise(figures: dict[str, Any], peak_gflops: float) -> dict[str, Any]:
     """A workload's JSON entry from its script's figures: adds ``flops_per_token``, ``n_params_counted``,
     ``achieved_gflops`` and ``mfu`` (the script gives ``tokens_per_s``, ``ratio``, ``block_params``,
-    ``head_params``, ``head_per_token``, ``n_layers``, ``hidden``, ``context`` and ``training``)."""
+    ``head_params``, ``head_per_token``, ``n_layers``, ``hidden``, ``context`` and ``training``; and
+    ``flop_tokens_per_s`` where the kit computes fewer tokens than it serves, e.g. a question shared by its
+    candidates: MFU counts the computed ones)."""
     head = figures["head_params"] if figures["head_per_token"] else 0
     fpt = flops_per_token(
         figures["block_params"], head, n_layers=figures["n_layers"], context=figures["context"],
         hidden=figures["hidden"], training=figures["training"],
     )  # fmt: skip
+    computed = figures.get("flop_tokens_per_s", figures["tokens_per_s"])
     return {
         **figures,
         "n_params_counted": figures["block_params"] + head,
         "flops_per_token": fpt,
-        "achieved_gflops": fpt * figures["tokens_per_s"] / 1e9,
-        "mfu": mfu(fpt, figures["tokens_per_s"], peak_gflops),
+        "achieved_gflops": fpt * computed / 1e9,
+        "mfu": mfu(fpt, computed, peak_gflops),
     }
 
 
@@ -231,6 +251,8 @@ def _print_report(result: dict[str, Any]) -> None:
             f"  | N={w['n_params_counted']:,} context={w['context']:.1f} -> {w['flops_per_token'] / 1e6:.2f} "
             f"MFLOP/token, {w['achieved_gflops']:.1f} GFLOP/s, MFU {100 * w['mfu']:.1f}%"
         )
+    for name, why in result.get("skipped", {}).items():
+        print(f"  {name:9s} skipped: {why}")
     staged = {n: w for n, w in result["workloads"].items() if w.get("in_workers")}
     if staged:
         print(f"as the CPU stages run their units: {result['threads']} one-thread processes at once (summed)")
@@ -245,8 +267,9 @@ def _print_report(result: dict[str, Any]) -> None:
 
 def run(names: list[str] | None = None, json_path: str | Path | None = None, *, threads: int = 0,
         quick: bool = False) -> int:  # fmt: skip
-    """Measure the peak, run the workloads (all of :data:`WORKLOADS`, or those whose name or script matches
-    one of ``names``; :data:`EXTRA_SCRIPTS` only when named), print the report and write ``json_path``.
+    """Measure the peak, run the workloads (all of :data:`WORKLOADS`, or those named in ``names`` by their
+    name, its prefix before "-" such as "smollm2", or their script; :data:`EXTRA_SCRIPTS` only when named),
+    print the report and write ``json_path``.
 
     ``threads=0`` follows the stages' rule (the usable cores, at most ``numerics.MAX_PINNED_THREADS``);
     ``quick`` shrinks every workload to seconds (for tests; the figures then mean little). Returns the number
@@ -259,17 +282,21 @@ def run(names: list[str] | None = None, json_path: str | Path | None = None, *, 
     result.update(_peak_figures(_measure_peak(threads, quick)))
     failed = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for name, script in WORKLOADS.items():
-            if names and not any(n in name or n in script for n in names):
+        for name, (script, *script_args) in WORKLOADS.items():
+            if names and not any(n == name or name.startswith(f"{n}-") or n in script for n in names):
                 continue
-            log.info("benchmark %s (%s)", name, script)
-            figures = _run_workload(bench_dir / script, threads, quick, Path(tmp) / f"{name}.json")
+            log.info("benchmark %s (%s)", name, " ".join([script, *script_args]))
+            command = (bench_dir / script, *script_args)
+            figures = _run_workload(command, threads, quick, Path(tmp) / f"{name}.json")
             if figures is None:
                 failed += 1
                 continue
+            if "skipped" in figures:
+                result.setdefault("skipped", {})[name] = figures["skipped"]
+                continue
             result["workloads"][name] = summarise(figures, result["peak_gflops"])
-            if threads > 1:
-                staged = _run_workload_in_workers(bench_dir / script, threads, quick, Path(tmp))
+            if threads > 1 and name in IN_WORKERS:
+                staged = _run_workload_in_workers(command, threads, quick, Path(tmp))
                 if staged is not None:
                     result["workloads"][name]["in_workers"] = staged
     for script in EXTRA_SCRIPTS:
