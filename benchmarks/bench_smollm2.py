@@ -33,13 +33,15 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+import re  # noqa: E402
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_rollouts  # noqa: E402
 
-from erprm_core import models, prm, training  # noqa: E402
+from erprm_core import models, prefix_tree, prm, training  # noqa: E402
 from erprm_core.running import bench, numerics  # noqa: E402
 from erprm_core.steps import format_prm_input, split_steps  # noqa: E402
 from erprm_core.tasks.arith import generate_problems  # noqa: E402
@@ -48,12 +50,48 @@ MODEL = "smollm2-135m"
 
 
 def pool(n_questions: int, candidates: int, seed: int = 0) -> tuple[list[str], list[list[str]]]:
-    """A best-of-N pool of the tiny task's shape: question ``i`` with the reference steps of ``candidates``
-    problems of the same difficulty (different lengths and numbers, as a policy's candidates differ)."""
-    probs = generate_problems(n_questions * (candidates + 1), seed=seed, min_steps=2, max_steps=6)
-    questions = [p["question"] for p in probs[:n_questions]]
-    steps = [split_steps(p["solution"]) for p in probs[n_questions:]]
-    return [q for q in questions for _ in range(candidates)], steps[: n_questions * candidates]
+    """A best-of-N pool shaped like a policy's: question ``i`` (2 to 6 steps before the answer line) with
+    ``candidates`` versions of its reference solution, each kept whole with probability 0.6 (right answers of
+    a policy trained on the task tend to be word for word the same) or else, from a random step on, with
+    every number shifted (a wrong step and what follows from it)."""
+    rng = np.random.default_rng(seed)
+    questions, steps = [], []
+    for i in range(n_questions):
+        n = 2 + i % 5
+        (prob,) = generate_problems(1, seed=seed + i, min_steps=n, max_steps=n)
+        reference = split_steps(prob["solution"])
+        for _ in range(candidates):
+            wrong_from = len(reference) if rng.random() < 0.6 else int(rng.integers(len(reference)))
+            shift = int(rng.integers(1, 9))
+            wrong = [
+                re.sub(r"\d+", lambda m, d=shift: str(int(m.group()) + d), x) for x in reference[wrong_from:]
+            ]
+            questions.append(prob["question"])
+            steps.append(reference[:wrong_from] + wrong)
+    return questions, steps
+
+
+def pool_from_file(path: str, n_questions: int, candidates: int) -> tuple[list[str], list[list[str]]]:
+    """The first ``candidates`` records of each of the first ``n_questions`` questions of a JSONL pool
+    (records with ``question`` and ``steps``, e.g. a best-of-N pool sampled by the tiny policy)."""
+    by_question: dict[str, list[list[str]]] = {}
+    for line in Path(path).read_text().splitlines():
+        r = json.loads(line)
+        by_question.setdefault(r["question"], []).append(r["steps"])
+    chosen = list(by_question.items())[:n_questions]
+    return [q for q, c in chosen for _ in c[:candidates]], [s for _, c in chosen for s in c[:candidates]]
+
+
+def token_counts(tokenizer, questions, steps, tag: str) -> dict[str, int]:
+    """Tokens of the pool: all of them (what the plain loop computes) and each distinct prefix of one
+    question's solutions once (the prefix tree)."""
+    ids = [tokenizer(format_prm_input(q, s, tag)).input_ids for q, s in zip(questions, steps, strict=True)]
+    by_question: dict[str, list[list[int]]] = {}
+    for q, x in zip(questions, ids, strict=True):
+        by_question.setdefault(q, []).append(x)
+    distinct = sum(len(prefix_tree.pack(g).input_ids) for g in by_question.values())
+    total = sum(map(len, ids))
+    return {"tokens": total, "distinct_prefix_tokens": distinct}
 
 
 @torch.inference_mode()
@@ -70,38 +108,42 @@ def plain_scores(model, tokenizer, ids: prm.PRMTokenIds, questions, list_of_step
 
 
 def scoring(model, tokenizer, args) -> dict:
-    """Kit scorer vs the plain loop on one pool: best of ``--repeats`` interleaved rounds each."""
-    questions, steps = pool(args.questions, args.candidates)
-    scorer = prm.ProcessRewardModel(model, tokenizer)
-    scorer.score_batch(questions[:2], steps[:2], 2)  # warm-up
-    kit_t, plain_t = [], []
+    """The kit scorer, as the stages run it (the question's KV cache shared) and with the prefix tree, against
+    the plain loop on one pool: best of ``--repeats`` interleaved rounds each."""
+    questions, steps = (pool_from_file(args.pool, args.questions, args.candidates) if args.pool
+                        else pool(args.questions, args.candidates))  # fmt: skip
+    scorers = {"kit": prm.ProcessRewardModel(model, tokenizer),
+               "tree": prm.ProcessRewardModel(model, tokenizer, share_prefix="tree")}  # fmt: skip
+    times: dict[str, list[float]] = {"kit": [], "tree": [], "plain": []}
+    scores, computed = {}, {}
+    for scorer in scorers.values():
+        scorer.score_batch(questions[:2], steps[:2], 2)  # warm-up
     for _ in range(args.repeats):
+        for name, scorer in scorers.items():
+            scorer.tokens_scored = 0
+            t = time.perf_counter()
+            scores[name] = scorer.score_batch(questions, steps, args.batch_size)
+            times[name].append(time.perf_counter() - t)
+            computed[name] = scorer.tokens_scored
         t = time.perf_counter()
-        kit_scores = scorer.score_batch(questions, steps, args.batch_size)
-        kit_t.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        plain = plain_scores(model, tokenizer, scorer.ids, questions, steps)
-        plain_t.append(time.perf_counter() - t)
-    diff = float(
-        np.nanmax(np.abs(np.concatenate([np.subtract(a, b) for a, b in zip(kit_scores, plain, strict=True)])))
-    )
+        scores["plain"] = plain_scores(model, tokenizer, scorers["kit"].ids, questions, steps)
+        times["plain"].append(time.perf_counter() - t)
+    flat = {k: np.concatenate([np.asarray(x, dtype=float) for x in v]) for k, v in scores.items()}
+    diff = max(float(np.nanmax(np.abs(flat[k] - flat["plain"]))) for k in scorers)
     if diff > 1e-3:
         raise AssertionError(f"kit and plain scores differ by {diff}")
-    lengths = [
-        len(tokenizer(format_prm_input(q, s, scorer.ids.step_tag)).input_ids)
-        for q, s in zip(questions, steps, strict=True)
-    ]
-    tokens = sum(lengths)
-    # the question runs once per group of candidates: model FLOPs count the tokens the kit computes
-    question_tokens = sum(len(tokenizer(q).input_ids) for q in questions)
-    computed = tokens - question_tokens + question_tokens // args.candidates
-    kit_s, plain_s = min(kit_t), min(plain_t)
+    counts = token_counts(tokenizer, questions, steps, scorers["kit"].ids.step_tag)
+    best = {k: min(v) for k, v in times.items()}
+    lengths = [len(tokenizer(format_prm_input(q, s, scorers["kit"].ids.step_tag)).input_ids)
+               for q, s in zip(questions, steps, strict=True)]  # fmt: skip
     return {
-        "tokens_per_s": tokens / kit_s, "naive_tokens_per_s": tokens / plain_s, "ratio": plain_s / kit_s,
-        "flop_tokens_per_s": computed / kit_s, "baseline": "plain loop: one full forward per solution",
-        "solutions": len(questions), "candidates": args.candidates, "batch_size": args.batch_size,
-        "tokens": tokens, "computed_tokens": computed, "seconds": kit_s, "max_abs_diff": diff,
-        "share_prefix": scorer.share_prefix, "training": False, "head_per_token": False,
+        "tokens_per_s": counts["tokens"] / best["kit"], "naive_tokens_per_s": counts["tokens"] / best["plain"],
+        "ratio": best["plain"] / best["kit"], "flop_tokens_per_s": computed["kit"] / best["kit"],
+        "tree_tokens_per_s": counts["tokens"] / best["tree"], "tree_ratio": best["plain"] / best["tree"],
+        "tree_flop_tokens_per_s": computed["tree"] / best["tree"], "computed_tokens": computed,
+        "baseline": "plain loop: one full forward per solution", "pool": args.pool or "synthetic",
+        "solutions": len(questions), "candidates": args.candidates, "batch_size": args.batch_size, **counts,
+        "seconds": best, "max_abs_diff": diff, "training": False, "head_per_token": False,
         "context": bench.mean_context(lengths),
     }  # fmt: skip
 
@@ -125,7 +167,7 @@ def kit_training(model, tokenizer, records, args) -> tuple[int, float]:
     with tempfile.TemporaryDirectory() as tmp:
         training.train_prm(
             model, tokenizer, records, "soft", Path(tmp) / "prm", max_steps=args.warmup + args.steps + 1,
-            lr=1e-5, batch_size=args.batch_size, save=False, disable_tqdm=True, logging_steps=1000,
+            lr=1e-5, batch_size=args.train_batch_size, save=False, disable_tqdm=True, logging_steps=1000,
         )  # fmt: skip
     hook.remove()
     timed = stamps[args.warmup : args.warmup + args.steps + 1]
@@ -159,7 +201,7 @@ def plain_training(model, tokenizer, records, warmup: int) -> tuple[int, float]:
 
 def training_workload(model, tokenizer, args) -> dict:
     """Kit PRM training vs the plain loop, each from the same starting weights."""
-    records = training_records((args.warmup + args.steps + 1) * args.batch_size)
+    records = training_records((args.warmup + args.steps + 1) * args.train_batch_size)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     kit_tokens, kit_s = kit_training(model, tokenizer, records, args)
     model.load_state_dict(state)
@@ -169,7 +211,7 @@ def training_workload(model, tokenizer, args) -> dict:
     return {
         "tokens_per_s": kit_tokens / kit_s, "naive_tokens_per_s": plain_tokens / plain_s,
         "ratio": (kit_tokens / kit_s) / (plain_tokens / plain_s), "baseline": "plain loop, batch 1, full logits",
-        "tokens": kit_tokens, "seconds": kit_s, "steps": args.steps, "batch_size": args.batch_size,
+        "tokens": kit_tokens, "seconds": kit_s, "steps": args.steps, "batch_size": args.train_batch_size,
         "training": True, "head_per_token": False, "context": bench.mean_context(lengths),
     }  # fmt: skip
 
@@ -208,8 +250,10 @@ def main() -> int:
     parser.add_argument("--workload", choices=sorted(WORKLOADS), required=True)
     parser.add_argument("--questions", type=int, default=4, help="scoring: questions of the pool")
     parser.add_argument("--candidates", type=int, default=16, help="scoring: candidates per question")
+    parser.add_argument("--pool", help="scoring: a JSONL pool (question, steps) instead of the synthetic one")
     parser.add_argument("--batch-size", type=int, default=16, help="kit: sequences per forward pass")
-    parser.add_argument("--steps", type=int, default=3, help="training: timed optimizer steps")
+    parser.add_argument("--train-batch-size", type=int, default=8, help="training: solutions per step")
+    parser.add_argument("--steps", type=int, default=2, help="training: timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=1, help="training: untimed optimizer steps first")
     parser.add_argument("--plain-solutions", type=int, default=12, help="training: the plain loop's steps")
     parser.add_argument("--prefixes", type=int, default=8, help="sampling: step prefixes")
@@ -221,7 +265,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a few tokens only (tests): seconds")
     args = parser.parse_args()
     if args.quick:
-        args.questions, args.candidates, args.batch_size, args.repeats = 1, 2, 2, 1
+        args.questions, args.candidates, args.batch_size, args.train_batch_size, args.repeats = 1, 2, 2, 2, 1
         args.steps, args.warmup, args.plain_solutions, args.prefixes, args.k, args.max_new_tokens = (
             1,
             0,

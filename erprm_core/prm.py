@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from erprm_core import models
+from erprm_core import models, prefix_tree
 from erprm_core.io import Audit
 from erprm_core.io import progress as progress_bar
 from erprm_core.steps import BAD_TOKEN, GOOD_TOKEN, STEP_TAG, format_prm_input
@@ -333,19 +333,21 @@ def tag_logits(
     positions: torch.Tensor,
     use_logits_to_keep: bool | None = None,
     past_key_values: Any = None,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Full-vocabulary logits at ``positions`` (B, K) -> (B, K, V), from one forward pass.
 
     When the model supports ``logits_to_keep`` the LM head is applied only at the union of the positions
     (saves memory and time for large vocabularies); the logits are the same as from a full forward. With
     ``past_key_values`` (a cache of the first tokens) ``input_ids`` and ``positions`` count from the end of
-    the cache, and ``attention_mask`` covers cache + ``input_ids``.
+    the cache, and ``attention_mask`` covers cache + ``input_ids``. ``position_ids`` (optional) go to the model
+    as they are (a packed prefix tree: each token's depth, with a 4D ``attention_mask``).
     """
     if use_logits_to_keep is None:
         use_logits_to_keep = _accepts_logits_to_keep(model)
-    kwargs = {}
+    kwargs = {} if position_ids is None else {"position_ids": position_ids}
     if past_key_values is not None:
-        kwargs = {_cache_keyword(model): past_key_values, "use_cache": True}
+        kwargs.update({_cache_keyword(model): past_key_values, "use_cache": True})
     if use_logits_to_keep and positions.numel() > 0:
         keep = torch.unique(positions.reshape(-1))  # sorted
         logits = model(
@@ -393,15 +395,18 @@ class ProcessRewardModel:
 
     ``scoring`` is "two_token" (softmax over the good/bad logits, default) or "full_vocab". Steps whose tag
     is lost (beyond ``max_length``, or not the tag's own tokens) get NaN, counted in ``self.audit``.
-    ``share_prefix`` ("auto", True, False): solutions of the same question in one batch run the shared
+    ``share_prefix`` ("auto", True, False, "tree"): solutions of the same question in one batch run the shared
     leading tokens (the question) once and reuse their KV cache; "auto" enables it for Hugging Face models
-    with a standard dynamic cache. The scores equal the unshared ones up to float rounding.
+    with a standard dynamic cache. "tree" packs the solutions of one question as a prefix tree
+    (:mod:`erprm_core.prefix_tree`: every distinct prefix once, shared steps and duplicates included) into
+    one sequence of at most ``tree_tokens`` tokens under an ancestor attention mask. The scores equal the
+    unshared ones up to float rounding (so "tree" is opt-in: the CPU profiles' tables were scored without).
     """
 
     def __init__(
         self, model: Any, tokenizer: Any, step_tag: str = STEP_TAG, good_token: str = GOOD_TOKEN,
         bad_token: str = BAD_TOKEN, scoring: str = "two_token", max_length: int | None = None,
-        name: str | None = None, share_prefix: bool | str = "auto",
+        name: str | None = None, share_prefix: bool | str = "auto", tree_tokens: int = 1024,
     ):  # fmt: skip
         if scoring not in SCORING_MODES:
             raise ValueError(f"scoring={scoring!r} unknown; choose one of {SCORING_MODES}")
@@ -421,6 +426,10 @@ class ProcessRewardModel:
         self._use_keep = _accepts_logits_to_keep(model)
         if share_prefix == "auto":
             share_prefix = _supports_prefix_cache(model)
+        if share_prefix == "tree" and not _supports_prefix_cache(model):
+            raise ValueError("share_prefix='tree' needs a Hugging Face causal LM with full attention everywhere")
+        self.prefix_tree = share_prefix == "tree"
+        self.tree_tokens = int(tree_tokens)
         self.share_prefix = bool(share_prefix)
 
     @classmethod
@@ -488,11 +497,16 @@ class ProcessRewardModel:
         out: list[list[float]] = [[] for _ in encodings]
         device = _model_device(self.model)
         batches = _scoring_batches(questions, encodings, batch_size, self.share_prefix)
+        if self.prefix_tree:
+            batches = _tree_batches(questions, encodings, batches, self.tree_tokens)
         for batch in progress_bar(batches, desc="PRM scoring", unit="batch", disable=not progress):
             encs = [encodings[i] for i in batch]
             one_question = len({questions[i] for i in batch}) == 1
-            shared = shared_prefix_length(encs) if self.share_prefix and one_question else 0
-            scores = self._score_encodings(encs, device, shared)
+            if self.prefix_tree and one_question and len(batch) > 1:
+                scores = self._score_tree(encs, device)
+            else:
+                shared = shared_prefix_length(encs) if self.share_prefix and one_question else 0
+                scores = self._score_encodings(encs, device, shared)
             for i, s in zip(batch, scores, strict=True):
                 out[i] = s
         return out
@@ -529,6 +543,46 @@ class ProcessRewardModel:
             [float(probs[r, j]) if p is not None else float("nan") for j, p in enumerate(e.positions)]
             for r, e in enumerate(encs)
         ]
+
+
+    def _score_tree(self, encs: list[PRMEncoding], device: torch.device) -> list[list[float]]:
+        """One forward pass over the prefix tree of ``encs`` (one question's solutions); a step's score is read
+        at the tree node of its tag."""
+        tree = prefix_tree.pack([e.input_ids for e in encs])
+        nodes = [[tree.paths[r][p] if p is not None else None for p in e.positions] for r, e in enumerate(encs)]
+        keep = sorted({n for row in nodes for n in row if n is not None})
+        dtype = next(self.model.parameters()).dtype
+        blocked = ~prefix_tree.ancestor_mask(tree)  # additive: eager and sdpa attention both take it
+        mask = torch.zeros(blocked.shape, dtype=dtype).masked_fill(blocked, torch.finfo(dtype).min)
+        logits = tag_logits(
+            self.model, torch.tensor([tree.input_ids], device=device), mask[None, None].to(device),
+            torch.tensor([keep], device=device), self._use_keep, position_ids=torch.tensor([tree.depth], device=device),
+        )  # fmt: skip
+        probs = step_probabilities(logits, self.ids.good_id, self.ids.bad_id, self.scoring)[0].cpu().numpy()
+        column = {n: k for k, n in enumerate(keep)}
+        self.forward_passes += 1
+        self.tokens_scored += len(tree.input_ids)
+        return [[float(probs[column[n]]) if n is not None else float("nan") for n in row] for row in nodes]
+
+
+def _tree_batches(
+    questions: Sequence[str], encodings: Sequence[PRMEncoding], batches: list[list[int]], max_nodes: int
+) -> list[list[int]]:
+    """The question batches of :func:`_scoring_batches` regrouped: all solutions of one question, in chunks
+    whose prefix tree has at most ``max_nodes`` tokens (batches of several questions stay as they are)."""
+    groups: dict[str, list[int]] = {}
+    mixed = []
+    for batch in batches:
+        if len({questions[i] for i in batch}) == 1:
+            groups.setdefault(questions[batch[0]], []).extend(batch)
+        else:
+            mixed.append(batch)
+    out = [
+        [group[i] for i in chunk]
+        for group in groups.values()
+        for chunk in prefix_tree.chunks([encodings[i].input_ids for i in group], max_nodes)
+    ]
+    return out + mixed
 
 
 def shared_prefix_length(encs: Sequence[PRMEncoding]) -> int:

@@ -174,6 +174,32 @@ def test_shared_prefix_scoring_equals_full_forward(prm_folder):
     assert prm.shared_prefix_length(encs[:1]) == 0
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_prefix_tree_scoring_equals_full_forward(prm_folder, attention):
+    """share_prefix="tree": one question's solutions (duplicates and shared steps included) in one packed
+    forward pass under an ancestor mask score as each solution alone; fewer tokens computed; trees are cut at
+    ``tree_tokens`` and a question with one solution is scored as usual."""
+    model = prm.ProcessRewardModel.from_pretrained(
+        prm_folder, device="cpu", dtype="float32", attn_implementation=attention
+    )
+    q, q1 = SOLUTIONS[0][0], SOLUTIONS[1][0]
+    base = SOLUTIONS[0][1]
+    steps = [base, base, base[:1] + ["3 + 2 = 6"], ["Tom buys 2 more ."], base[:1], SOLUTIONS[1][1]]
+    questions = [q] * 5 + [q1]
+    model.share_prefix = False
+    full = model.score_batch(questions, steps, batch_size=8)
+    full_tokens = model.tokens_scored
+    tree = prm.ProcessRewardModel(model.model, model.tokenizer, share_prefix="tree")
+    got = tree.score_batch(questions, steps, batch_size=8)
+    assert tree.forward_passes == 2 and tree.tokens_scored < full_tokens
+    for a, b in zip(full, got, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    small = prm.ProcessRewardModel(model.model, model.tokenizer, share_prefix="tree", tree_tokens=1)
+    for a, b in zip(full, small.score_batch(questions, steps, batch_size=8), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert small.forward_passes == 6  # every solution its own tree: nothing shared
+
+
 def test_questions_with_one_solution_are_batched_together(prm_folder):
     """Nothing to share in a question with one solution: such solutions share batches (ProcessBench-like
     input), while a question with several keeps its own batches; the scores do not depend on the batching."""

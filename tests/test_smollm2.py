@@ -199,15 +199,21 @@ def test_bench_plain_loop_scores_like_the_kit(smol, bench_smollm2):
     assert max(abs(a - b) for p, k in zip(plain, kit, strict=True) for a, b in zip(p, k, strict=True)) < 1e-4
 
 
-def test_bench_scoring_counts_a_shared_question_once(smol, bench_smollm2):
-    """Scoring figures: pool tokens for the ratio; the question of 2 candidates computed once for MFU."""
+def test_bench_scoring_computes_fewer_tokens_than_it_serves(smol, bench_smollm2):
+    """Scoring figures: the pool's tokens for tokens/s and the ratio; the tokens each kit scorer computed (the
+    question once; each distinct prefix once) for MFU."""
     import argparse
 
     model, tok = smol
-    args = argparse.Namespace(questions=1, candidates=2, batch_size=2, repeats=1)
+    args = argparse.Namespace(questions=1, candidates=3, batch_size=3, repeats=1, pool=None)
     f = bench_smollm2.scoring(model, tok, args)
-    questions, _ = bench_smollm2.pool(1, 2)
-    q_tokens = len(tok(questions[0]).input_ids)
-    assert f["solutions"] == 2 and f["share_prefix"] is True and f["ratio"] > 0
-    assert f["tokens"] - f["computed_tokens"] == q_tokens
-    assert f["flop_tokens_per_s"] == pytest.approx(f["tokens_per_s"] * f["computed_tokens"] / f["tokens"])
+    assert f["solutions"] == 3 and f["ratio"] > 0 and f["tree_ratio"] > 0 and f["max_abs_diff"] < 1e-3
+    assert (
+        f["computed_tokens"]["tree"]
+        == f["distinct_prefix_tokens"]
+        <= f["computed_tokens"]["kit"]
+        < f["tokens"]
+    )
+    assert f["flop_tokens_per_s"] == pytest.approx(
+        f["tokens_per_s"] * f["computed_tokens"]["kit"] / f["tokens"]
+    )
