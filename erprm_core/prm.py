@@ -427,7 +427,9 @@ class ProcessRewardModel:
         if share_prefix == "auto":
             share_prefix = _supports_prefix_cache(model)
         if share_prefix == "tree" and not _supports_prefix_cache(model):
-            raise ValueError("share_prefix='tree' needs a Hugging Face causal LM with full attention everywhere")
+            raise ValueError(
+                "share_prefix='tree' needs a Hugging Face causal LM with full attention everywhere"
+            )
         self.prefix_tree = share_prefix == "tree"
         self.tree_tokens = int(tree_tokens)
         self.share_prefix = bool(share_prefix)
@@ -544,12 +546,13 @@ class ProcessRewardModel:
             for r, e in enumerate(encs)
         ]
 
-
     def _score_tree(self, encs: list[PRMEncoding], device: torch.device) -> list[list[float]]:
         """One forward pass over the prefix tree of ``encs`` (one question's solutions); a step's score is read
         at the tree node of its tag."""
         tree = prefix_tree.pack([e.input_ids for e in encs])
-        nodes = [[tree.paths[r][p] if p is not None else None for p in e.positions] for r, e in enumerate(encs)]
+        nodes = [
+            [tree.paths[r][p] if p is not None else None for p in e.positions] for r, e in enumerate(encs)
+        ]
         keep = sorted({n for row in nodes for n in row if n is not None})
         dtype = next(self.model.parameters()).dtype
         blocked = ~prefix_tree.ancestor_mask(tree)  # additive: eager and sdpa attention both take it
