@@ -81,7 +81,7 @@ seeds: setup  ## after `make reproduce`: retrain the headline PRMs with seeds $(
 figures: setup  ## redraw figures and the summary table from results/$(PROFILE)/tables
 	$(VENV)/bin/erprm figures --profile $(PROFILE)
 
-bench: setup  ## speed benchmarks (ratios against naive baselines)
+bench: setup  ## speed benchmarks: ratios against naive baselines, MFU (SmolLM2-135M's workloads included: about 20 min)
 	$(VENV)/bin/erprm bench
 
 golden: setup  ## rerun the smoke chain and rewrite tests/golden/smoke_tables.sha256 (when a change is meant to change results)

