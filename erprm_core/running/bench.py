@@ -1,11 +1,12 @@
 """``erprm bench``: each workload's throughput, its ratio to a naive baseline, and its model FLOP utilisation.
 
 The run first measures this machine's float32 matmul peak with the pinned numerics and the thread count the
-stages use (:mod:`erprm_core.running.numerics`): matmuls of the tiny model's shapes (rows = batch x tokens,
-hidden 128, MLP 256) and one large square matmul; the best of them, over a measurement before and one after
+stages use (:mod:`erprm_core.running.numerics`): matmuls of the tiny model's and SmolLM2-135M's shapes (rows
+= batch x tokens) and one large square matmul; the best of them, over a measurement before and one after
 the workloads (the machine may be shared), is the peak. Then each workload script
 ``benchmarks/bench_*.py`` runs in a fresh process with the same pins and threads and writes its figures as
-JSON (``--json``); this module adds FLOPs per token and MFU. With more than one thread, each workload runs a
+JSON (``--json``); this module adds FLOPs per token and MFU. The SmolLM2 workloads are listed under
+``skipped`` when its package is not installed. With more than one thread, each workload runs a
 second time as the CPU stages run their independent units (:mod:`erprm_core.running.workers`): that many
 one-thread copies at once, their tokens/s summed, reported under ``in_workers`` (tokens/s, ratio, MFU).
 
