@@ -498,9 +498,10 @@ class ProcessRewardModel:
             log.warning("PRM scoring: %s (steps without a located tag score NaN)", bad)
         out: list[list[float]] = [[] for _ in encodings]
         device = _model_device(self.model)
-        batches = _scoring_batches(questions, encodings, batch_size, self.share_prefix)
         if self.prefix_tree:
-            batches = _tree_batches(questions, encodings, batches, self.tree_tokens)
+            batches = _tree_batches(questions, encodings, batch_size, self.tree_tokens)
+        else:
+            batches = _scoring_batches(questions, encodings, batch_size, self.share_prefix)
         for batch in progress_bar(batches, desc="PRM scoring", unit="batch", disable=not progress):
             encs = [encodings[i] for i in batch]
             one_question = len({questions[i] for i in batch}) == 1
@@ -569,23 +570,20 @@ class ProcessRewardModel:
 
 
 def _tree_batches(
-    questions: Sequence[str], encodings: Sequence[PRMEncoding], batches: list[list[int]], max_nodes: int
+    questions: Sequence[str], encodings: Sequence[PRMEncoding], batch_size: int, max_nodes: int
 ) -> list[list[int]]:
-    """The question batches of :func:`_scoring_batches` regrouped: all solutions of one question, in chunks
-    whose prefix tree has at most ``max_nodes`` tokens (batches of several questions stay as they are)."""
-    groups: dict[str, list[int]] = {}
-    mixed = []
-    for batch in batches:
-        if len({questions[i] for i in batch}) == 1:
-            groups.setdefault(questions[batch[0]], []).extend(batch)
+    """All solutions of one question in chunks whose prefix tree has at most ``max_nodes`` tokens; questions
+    with one solution batched together, as in :func:`_scoring_batches`."""
+    out = []
+    for batch in _scoring_batches(questions, encodings, max(1, len(encodings)), by_question=True):
+        if len({questions[i] for i in batch}) > 1:  # the questions with one solution each
+            out += [batch[i : i + batch_size] for i in range(0, len(batch), batch_size)]
         else:
-            mixed.append(batch)
-    out = [
-        [group[i] for i in chunk]
-        for group in groups.values()
-        for chunk in prefix_tree.chunks([encodings[i].input_ids for i in group], max_nodes)
-    ]
-    return out + mixed
+            out += [
+                [batch[i] for i in c]
+                for c in prefix_tree.chunks([encodings[i].input_ids for i in batch], max_nodes)
+            ]
+    return out
 
 
 def shared_prefix_length(encs: Sequence[PRMEncoding]) -> int:
