@@ -2,11 +2,12 @@
 Hugging Face loop, one workload per run.
 
 ``--workload scoring``: PRM scoring of a best-of-N pool (``--candidates`` solutions per question, shaped like a
-policy's: shared first steps, duplicates; or ``--pool FILE``). The kit
-(:class:`erprm_core.prm.ProcessRewardModel`) batches solutions, runs each question once and shares its KV cache
-with its candidates, and applies the LM head only at the step tags (``ratio``, as the stages run it); with
-``share_prefix="tree"`` it runs every distinct prefix once (``tree_ratio``). The plain loop runs one forward
-pass per solution (full logits) and reads P(" +") at its tags. All scores must agree.
+policy's: shared first steps, duplicates; or ``--pool FILE``). The kit as 04_best_of_n runs it (``ratio``):
+each distinct solution once (:func:`erprm_core.stages.bon_tables.distinct_solutions`), scored by
+:class:`erprm_core.prm.ProcessRewardModel`, which batches solutions, runs each question once and shares its KV
+cache with its candidates, and applies the LM head only at the step tags; the same scorer on every candidate
+(``all_ratio``); with ``share_prefix="tree"``, every distinct prefix once (``tree_ratio``). The plain loop runs
+one forward pass per solution (full logits) and reads P(" +") at its tags. All scores must agree.
 
 ``--workload training``: PRM training (all parameters, soft labels). The kit is
 :func:`erprm_core.training.train_prm` (batches of ``--train-batch-size``, logits only at the tags), timed in
@@ -47,6 +48,7 @@ import bench_rollouts  # noqa: E402
 
 from erprm_core import models, prefix_tree, prm, training  # noqa: E402
 from erprm_core.running import bench, numerics  # noqa: E402
+from erprm_core.stages import bon_tables  # noqa: E402
 from erprm_core.steps import format_prm_input, split_steps  # noqa: E402
 from erprm_core.tasks.arith import generate_problems  # noqa: E402
 
@@ -111,42 +113,57 @@ def plain_scores(model, tokenizer, ids: prm.PRMTokenIds, questions, list_of_step
     return out
 
 
+def score_distinct(scorer, questions, list_of_steps, batch_size: int) -> list[list[float]]:
+    """Scores of a pool as 04_best_of_n computes them: each distinct (question, steps) once, its scores given
+    to every copy."""
+    records = [
+        {"problem_id": q, "question": q, "steps": s} for q, s in zip(questions, list_of_steps, strict=True)
+    ]
+    keys, items, _ = bon_tables.distinct_solutions(records)
+    scores = scorer.score_batch([it["question"] for it in items], [it["steps"] for it in items], batch_size)
+    by_key = {it["key"]: s for it, s in zip(items, scores, strict=True)}
+    return [by_key[k] for k in keys]
+
+
 def scoring(model, tokenizer, args) -> dict:
-    """The kit scorer, as the stages run it (the question's KV cache shared) and with the prefix tree, against
-    the plain loop on one pool: best of ``--repeats`` interleaved rounds each."""
+    """The kit scorer as 04_best_of_n runs it (distinct solutions; the question's KV cache shared), on every
+    candidate, and as a prefix tree, against the plain loop on one pool: best of ``--repeats`` interleaved
+    rounds each."""
     questions, steps = (pool_from_file(args.pool, args.questions, args.candidates) if args.pool
                         else pool(args.questions, args.candidates))  # fmt: skip
-    scorers = {"kit": prm.ProcessRewardModel(model, tokenizer),
-               "tree": prm.ProcessRewardModel(model, tokenizer, share_prefix="tree")}  # fmt: skip
-    times: dict[str, list[float]] = {"kit": [], "tree": [], "plain": []}
+    shared = prm.ProcessRewardModel(model, tokenizer)
+    scorers = {"kit": (shared, score_distinct), "all": (shared, type(shared).score_batch),
+               "tree": (prm.ProcessRewardModel(model, tokenizer, share_prefix="tree"), type(shared).score_batch)}  # fmt: skip
+    times: dict[str, list[float]] = {"kit": [], "all": [], "tree": [], "plain": []}
     scores, computed = {}, {}
-    for scorer in scorers.values():
+    for scorer, _ in scorers.values():
         scorer.score_batch(questions[:2], steps[:2], 2)  # warm-up
     for _ in range(args.repeats):
-        for name, scorer in scorers.items():
+        for name, (scorer, score) in scorers.items():
             scorer.tokens_scored = 0
             t = time.perf_counter()
-            scores[name] = scorer.score_batch(questions, steps, args.batch_size)
+            scores[name] = score(scorer, questions, steps, args.batch_size)
             times[name].append(time.perf_counter() - t)
             computed[name] = scorer.tokens_scored
         t = time.perf_counter()
-        scores["plain"] = plain_scores(model, tokenizer, scorers["kit"].ids, questions, steps)
+        scores["plain"] = plain_scores(model, tokenizer, shared.ids, questions, steps)
         times["plain"].append(time.perf_counter() - t)
     flat = {k: np.concatenate([np.asarray(x, dtype=float) for x in v]) for k, v in scores.items()}
     diff = max(float(np.nanmax(np.abs(flat[k] - flat["plain"]))) for k in scorers)
     if diff > 1e-3:
         raise AssertionError(f"kit and plain scores differ by {diff}")
-    counts = token_counts(tokenizer, questions, steps, scorers["kit"].ids.step_tag)
+    counts = token_counts(tokenizer, questions, steps, shared.ids.step_tag)
     best = {k: min(v) for k, v in times.items()}
-    lengths = [len(tokenizer(format_prm_input(q, s, scorers["kit"].ids.step_tag)).input_ids)
+    lengths = [len(tokenizer(format_prm_input(q, s, shared.ids.step_tag)).input_ids)
                for q, s in zip(questions, steps, strict=True)]  # fmt: skip
     return {
         "tokens_per_s": counts["tokens"] / best["kit"], "naive_tokens_per_s": counts["tokens"] / best["plain"],
         "ratio": best["plain"] / best["kit"], "flop_tokens_per_s": computed["kit"] / best["kit"],
+        "all_tokens_per_s": counts["tokens"] / best["all"], "all_ratio": best["plain"] / best["all"],
         "tree_tokens_per_s": counts["tokens"] / best["tree"], "tree_ratio": best["plain"] / best["tree"],
         "tree_flop_tokens_per_s": computed["tree"] / best["tree"], "computed_tokens": computed,
         "baseline": "plain loop: one full forward per solution", "pool": args.pool or "synthetic",
-        "solutions": len(questions), "candidates": args.candidates, "batch_size": args.batch_size, **counts,
+        "solutions": len(questions), "distinct_solutions": len(set(map(repr, zip(questions, steps, strict=True)))), "candidates": args.candidates, "batch_size": args.batch_size, **counts,
         "seconds": best, "max_abs_diff": diff, "training": False, "head_per_token": False,
         "context": bench.mean_context(lengths),
     }  # fmt: skip

@@ -205,13 +205,15 @@ def test_bench_scoring_computes_fewer_tokens_than_it_serves(smol, bench_smollm2)
     import argparse
 
     model, tok = smol
-    args = argparse.Namespace(questions=1, candidates=3, batch_size=3, repeats=1, pool=None)
+    args = argparse.Namespace(questions=1, candidates=6, batch_size=3, repeats=1, pool=None)
     f = bench_smollm2.scoring(model, tok, args)
-    assert f["solutions"] == 3 and f["ratio"] > 0 and f["tree_ratio"] > 0 and f["max_abs_diff"] < 1e-3
+    assert f["solutions"] == 6 and f["ratio"] > 0 and f["tree_ratio"] > 0 and f["max_abs_diff"] < 1e-3
+    assert f["distinct_solutions"] == 5  # the seed-0 pool: one candidate repeats another
     assert (
         f["computed_tokens"]["tree"]
         == f["distinct_prefix_tokens"]
-        <= f["computed_tokens"]["kit"]
+        <= f["computed_tokens"]["kit"]  # 04's way: each distinct solution once, its question once
+        < f["computed_tokens"]["all"]  # every candidate, its question once
         < f["tokens"]
     )
     assert f["flop_tokens_per_s"] == pytest.approx(
