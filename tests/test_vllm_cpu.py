@@ -34,11 +34,11 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed (make test-vllm installs its CPU build)")
 
-from erprm_core import generation, prm, rollouts, stats, tasks, training  # noqa: E402
+from erprm_core import generation, models, prm, rollouts, stats, tasks, training  # noqa: E402
 from erprm_core.sampler import ANSWER_LINE  # noqa: E402
 from erprm_core.stages.bon_pool import build_candidate_pool  # noqa: E402
 from erprm_core.stages.policy import build_tiny_model, build_tokenizer  # noqa: E402
-from erprm_core.steps import format_prm_input  # noqa: E402
+from erprm_core.steps import format_prm_input, split_steps  # noqa: E402
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: the tiny policy needs a few MB
 
@@ -222,3 +222,33 @@ def test_texts_keep_the_step_and_answer_format(comparison, samples, policy):
         for b in ci:
             assert ci[b][0] >= 0.9, f"{b}: {check} {ci[b]}"
         assert ci["vllm"][1] <= ci["hf"][2] and ci["hf"][1] <= ci["vllm"][2], f"{check}: {ci}"
+
+
+def test_vllm_serves_the_policy_as_a_math_shepherd_prm(policy, problems):
+    """``make bench-vllm``'s PRM on vLLM (benchmarks/bench_vllm.py: the pooling runner, a token classifier of
+    LM-head row(+) minus row(-)) reads the kit's P(+) at every step tag of reference solutions."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vllm.py"
+    spec = importlib.util.spec_from_file_location("bench_vllm", path)
+    bench_vllm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_vllm)
+    model, tok = models.load_causal_lm(policy, device="cpu", dtype="float32")
+    scorer = prm.ProcessRewardModel(model, tok)
+    questions = [p["question"] for p in problems["rollout"]]
+    steps = [split_steps(p["solution"]) for p in problems["rollout"]]
+    kit = scorer.score_batch(questions, steps, 8)
+    encoded = [
+        tok(format_prm_input(q, s, scorer.ids.step_tag)).input_ids
+        for q, s in zip(questions, steps, strict=True)
+    ]
+    llm = bench_vllm.vllm_prm(policy, scorer.ids, model, tok)
+    try:
+        served = bench_vllm.vllm_scores(llm, scorer.ids, encoded)
+    finally:
+        generation.VLLMSampler(llm).close()
+    assert [len(s) for s in served] == [len(s) for s in steps]
+    diff = max(abs(a - b) for v, k in zip(served, kit, strict=True) for a, b in zip(v, k, strict=True))
+    print(f"\nvLLM vs kit PRM scores: max abs diff {diff:.3g} over {sum(map(len, kit))} steps")
+    assert diff < 1e-4, diff
+    assert len({round(x, 3) for s in kit for x in s}) > 1  # the scores vary: not a constant that both return

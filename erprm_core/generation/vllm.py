@@ -8,6 +8,7 @@ when a :class:`VLLMSampler` is made, so this module imports without it. One seed
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -94,8 +95,9 @@ class VLLMSampler:
             )
             for key in keys
         ]
-        # recent vLLM takes a bar factory; an older one draws its own bar (TQDM_DISABLE silences it in a stage)
-        outputs = self.llm.generate(list(prompts), params, use_tqdm=io.progress)
+        # recent vLLM takes a bar factory and divides by the bar's elapsed time, which a disabled bar leaves at 0
+        bars_off = os.environ.get("TQDM_DISABLE") or os.environ.get(io.SILENT_ENV)
+        outputs = self.llm.generate(list(prompts), params, use_tqdm=False if bars_off else io.progress)
         result = []
         for req in outputs:
             self.stats["prompt_tokens"] += len(req.prompt_token_ids or [])
