@@ -33,9 +33,9 @@ from erprm_core import models, rollouts  # noqa: E402
 from erprm_core.generation import HFSampler  # noqa: E402
 from erprm_core.running import artifacts, bench, numerics  # noqa: E402
 from erprm_core.sampler import cut_at_answer_line  # noqa: E402
-from erprm_core.stages.policy import build_tiny_model, build_tokenizer
 from erprm_core.steps import split_steps  # noqa: E402
 from erprm_core.tasks.arith import generate_problems  # noqa: E402
+from erprm_core.tiny_lm import build_tiny_model, build_tokenizer
 
 
 def load_policy():

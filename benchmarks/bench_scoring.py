@@ -27,9 +27,9 @@ import torch  # noqa: E402
 
 from erprm_core import models, prm, training  # noqa: E402
 from erprm_core.running import bench, numerics  # noqa: E402
-from erprm_core.stages.policy import build_tiny_model, build_tokenizer  # noqa: E402
 from erprm_core.steps import format_prm_input, split_steps  # noqa: E402
 from erprm_core.tasks.arith import generate_problems  # noqa: E402
+from erprm_core.tiny_lm import build_tiny_model, build_tokenizer  # noqa: E402
 
 
 def solutions(n: int, n_steps: int, seed: int = 0) -> tuple[list[str], list[list[str]]]:

@@ -27,9 +27,9 @@ import torch  # noqa: E402
 
 from erprm_core import training  # noqa: E402
 from erprm_core.running import bench, numerics  # noqa: E402
-from erprm_core.stages.policy import build_tiny_model, build_tokenizer  # noqa: E402
 from erprm_core.steps import policy_prompt  # noqa: E402
 from erprm_core.tasks.arith import generate_problems  # noqa: E402
+from erprm_core.tiny_lm import build_tiny_model, build_tokenizer  # noqa: E402
 
 TINY = {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 256,
         "max_position_embeddings": 384}  # fmt: skip

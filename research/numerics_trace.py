@@ -53,12 +53,11 @@ def trace_training(level: str, steps: int, threads: int, out: Path) -> int:
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from erprm_core import tasks, training
-    from erprm_core.stages import policy
+    from erprm_core import tasks, tiny_lm, training
 
     problems = tasks.load_problems("arith", "train", 16 * steps, 0, None, min_steps=2, max_steps=6)
-    tokenizer = policy.build_tokenizer(max_number=99, model_max_length=384)
-    model = policy.build_tiny_model(
+    tokenizer = tiny_lm.build_tokenizer(max_number=99, model_max_length=384)
+    model = tiny_lm.build_tiny_model(
         tokenizer,
         hidden_size=128,
         num_layers=4,

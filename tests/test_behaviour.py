@@ -374,7 +374,7 @@ from erprm_core.running import numerics
 numerics.configure("portable", int(sys.argv[1]))  # the pins, before any tensor operation
 import torch
 from erprm_core import training
-from erprm_core.stages.policy import build_tiny_model, build_tokenizer
+from erprm_core.tiny_lm import build_tiny_model, build_tokenizer
 from erprm_core.tasks import arith
 assert torch.get_num_threads() == int(sys.argv[1])
 tok = build_tokenizer()

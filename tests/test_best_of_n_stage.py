@@ -15,8 +15,8 @@ from erprm_core.generation import HFSampler
 from erprm_core.running import artifacts
 from erprm_core.sampler import Generation
 from erprm_core.stages import best_of_n, bon_pool, bon_tables
-from erprm_core.stages.policy import build_tiny_model, build_tokenizer
 from erprm_core.tasks.arith import generate_problems
+from erprm_core.tiny_lm import build_tiny_model, build_tokenizer
 
 # --------------------------------------------------------------------------------------------- helpers
 

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 MAX_INNER_IMPORTS = 10
 MAX_FUNCTION_LINES = 100
 MAX_MODULE_LINES = 800
-MAX_CORE_LINES = 4975  # 4825 until issue 31 (prefix-tree PRM scoring); 4500 until issue 30 (SmolLM2, split step tags); 4800 until issue 29 (the loss floor
+MAX_CORE_LINES = 5125  # 4975 until the tiny tokenizer and Llama moved down from stages/policy; 4825 until issue 31 (prefix-tree PRM scoring); 4500 until issue 30 (SmolLM2, split step tags); 4800 until issue 29 (the loss floor
 # of soft labels and the processbench stratified sample); issue 28 moved problem-resampled
 # intervals, within-problem ranking and the policy's likelihood down from the stages
 
@@ -47,7 +47,7 @@ LAYERS: list[tuple[int, str, list[list[str]]]] = [
             ["tasks.arith_truth", "tasks.gsm8k", "tasks.math500"],
             ["tasks.math_train"],
             ["tasks"],
-            ["models", "prefix_tree"],
+            ["models", "prefix_tree", "tiny_lm"],
             ["stats"],
             ["evaluators"],
             ["prm"],
@@ -476,13 +476,13 @@ def test_more_than_ten_imports_inside_functions_fail(tmp_path):
 def test_long_function_large_module_and_large_core_fail(tmp_path):
     long_function = "class A:\n    def f(self):\n" + "        x = 1\n" * 100  # 101 lines from `def`
     s = _tree(
-        tmp_path, {"models.py": long_function, "grading.py": "x = 1\n" * 801, "io.py": "x = 1\n" * 4074}
+        tmp_path, {"models.py": long_function, "grading.py": "x = 1\n" * 801, "io.py": "x = 1\n" * 4224}
     )
     assert long_functions(s) == ["erprm_core/models.py:2: function A.f has 101 lines (limit 100)"]
     assert large_modules(s) == [
         "erprm_core/grading.py:1: 801 lines (limit 800)",
-        "erprm_core/io.py:1: 4074 lines (limit 800)",
+        "erprm_core/io.py:1: 4224 lines (limit 800)",
     ]
-    assert core_lines(s) == 102 + 801 + 4074 >= MAX_CORE_LINES
-    with pytest.raises(AssertionError, match="the core layer has 4977 lines"):
+    assert core_lines(s) == 102 + 801 + 4224 >= MAX_CORE_LINES
+    with pytest.raises(AssertionError, match="the core layer has 5127 lines"):
         test_core_stays_small(s)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from erprm_core import models
-from erprm_core.stages.policy import build_tiny_model, build_tokenizer
 from erprm_core.steps import BAD_TOKEN, GOOD_TOKEN, STEP_TAG, format_prm_input, policy_prompt, split_steps
 from erprm_core.tasks import arith
+from erprm_core.tiny_lm import build_tiny_model, build_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -96,8 +96,8 @@ def test_the_stages_operations_avoid_the_vendor_specific_kernels(tmp_path):
 
     from erprm_core import prm, training
     from erprm_core.generation import HFSampler
-    from erprm_core.stages.policy import build_tiny_model, build_tokenizer
     from erprm_core.tasks import arith
+    from erprm_core.tiny_lm import build_tiny_model, build_tokenizer
 
     tok = build_tokenizer(max_number=99)
     model = build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)

@@ -24,8 +24,8 @@ from erprm_core.generation import HFSampler
 from erprm_core.running import artifacts, cli, dryrun, pipeline
 from erprm_core.stages import bon_pool
 from erprm_core.stages import raft as raft_stage
-from erprm_core.stages.policy import build_tiny_model, build_tokenizer
 from erprm_core.tasks import arith
+from erprm_core.tiny_lm import build_tiny_model, build_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

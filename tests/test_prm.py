@@ -256,7 +256,7 @@ def test_token_resolution_in_context():
 
 
 def test_token_resolution_with_kit_tokenizer():
-    from erprm_core.stages.policy import build_tokenizer
+    from erprm_core.tiny_lm import build_tokenizer
 
     tok = build_tokenizer(texts=["Tom has 3 apples."], max_number=10)
     ids = prm.resolve_prm_token_ids(tok)

@@ -126,7 +126,7 @@ def _records():
 
 @pytest.fixture(scope="module")
 def base_folder(tmp_path_factory):
-    from erprm_core.stages.policy import build_tiny_model, build_tokenizer
+    from erprm_core.tiny_lm import build_tiny_model, build_tokenizer
 
     folder = tmp_path_factory.mktemp("base")
     tok = build_tokenizer(texts=QUESTIONS + ["The answer is: 9"], max_number=12, model_max_length=128)

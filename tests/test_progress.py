@@ -13,8 +13,8 @@ from tqdm.auto import tqdm as auto_tqdm
 
 from erprm_core import io, training
 from erprm_core.running import pipeline
-from erprm_core.stages.policy import build_tiny_model, build_tokenizer
 from erprm_core.tasks import arith
+from erprm_core.tiny_lm import build_tiny_model, build_tokenizer
 
 
 @pytest.fixture()

@@ -14,8 +14,8 @@ from erprm_core.report import figures
 from erprm_core.running import artifacts
 from erprm_core.stages import raft as raft_stage
 from erprm_core.stages import raft_tables
-from erprm_core.stages.policy import build_tiny_model, build_tokenizer
 from erprm_core.tasks import arith
+from erprm_core.tiny_lm import build_tiny_model, build_tokenizer
 
 SETTINGS = raft.RaftSettings(
     m=2,

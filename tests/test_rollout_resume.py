@@ -24,8 +24,8 @@ from erprm_core.io import ArtifactError
 from erprm_core.running import artifacts
 from erprm_core.stages import labels as label_stage
 from erprm_core.stages import rollouts as rollout_stage
-from erprm_core.stages.policy import build_tokenizer
 from erprm_core.tasks import arith
+from erprm_core.tiny_lm import build_tokenizer
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
@@ -170,10 +170,10 @@ sys.path.insert(0, {tests!r})
 import torch
 torch.set_num_threads(1)
 from erprm_core import generation
-from erprm_core.stages.policy import build_tokenizer
+from erprm_core.tiny_lm import build_tokenizer
 from erprm_core.stages.rollouts import run_rollouts
 from erprm_core.tasks import arith
-from erprm_core.stages.policy import build_tokenizer
+from erprm_core.tiny_lm import build_tokenizer
 from test_sampling import ScriptedLM
 problems = arith.generate_problems({n}, seed=3, max_steps=4)
 tok = build_tokenizer()

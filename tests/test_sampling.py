@@ -1,7 +1,7 @@
 """Tests of sampling: the HF decoding loop (padding, cache, prefix sharing, stops), seeds, rollouts, grading.
 
 Two test models, both fast on a CPU:
-- a random tiny LlamaForCausalLM (erprm_core.stages.policy.build_tiny_model) for the mechanics: left padding, position ids,
+- a random tiny LlamaForCausalLM (erprm_core.tiny_lm.build_tiny_model) for the mechanics: left padding, position ids,
   the shared-prompt KV cache and batch-size independence, checked against a plain full forward pass;
 - ``ScriptedLM``, a deterministic "noisy oracle" policy with the causal-LM interface. It keeps its token
   history in the KV cache (so the sampler's cache copies and row drops are exercised) and continues the
@@ -23,9 +23,9 @@ from erprm_core import grading, rollouts
 from erprm_core.generation import HFSampler, hf, make_sampler
 from erprm_core.generation.hf import sample_next
 from erprm_core.sampler import cut_at_answer_line, row_seed
-from erprm_core.stages.policy import build_tiny_model, build_tokenizer
 from erprm_core.steps import policy_prompt, split_steps
 from erprm_core.tasks import arith
+from erprm_core.tiny_lm import build_tiny_model, build_tokenizer
 
 TAIL = "\nThen we stop here and go home.\n"
 WRONG = "\nThe answer is: 1000\n"

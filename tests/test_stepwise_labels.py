@@ -20,8 +20,8 @@ from erprm_core.running import artifacts
 from erprm_core.running.config import parse_eta_grid
 from erprm_core.stages import labels as label_stage
 from erprm_core.stages import rollouts as rollout_stage
-from erprm_core.stages.policy import build_tokenizer
 from erprm_core.tasks import arith
+from erprm_core.tiny_lm import build_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_sampling import ScriptedLM  # noqa: E402

@@ -5,9 +5,9 @@ import torch
 
 from erprm_core import models, training
 from erprm_core.stages import policy
-from erprm_core.stages.policy import build_tiny_model, build_tokenizer
 from erprm_core.steps import policy_prompt
 from erprm_core.tasks import arith
+from erprm_core.tiny_lm import build_tiny_model, build_tokenizer
 
 
 @pytest.fixture(scope="module")

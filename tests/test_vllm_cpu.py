@@ -37,8 +37,8 @@ pytest.importorskip("vllm", reason="vLLM is not installed (make test-vllm instal
 from erprm_core import generation, models, prm, rollouts, stats, tasks, training  # noqa: E402
 from erprm_core.sampler import ANSWER_LINE  # noqa: E402
 from erprm_core.stages.bon_pool import build_candidate_pool  # noqa: E402
-from erprm_core.stages.policy import build_tiny_model, build_tokenizer  # noqa: E402
 from erprm_core.steps import format_prm_input, split_steps  # noqa: E402
+from erprm_core.tiny_lm import build_tiny_model, build_tokenizer  # noqa: E402
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: the tiny policy needs a few MB
 

@@ -12,7 +12,7 @@ GPU-scale profile is wired, on a laptop, without the hub and without a GPU. It
 2. builds the models of the paper's architecture families with :func:`build_tiny_models`: the policy
    (Mistral-MetaMath-7b -> ``MistralForCausalLM``), the completer (deepseek-math-7b-rl ->
    ``LlamaForCausalLM``) and the PRM base (Llama-3.1-8B -> ``LlamaForCausalLM`` with llama3 RoPE scaling),
-   all with the word-level tokenizer of :func:`erprm_core.stages.policy.build_tokenizer` fitted on the problems'
+   all with the word-level tokenizer of :func:`erprm_core.tiny_lm.build_tokenizer` fitted on the problems'
    text (it holds "ки", "+", "-" as single tokens; unseen words map to ``<unk>``); the policy is also put
    into a local Hugging Face cache (``hf-cache/``, :func:`save_to_hub_cache`) under the hub-style name
    :data:`HUB_POLICY`, and the stages run with ``HF_HUB_CACHE`` pointing there (offline), so the policy goes
@@ -47,7 +47,7 @@ from typing import Any
 
 from erprm_core import io, steps
 from erprm_core.running import artifacts, config, pipeline
-from erprm_core.stages.policy import build_tokenizer
+from erprm_core.tiny_lm import build_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -14,13 +14,13 @@ restating the change first (a copy, which small transformers learn early) gave ~
 on a random day (every day name seen at every step position) gave ~50%.
 
 Every number (operands, intermediates, answers) stays in ``0..max_value`` (at most 999), so a word-level
-tokenizer (:func:`erprm_core.stages.policy.build_tokenizer`) holds every number as one token.
+tokenizer (:func:`erprm_core.tiny_lm.build_tokenizer`) holds every number as one token.
 
 Train and test never overlap: a problem's side is decided by a hash of its arithmetic skeleton (start value,
 operations and operands), so the same computation can never appear on both sides, whatever the seed.
 
 Used through :func:`erprm_core.tasks.load_problems`; the tiny policy's tokenizer is fitted on its word lists
-(``erprm_core.stages.policy.vocabulary_words``).
+(``erprm_core.tiny_lm.vocabulary_words``).
 """
 
 from __future__ import annotations
