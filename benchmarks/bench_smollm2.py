@@ -132,8 +132,9 @@ def scoring(model, tokenizer, args) -> dict:
     questions, steps = (pool_from_file(args.pool, args.questions, args.candidates) if args.pool
                         else pool(args.questions, args.candidates))  # fmt: skip
     shared = prm.ProcessRewardModel(model, tokenizer)
-    scorers = {"kit": (shared, score_distinct), "all": (shared, type(shared).score_batch),
-               "tree": (prm.ProcessRewardModel(model, tokenizer, share_prefix="tree"), type(shared).score_batch)}  # fmt: skip
+    tree = prm.ProcessRewardModel(model, tokenizer, share_prefix="tree")
+    every = prm.ProcessRewardModel.score_batch
+    scorers = {"kit": (shared, score_distinct), "all": (shared, every), "tree": (tree, every)}
     times: dict[str, list[float]] = {"kit": [], "all": [], "tree": [], "plain": []}
     scores, computed = {}, {}
     for scorer, _ in scorers.values():
@@ -156,6 +157,7 @@ def scoring(model, tokenizer, args) -> dict:
     best = {k: min(v) for k, v in times.items()}
     lengths = [len(tokenizer(format_prm_input(q, s, shared.ids.step_tag)).input_ids)
                for q, s in zip(questions, steps, strict=True)]  # fmt: skip
+    n_distinct = len({repr(x) for x in zip(questions, steps, strict=True)})
     return {
         "tokens_per_s": counts["tokens"] / best["kit"], "naive_tokens_per_s": counts["tokens"] / best["plain"],
         "ratio": best["plain"] / best["kit"], "flop_tokens_per_s": computed["kit"] / best["kit"],
@@ -163,7 +165,8 @@ def scoring(model, tokenizer, args) -> dict:
         "tree_tokens_per_s": counts["tokens"] / best["tree"], "tree_ratio": best["plain"] / best["tree"],
         "tree_flop_tokens_per_s": computed["tree"] / best["tree"], "computed_tokens": computed,
         "baseline": "plain loop: one full forward per solution", "pool": args.pool or "synthetic",
-        "solutions": len(questions), "distinct_solutions": len(set(map(repr, zip(questions, steps, strict=True)))), "candidates": args.candidates, "batch_size": args.batch_size, **counts,
+        "solutions": len(questions), "distinct_solutions": n_distinct,
+        "candidates": args.candidates, "batch_size": args.batch_size, **counts,
         "seconds": best, "max_abs_diff": diff, "training": False, "head_per_token": False,
         "context": bench.mean_context(lengths),
     }  # fmt: skip
