@@ -87,7 +87,7 @@ def build_tokenizer(
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
     )
-    fast = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,
         eos_token=EOS,
@@ -97,7 +97,6 @@ def build_tokenizer(
         clean_up_tokenization_spaces=False,
         padding_side="right",
     )
-    return fast
 
 
 def build_tiny_model(
